@@ -1,0 +1,58 @@
+"""The ``mnseg`` command: one entry point, one subcommand per job.
+
+Each subcommand lives in ``mnseg.commands.<name>`` and provides ``HELP``
+(one line), ``add_arguments(parser)`` and ``run(args) -> int``. Command modules
+keep heavy imports inside ``run`` so ``mnseg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mnseg import __version__
+from mnseg.errors import MnsegError
+
+COMMANDS = ["check", "convert", "synth", "train", "predict", "evaluate", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnseg",
+        description="Semi-supervised 3D medical image segmentation: train, predict and score from a dataset folder.",
+    )
+    parser.add_argument("--version", action="version", version=f"mnseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"mnseg.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"mnseg.commands.{name}":
+                continue  # command not built yet
+            raise
+        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args._run(args) or 0)
+    except MnsegError as exc:
+        print(f"mnseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mnseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``mnseg`` CLI, one module each (see ``mnseg.cli``)."""
