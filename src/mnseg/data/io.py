@@ -61,7 +61,9 @@ def load_nifti(path: str | os.PathLike, *, dtype: np.dtype | None = np.float32) 
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, TypeError, MemoryError) as exc:
-        raise InputFileError(f"{path}: cannot read as NIfTI ({_short(exc)}); the file may be truncated or corrupt") from None
+        raise InputFileError(
+            f"{path}: cannot read as NIfTI ({_short(exc)}); the file may be truncated or corrupt"
+        ) from None
     except Exception as exc:  # nibabel raises many types for malformed headers
         raise InputFileError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {_short(exc)})") from None
     if data.ndim == 4 and data.shape[3] == 1:

@@ -1,0 +1,141 @@
+"""``mnseg train``: train any method on a dataset folder."""
+
+HELP = "train a method (supervised, mn, ...) on a dataset folder"
+DESCRIPTION = """Train a segmentation method on an nnU-Net-style dataset folder.
+
+The configuration starts from the method's preset (mnseg/configs/<method>.yaml) or --config,
+then the options below, then any key.sub=value overrides, e.g.
+
+  mnseg train Dataset001_Brain --method mn --num-labeled 4 --test
+  mnseg train Dataset001_Brain --method supervised --num-labeled 4 train.epochs=200 models.net.optim.lr=3e-4
+  mnseg train --resume runs/Dataset001_Brain/mn_4l_seed0
+"""
+
+
+def add_arguments(p):
+    from mnseg.methods import METHODS
+
+    p.add_argument("dataset", nargs="?", help="dataset folder (dataset.json, imagesTr, labelsTr, ...)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=50")
+    p.add_argument("--method", choices=sorted(METHODS), help="learning method (default: the config's, else supervised)")
+    p.add_argument("--config", help="YAML file or preset name (see mnseg/configs)")
+    p.add_argument("--num-labeled", type=int, help="keep N labelled cases (seeded); the rest of imagesTr is unlabelled")
+    p.add_argument("--num-val", type=int, help="hold out N labelled cases for validation Dice and the best checkpoint")
+    p.add_argument("--transductive", action="store_true", help="let imagesTs join the unlabelled pool (off by default)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--iters-per-epoch", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--patch-size", help="training crop, e.g. 96,96,64 (also the sliding window)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+    p.add_argument("--run-dir", help="where to write the run (default runs/<dataset>/<method>_<N>l_seed<S>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start again in a non-empty run directory")
+    p.add_argument("--test", action="store_true", help="after training, predict imagesTs and score against labelsTs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+
+
+def build_config(args):
+    from mnseg.config import PRESET_DIR, Config, load_config, read_yaml
+    from mnseg.errors import ConfigError
+
+    overrides = list(args.overrides or [])
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"unexpected argument(s) {bad}; overrides look like key.sub=value")
+    if args.resume:
+        from pathlib import Path
+
+        cfg_path = Path(args.resume) / "config.yaml"
+        if not cfg_path.exists():
+            raise ConfigError(f"{args.resume}: not a run directory (no config.yaml)")
+        cfg = Config.from_dict(read_yaml(cfg_path))
+        if overrides:
+            base = cfg.to_dict()
+            cfg = load_config(None, [])
+            cfg = Config.from_dict(_apply(base, overrides))
+        return cfg
+    source = args.config
+    if source is None:
+        name = args.method or "supervised"
+        source = name if (PRESET_DIR / f"{name}.yaml").exists() else None
+    cfg = load_config(source, [])
+    d = cfg.to_dict()
+    if args.method and args.method != d["method"]["name"]:
+        d["method"]["name"] = args.method
+    if args.dataset:
+        d["data"]["dataset"] = args.dataset
+    for flag, key in [("num_labeled", "num_labeled"), ("num_val", "num_val")]:
+        if getattr(args, flag) is not None:
+            d["data"][key] = getattr(args, flag)
+    if args.transductive:
+        d["data"]["transductive"] = True
+    if args.patch_size:
+        d["data"]["patch_size"] = [int(v) for v in args.patch_size.split(",")]
+    for flag, key in [
+        ("epochs", "epochs"),
+        ("iters_per_epoch", "iters_per_epoch"),
+        ("batch_size", "batch_size"),
+        ("seed", "seed"),
+        ("device", "device"),
+    ]:
+        if getattr(args, flag) is not None:
+            d["train"][key] = getattr(args, flag)
+    cfg = Config.from_dict(_apply(d, overrides))
+    if not cfg.data.dataset:
+        raise ConfigError("no dataset given: mnseg train DATASET ...")
+    return cfg
+
+
+def _apply(d: dict, overrides: list[str]) -> dict:
+    import yaml
+
+    from mnseg.config import _set_path
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        _set_path(d, key.strip().split("."), yaml.safe_load(value) if value.strip() else None)
+    return d
+
+
+def default_run_dir(cfg) -> str:
+    from pathlib import Path
+
+    name = Path(cfg.data.dataset).resolve().name
+    n = cfg.data.num_labeled if cfg.data.num_labeled is not None else "all"
+    return str(Path("runs") / name / f"{cfg.method.name}_{n}l_seed{cfg.train.seed}")
+
+
+def run(args) -> int:
+    from mnseg.engine.trainer import Trainer
+
+    cfg = build_config(args)
+    run_dir = args.resume or args.run_dir or default_run_dir(cfg)
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
+    trainer.fit()
+    print(f"done: {run_dir}")
+    if args.test:
+        return test_run(trainer, run_dir, progress=not args.no_progress)
+    return 0
+
+
+def test_run(trainer, run_dir, progress: bool = True) -> int:
+    """Predict imagesTs with the trained model and score it against labelsTs when present."""
+    from pathlib import Path
+
+    from mnseg.engine.predict import load_run, predict_folder
+    from mnseg.evaluation import evaluate_folders, format_summary_table
+
+    folder = trainer.data.folder
+    images = folder.root / "imagesTs"
+    if not images.is_dir():
+        print("no imagesTs: nothing to test")
+        return 0
+    out = Path(run_dir) / "test_predictions"
+    run = load_run(run_dir, "best", trainer.cfg.train.device)
+    failures = predict_folder(run, images, out, overwrite=True, progress=progress)
+    labels_dir = folder.root / "labelsTs"
+    if labels_dir.is_dir():
+        summary = evaluate_folders(out, labels_dir, dataset_json=folder.root / "dataset.json", out_dir=out)
+        print(format_summary_table(summary))
+    return 1 if failures else 0

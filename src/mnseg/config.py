@@ -1,0 +1,223 @@
+"""Typed run configuration: dataclasses, YAML in and out, ``key.sub=value`` overrides.
+
+One tree describes a whole run (data, models, optimisers, schedule, method,
+inference); it is saved resolved in every run directory so a run can be
+re-created, resumed or used for prediction from that file alone.
+Presets live in ``mnseg/configs/*.yaml`` (paper settings are data, not code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mnseg.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    final_lr: float = 0.0
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    grad_clip: float | None = 12.0
+
+
+@dataclass
+class AugmentSettings:
+    preset: str = "conservative_3d"  # conservative_3d | strong_2d | none
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet3d"
+    kwargs: dict = field(default_factory=dict)
+    finetune: str | None = None  # lora | decoder | whole (pretrained 2D models)
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    slice_axis: int = -1  # 2D models run slice by slice along this axis of (X, Y, Z)
+    slice_batch: int | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""
+    num_labeled: int | None = None
+    num_val: int = 0
+    transductive: bool = False
+    patch_size: list = field(default_factory=lambda: [64, 64, 64])
+    fg_prob: float = 0.5
+    class_balanced: bool = True
+    target_spacing: Any = None  # None | "median" | [sx, sy, sz]
+    normalization: str = "auto"
+    clahe: bool = False
+    cache_dir: str | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    iters_per_epoch: int = 50
+    batch_size: int = 2
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    deterministic: bool = False
+    val_every: int = 10
+    checkpoint_every: int = 1
+    overlay_every: int = 0  # TensorBoard prediction pictures every N epochs (0: at validation only)
+    on_nan: str = "stop"  # stop | skip
+    compile: bool = False
+
+
+@dataclass
+class InferConfig:
+    overlap: float = 0.5
+    blend: str = "constant"
+    mirror_tta: bool = False
+    sw_batch_size: int = 4
+    model: str | None = None  # which role predicts (method's default when None); "average" for ensembles
+
+
+@dataclass
+class MethodConfig:
+    name: str = "supervised"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    models: dict = field(default_factory=lambda: {"net": ModelConfig()})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        return _build(cls, d or {}, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Build a config from a YAML file or preset name, then apply ``key.sub=value`` overrides."""
+    data: dict = {}
+    if path:
+        data = read_yaml(resolve_preset(path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        _set_path(data, key.strip().split("."), yaml.safe_load(value) if value.strip() else None)
+    return Config.from_dict(data)
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a preset (presets: {known})")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base:
+        merged = read_yaml(resolve_preset(base))
+        _deep_merge(merged, data)
+        data = merged
+    return data
+
+
+def _deep_merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def _set_path(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{'.'.join(keys)}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _build(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"'{where or 'config'}' must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in '{where or 'config'}'; known: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        value, hint, sub = d[f.name], hints[f.name], f"{where}.{f.name}".lstrip(".")
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value or {}, sub)
+        elif cls is Config and f.name == "models":
+            if not isinstance(value, dict) or not value:
+                raise ConfigError("'models' must map role names to model settings")
+            kwargs[f.name] = {role: _build(ModelConfig, m or {}, f"models.{role}") for role, m in value.items()}
+        else:
+            kwargs[f.name] = _coerce(value, hint, sub)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    if value is None:
+        return None
+    base = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if base in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        types = [a for a in args if a is not type(None)]
+        if len(types) == 1:
+            return _coerce(value, types[0], where)
+        return value
+    if hint is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads "3e-4" as a string
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    if hint in (float, int, bool, str):
+        raise ConfigError(f"'{where}' must be {hint.__name__}, got {value!r}")
+    return value

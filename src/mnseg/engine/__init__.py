@@ -1,0 +1,1 @@
+"""The training engine: everything a method does not need to know about."""

@@ -1,0 +1,84 @@
+"""From a dataset folder to preprocessed in-memory cases, with the facts prediction will need (plans)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnseg.config import Config
+
+
+@dataclass
+class PreparedData:
+    folder: object  # DatasetFolder
+    split: object  # Split
+    plans: dict
+    labeled: list  # PreprocessedCase
+    unlabeled: list
+    val: list
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MNSEG_CACHE_DIR", Path.home() / ".cache" / "mnseg" / "preprocessed"))
+
+
+def preprocess_settings(cfg: Config):
+    from mnseg.data.preprocess import PreprocessSettings
+
+    spacing = cfg.data.target_spacing
+    if isinstance(spacing, list | tuple):
+        spacing = tuple(float(s) for s in spacing)
+    return PreprocessSettings(target_spacing=spacing, normalization=cfg.data.normalization, clahe=cfg.data.clahe)
+
+
+def make_plans(cfg: Config, folder, split) -> dict:
+    from mnseg.data.preprocess import resolve_target_spacing
+
+    settings = preprocess_settings(cfg)
+    paths = [c.images[0] for c in split.labeled]
+    target = resolve_target_spacing(settings, paths)
+    spec = folder.spec
+    return {
+        "labels": spec.labels,
+        "class_names": spec.class_names,
+        "num_classes": spec.num_classes,
+        "ignore_label": spec.ignore_label,
+        "in_channels": spec.num_channels,
+        "modality": spec.modality,
+        "file_ending": spec.file_ending,
+        "preprocess": settings.to_dict(),
+        "target_spacing": list(target) if target is not None else None,
+        "patch_size": list(cfg.data.patch_size),
+    }
+
+
+def prepare_data(
+    cfg: Config, split_dict: dict | None = None, plans: dict | None = None, progress: bool = True
+) -> PreparedData:
+    """Validate the dataset, make (or restore) the split, preprocess every case once (cached)."""
+    from mnseg.data.cache import PreprocessCache
+    from mnseg.data.dataset import DatasetFolder, Split, make_split
+    from mnseg.data.preprocess import PreprocessSettings
+    from mnseg.data.validate import validate_dataset
+
+    folder = DatasetFolder(cfg.data.dataset)
+    validate_dataset(folder.root).raise_if_invalid()
+    if split_dict is not None:
+        split = Split.from_json_dict(split_dict, folder)
+    else:
+        split = make_split(folder, cfg.data.num_labeled, cfg.train.seed, cfg.data.transductive, cfg.data.num_val)
+    if plans is None:
+        plans = make_plans(cfg, folder, split)
+    settings = PreprocessSettings.from_dict(plans["preprocess"])
+    target = tuple(plans["target_spacing"]) if plans["target_spacing"] else None
+    cache = PreprocessCache(Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir())
+
+    def run(cases, with_labels):
+        items = [(c.case_id, list(c.images), c.label if with_labels else None) for c in cases]
+        cache.prepare(items, settings, plans["modality"], target, progress=progress, workers=cfg.data.num_workers)
+        return [cache.get(cid, imgs, lab, settings, plans["modality"], target) for cid, imgs, lab in items]
+
+    return PreparedData(
+        folder, split, plans, run(split.labeled, True), run(split.unlabeled, False), run(split.val, True)
+    )

@@ -1,0 +1,90 @@
+"""The run directory: everything needed to understand, resume and reuse a run.
+
+RUN_DIR/
+  config.yaml        resolved configuration
+  plans.json         data facts fixed at the start (labels, spacing, preprocessing) that prediction needs
+  split.json         which cases were labelled / unlabelled / validation / test, and the seed
+  env.json           versions, command line, device
+  history.csv        one row per epoch
+  tb/                TensorBoard scalars and prediction pictures
+  checkpoints/       last.pt, best.pt (written atomically)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import sys
+from pathlib import Path
+
+from mnseg.errors import MnsegError
+from mnseg.utils.atomic import atomic_write_json, atomic_write_text
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, tag: str) -> Path:
+        return self.checkpoints / f"{tag}.pt"
+
+    def create(self, overwrite: bool = False) -> None:
+        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
+            raise MnsegError(
+                f"{self.path}: run directory exists and is not empty; use --resume to continue it, "
+                f"or --overwrite to start again there"
+            )
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def write_json(self, name: str, obj) -> None:
+        atomic_write_json(self.path / name, obj)
+
+    def read_json(self, name: str) -> dict:
+        path = self.path / name
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise MnsegError(f"{path}: missing; is {self.path} an mnseg run directory?") from None
+        except json.JSONDecodeError as exc:
+            raise MnsegError(f"{path}: corrupt JSON ({exc})") from None
+
+    def write_env(self, device: str) -> None:
+        import torch
+
+        import mnseg
+
+        versions = {"mnseg": mnseg.__version__, "python": platform.python_version(), "torch": torch.__version__}
+        for mod in ("monai", "numpy", "nibabel", "transformers", "peft"):
+            try:
+                versions[mod] = __import__(mod).__version__
+            except Exception:  # noqa: BLE001 - optional, informational only
+                versions[mod] = None
+        self.write_json(
+            "env.json", {"versions": versions, "argv": sys.argv, "device": device, "platform": platform.platform()}
+        )
+
+    # --- history ---------------------------------------------------------------------------------------
+    def history_rows(self) -> list[dict]:
+        path = self.path / "history.csv"
+        if not path.exists():
+            return []
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def write_history(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        keys: list[str] = []
+        for row in rows:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path / "history.csv", buf.getvalue())

@@ -1,0 +1,74 @@
+"""Learning-rate schedules (warm-up + cosine, in segments) and LR-guided sampling.
+
+Schedules are stepped once per iteration. A schedule is a list of segments;
+M&N uses two (supervised stage, then co-training restarting at ``lr_init``),
+every other method one. Each segment ends exactly at its ``lr_final`` on its
+last step, so LR-guided sampling reaches ``b_u = B`` there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Segment:
+    steps: int
+    lr_init: float
+    lr_final: float = 0.0
+    warmup_steps: int = 0
+
+    def lr_at(self, t: int) -> float:
+        """Linear warm-up from lr_init/steps to lr_init, then cosine to lr_final at the last step."""
+        if self.warmup_steps > 0 and t < self.warmup_steps:
+            return self.lr_init * (t + 1) / self.warmup_steps
+        span = self.steps - self.warmup_steps - 1
+        if span <= 0:
+            return self.lr_final
+        progress = min(max((t - self.warmup_steps) / span, 0.0), 1.0)
+        return self.lr_final + (self.lr_init - self.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(segments: list[Segment], step: int) -> float:
+    for seg in segments:
+        if step < seg.steps:
+            return seg.lr_at(step)
+        step -= seg.steps
+    return segments[-1].lr_final
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, segments: list[Segment]) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR whose learning rate is ``lr_at(segments, step)`` (base lr set to 1 so the lambda is the lr)."""
+    for group in optimizer.param_groups:
+        group["lr"] = 1.0
+        group["initial_lr"] = 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(segments, step))
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def lr_guided_unlabeled_count(lr_now: float, lr_init: float, lr_final: float, batch_size: int) -> int:
+    """M&N's LR-guided sampling: b_u = floor((lr_init - lr_now) / (lr_init - lr_final) * B), clipped to [0, B]."""
+    if lr_init == lr_final:
+        return 0
+    share = (lr_init - lr_now) / (lr_init - lr_final)
+    return int(min(max(math.floor(share * batch_size + 1e-9), 0), batch_size))
+
+
+def epoch_linear_unlabeled_count(epoch_in_stage: int, stage_epochs: int, batch_size: int) -> int:
+    """What the published M&N code does: the unlabelled share grows linearly with the epoch."""
+    if stage_epochs <= 1:
+        return batch_size
+    return int(min(math.floor(epoch_in_stage / (stage_epochs - 1) * batch_size + 1e-9), batch_size))
+
+
+def uniform_unlabeled_count(n_labeled: int, n_unlabeled: int, batch_size: int, rng: np.random.Generator) -> int:
+    """Ablation: every batch item drawn uniformly from the pooled labelled and unlabelled cases."""
+    total = n_labeled + n_unlabeled
+    return int(rng.binomial(batch_size, n_unlabeled / total)) if total else 0

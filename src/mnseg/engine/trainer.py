@@ -1,0 +1,323 @@
+"""The trainer: runs any method's steps with devices, AMP, optimisers, schedules, logs and checkpoints.
+
+Hooks in the order they run (as nnU-Net's trainer): ``setup`` -> per epoch
+``method.on_epoch_start`` -> steps (``method.batch_split``, ``method.training_step``,
+optimiser steps for ``method.active_roles``, ``method.after_optimizer_step``) ->
+``_end_epoch`` (history, TensorBoard, validation, checkpoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mnseg.config import Config
+from mnseg.engine.build import build_augmenter, build_model, build_optimizer, resolve_device
+from mnseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from mnseg.engine.run_dir import RunDir
+from mnseg.engine.schedules import current_lr, make_scheduler
+from mnseg.errors import ConfigError, MnsegError
+from mnseg.methods import method_class
+from mnseg.methods.base import Batch, MethodContext
+
+
+class NonFiniteLossError(MnsegError):
+    pass
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        log=print,
+    ):
+        self.cfg, self.run, self.resume, self.progress, self.log = cfg, RunDir(run_dir), resume, progress, log
+        self.overwrite = overwrite
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        self.best_metric = -math.inf
+        self.tb = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from mnseg.data.loader import PatchBatcher, to_memory_case
+        from mnseg.engine.data_setup import prepare_data
+
+        cfg = self.cfg
+        if self.resume:
+            if not self.run.checkpoint("last").exists():
+                raise MnsegError(f"{self.run.path}: nothing to resume (no checkpoints/last.pt)")
+            split_dict, plans = self.run.read_json("split.json"), self.run.read_json("plans.json")
+        else:
+            self.run.create(overwrite=self.overwrite)
+            split_dict, plans = None, None
+        self.device = resolve_device(cfg.train.device)
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.data = prepare_data(cfg, split_dict, plans, progress=self.progress)
+        plans = self.data.plans
+        if not self.resume:
+            self.run.path.joinpath("config.yaml").write_text(cfg.to_yaml())
+            self.run.write_json("plans.json", plans)
+            self.run.write_json("split.json", self.data.split.to_json_dict())
+            self.run.write_env(str(self.device))
+
+        cls = method_class(cfg.method.name)
+        missing = set(cls.default_models) - set(cfg.models)
+        if missing:
+            raise ConfigError(
+                f"method '{cls.name}' needs model roles {sorted(cls.default_models)}; config has "
+                f"{sorted(cfg.models)} (start from its preset: --config {cls.name})"
+            )
+        self.ctx = MethodContext(
+            num_classes=plans["num_classes"],
+            in_channels=plans["in_channels"],
+            ignore_index=plans["ignore_label"],
+            batch_size=cfg.train.batch_size,
+            epochs=cfg.train.epochs,
+            iters_per_epoch=cfg.train.iters_per_epoch,
+            n_labeled=len(self.data.labeled),
+            n_unlabeled=len(self.data.unlabeled),
+            device=self.device,
+        )
+        self.method = cls(cfg, self.ctx)
+        self.models = {
+            role: build_model(cfg.models[role], plans["in_channels"], plans["num_classes"]).to(self.device)
+            for role in cls.default_models
+        }
+        self.optimizers, self.schedulers = {}, {}
+        for role, model in self.models.items():
+            if role in cls.frozen_roles:
+                model.requires_grad_(False)
+                continue
+            self.optimizers[role] = build_optimizer(model, cfg.models[role].optim, self.device)
+            self.schedulers[role] = make_scheduler(self.optimizers[role], self.method.schedule_segments(role))
+        augmenters = {role: build_augmenter(cfg.models[role]) for role in self.models}
+        self.method.attach(self.models, augmenters, self.optimizers)
+
+        rng = np.random.default_rng(cfg.train.seed)
+        ignore = plans["ignore_label"]
+        self.batcher = PatchBatcher(
+            [to_memory_case(c, ignore, rng) for c in self.data.labeled],
+            [to_memory_case(c, ignore, rng) for c in self.data.unlabeled],
+            cfg.data.patch_size,
+            cfg.data.fg_prob,
+            ignore,
+            cfg.train.seed + 1,
+            cfg.data.class_balanced,
+        )
+        self.method.batcher = self.batcher
+        if self.resume:
+            self._load("last")
+        self.history = [r for r in self.run.history_rows() if int(r["epoch"]) < self.start_epoch]
+        self.log(
+            f"run {self.run.path}: method {cls.name}, {len(self.data.labeled)} labelled / "
+            f"{len(self.data.unlabeled)} unlabelled / {len(self.data.val)} validation cases, device {self.device}"
+            + (f", resuming at epoch {self.start_epoch + 1}" if self.resume else "")
+        )
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        if not hasattr(self, "method"):
+            self.setup()
+        cfg = self.cfg
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.run.path / "tb"), purge_step=self.start_epoch)
+        try:
+            for epoch in range(self.start_epoch, cfg.train.epochs):
+                self._train_epoch(epoch)
+        finally:
+            self.tb.close()
+        return self.history[-1] if self.history else {}
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.train.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_epoch(self, epoch: int) -> None:
+        from tqdm import tqdm
+
+        from mnseg.data.loader import batch_to_device
+
+        cfg, method = self.cfg, self.method
+        method.on_epoch_start(epoch)
+        active = method.active_roles(epoch)
+        for role, model in self.models.items():
+            model.train(role in active)
+        sums: dict[str, torch.Tensor | float] = {}
+        counts = {"b_l": 0, "b_u": 0}
+        skipped = 0
+        t0 = time.time()
+        bar = tqdm(
+            range(cfg.train.iters_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs} [{method.phase(epoch)}]",
+            leave=False,
+            disable=not self.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        for it in bar:
+            b_l, b_u = method.batch_split(epoch, it)
+            counts["b_l"] += b_l
+            counts["b_u"] += b_u
+            arrays = self.batcher.next_batch(b_l, b_u)
+            t = batch_to_device(arrays, self.device)
+            batch = Batch(t["image_l"], t["label_l"], t["image_u"])
+            for role in active:
+                self.optimizers[role].zero_grad(set_to_none=True)
+            with self._autocast():
+                out = method.training_step(batch, epoch, it)
+            loss_value = float(out.loss.detach())
+            if not math.isfinite(loss_value):
+                if cfg.train.on_nan == "skip":
+                    skipped += 1
+                    for sched in self.schedulers.values():
+                        sched.step()
+                    continue
+                raise NonFiniteLossError(
+                    f"loss became {loss_value} at epoch {epoch + 1}, iteration {it + 1}; the run stops here and "
+                    f"keeps its last good checkpoint ({self.run.checkpoint('last')}). Try a lower learning rate, "
+                    f"or train.on_nan=skip to skip such steps."
+                )
+            out.loss.backward()
+            for role in active:
+                clip = cfg.models[role].optim.grad_clip
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(self.models[role].parameters(), clip)
+                self.optimizers[role].step()
+            for sched in self.schedulers.values():
+                sched.step()
+            method.after_optimizer_step(epoch, it)
+            sums["loss"] = sums.get("loss", 0.0) + loss_value
+            for k, v in out.logs.items():
+                sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+            if it % 5 == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}", b_u=b_u)
+        bar.close()
+        n = max(cfg.train.iters_per_epoch - skipped, 1)
+        row = {"epoch": epoch, "phase": method.phase(epoch)}
+        row.update({k: round(float(v) / n, 6) for k, v in sums.items()})
+        for role, opt in self.optimizers.items():
+            row[f"lr_{role}"] = current_lr(opt)
+        row["b_l"] = round(counts["b_l"] / cfg.train.iters_per_epoch, 3)
+        row["b_u"] = round(counts["b_u"] / cfg.train.iters_per_epoch, 3)
+        row["skipped_steps"] = skipped
+        row["seconds"] = round(time.time() - t0, 2)
+        self._end_epoch(epoch, row)
+
+    def _end_epoch(self, epoch: int, row: dict) -> None:
+        cfg = self.cfg
+        last = epoch == cfg.train.epochs - 1
+        is_best = False
+        if self.data.val and cfg.train.val_every > 0 and ((epoch + 1) % cfg.train.val_every == 0 or last):
+            row["val_dice"] = self.validate(epoch)
+            if row["val_dice"] > self.best_metric:
+                self.best_metric, is_best = row["val_dice"], True
+        self.history.append(row)
+        self.run.write_history(self.history)
+        for k, v in row.items():
+            if isinstance(v, int | float) and k != "epoch":
+                self.tb.add_scalar(f"train/{k}" if not k.startswith("val") else f"val/{k}", v, epoch + 1)
+        lrs = " ".join(f"{k}={v:.2e}" for k, v in row.items() if k.startswith("lr_"))
+        val = f" val_dice={row['val_dice']:.4f}" if "val_dice" in row else ""
+        self.log(
+            f"epoch {epoch + 1}/{cfg.train.epochs} [{row['phase']}] loss={row['loss']:.4f} {lrs} "
+            f"b_l={row['b_l']:g} b_u={row['b_u']:g}{val} ({row['seconds']:.1f}s)"
+        )
+        self.start_epoch = epoch + 1
+        if (epoch + 1) % max(cfg.train.checkpoint_every, 1) == 0 or last:
+            self._save("last")
+        if is_best:
+            self._save("best")
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self, epoch: int) -> float:
+        from mnseg.engine.predict import predict_probabilities
+        from mnseg.metrics import dice
+
+        cfg = self.cfg
+        predictor = self.method.predictor(cfg.infer.model)
+        models = predictor if isinstance(predictor, list) else [predictor]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        scores = []
+        for i, case in enumerate(self.data.val):
+            probs = predict_probabilities(models, torch.from_numpy(case.image), cfg, self.device)
+            pred = probs.argmax(0).cpu().numpy()
+            ref = case.label
+            classes = [c for c in range(1, self.ctx.num_classes)]
+            for c in classes:
+                valid = ref != (self.ctx.ignore_index if self.ctx.ignore_index is not None else -1)
+                scores.append(dice((pred == c) & valid, (ref == c) & valid))
+            if i == 0 and self.tb is not None:
+                self._log_overlay(case, pred, epoch)
+        for m, mode in zip(models, modes):
+            m.train(mode)
+        return float(np.mean(scores)) if scores else float("nan")
+
+    def _log_overlay(self, case, pred, epoch: int) -> None:
+        try:
+            from mnseg.report import overlay_rgb
+        except ImportError:
+            return
+        z = int(np.argmax((case.label > 0).sum(axis=(0, 1)))) if case.label is not None else case.image.shape[-1] // 2
+        img = case.image[0, :, :, z]
+        truth = overlay_rgb(img, case.label[:, :, z], self.ctx.num_classes)
+        guess = overlay_rgb(img, pred[:, :, z], self.ctx.num_classes)
+        picture = np.concatenate([truth, guess], axis=1)
+        self.tb.add_image("val/truth_vs_prediction", picture, epoch + 1, dataformats="HWC")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, tag: str) -> None:
+        save_checkpoint(
+            self.run.checkpoint(tag),
+            epoch=self.start_epoch,
+            models={r: unwrap(m).state_dict() for r, m in self.models.items()},
+            optimizers={r: o.state_dict() for r, o in self.optimizers.items()},
+            schedulers={r: s.state_dict() for r, s in self.schedulers.items()},
+            method=self.method.extra_state(),
+            batcher=self.batcher.state(),
+            rng=rng_state(),
+            best_metric=self.best_metric,
+            config=self.cfg.to_dict(),
+        )
+
+    def _load(self, tag: str) -> None:
+        ckpt = load_checkpoint(self.run.checkpoint(tag), map_location=self.device)
+        for role, model in self.models.items():
+            unwrap(model).load_state_dict(ckpt["models"][role])
+        for role, opt in self.optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][role])
+        for role, sched in self.schedulers.items():
+            sched.load_state_dict(ckpt["schedulers"][role])
+        self.method.load_extra_state(ckpt.get("method", {}))
+        self.batcher.load_state(ckpt["batcher"])
+        set_rng_state(ckpt["rng"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.best_metric = float(ckpt["best_metric"])

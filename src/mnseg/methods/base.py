@@ -1,0 +1,136 @@
+"""What a learning method is: its models, and the loss of one step.
+
+A method reads like its paper: which models it holds, how many labelled and
+unlabelled items each batch has, and the loss of one step. The engine owns
+devices, AMP, optimisers, schedules, logging, checkpoints and DDP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mnseg.config import Config
+from mnseg.engine.schedules import Segment
+
+
+@dataclass
+class MethodContext:
+    """Facts about the data and run a method may need."""
+
+    num_classes: int
+    in_channels: int
+    ignore_index: int | None
+    batch_size: int
+    epochs: int
+    iters_per_epoch: int
+    n_labeled: int
+    n_unlabeled: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class Batch:
+    """One training batch on the device: ``b_l`` labelled and ``b_u`` unlabelled patches."""
+
+    image_l: torch.Tensor  # (b_l, C, X, Y, Z)
+    label_l: torch.Tensor  # (b_l, X, Y, Z) int64, may contain the ignore label
+    image_u: torch.Tensor  # (b_u, C, X, Y, Z)
+
+    @property
+    def b_l(self) -> int:
+        return int(self.image_l.shape[0])
+
+    @property
+    def b_u(self) -> int:
+        return int(self.image_u.shape[0])
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)  # tensors: no host sync per step
+
+
+class Method:
+    """Base class; subclasses set ``default_models`` and override ``training_step``.
+
+    ``models`` is a dict role -> module built by the engine from ``cfg.models``;
+    roles listed in ``frozen_roles`` get no optimiser (e.g. an EMA teacher).
+    """
+
+    name: ClassVar[str] = "base"
+    paper: ClassVar[str] = ""
+    default_models: ClassVar[dict[str, dict]] = {"net": {"name": "unet3d"}}
+    frozen_roles: ClassVar[tuple[str, ...]] = ()
+    predict_role: ClassVar[str] = "net"
+
+    def __init__(self, cfg: Config, ctx: MethodContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.params: dict[str, Any] = dict(cfg.method.params)
+        self.models: dict[str, nn.Module] = {}
+        self.augmenters: dict[str, Any] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.uses_unlabeled = False
+
+    # --- set-up ----------------------------------------------------------------------------------------
+    def attach(
+        self, models: dict[str, nn.Module], augmenters: dict[str, Any], optimizers: dict[str, torch.optim.Optimizer]
+    ) -> None:
+        self.models, self.augmenters, self.optimizers = models, augmenters, optimizers
+        self.setup()
+
+    def setup(self) -> None:
+        """Hook after models exist (e.g. copy the student into an EMA teacher)."""
+
+    def param(self, key: str, default: Any) -> Any:
+        return self.params.get(key, default)
+
+    # --- schedule --------------------------------------------------------------------------------------
+    def schedule_segments(self, role: str) -> list[Segment]:
+        """Default: one warm-up + cosine segment over the whole run."""
+        optim = self.cfg.models[role].optim
+        steps = self.ctx.epochs * self.ctx.iters_per_epoch
+        return [Segment(steps, optim.lr, optim.final_lr, optim.warmup_epochs * self.ctx.iters_per_epoch)]
+
+    def active_roles(self, epoch: int) -> list[str]:
+        """Roles whose optimiser steps in this epoch."""
+        return [r for r in self.models if r not in self.frozen_roles]
+
+    def phase(self, epoch: int) -> str:
+        return "train"
+
+    def batch_split(self, epoch: int, iteration: int) -> tuple[int, int]:
+        """(b_l, b_u) for the next batch; supervised methods use no unlabelled items."""
+        return self.ctx.batch_size, 0
+
+    # --- the step --------------------------------------------------------------------------------------
+    def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, epoch: int, iteration: int) -> None:
+        """Hook after the optimisers stepped (EMA updates)."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Hook at the start of every epoch."""
+
+    # --- inference and state ---------------------------------------------------------------------------
+    def predictor(self, which: str | None = None) -> nn.Module | list[nn.Module]:
+        """The model(s) that predict; a list means their probabilities are averaged."""
+        return self.models[which or self.predict_role]
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def augment(self, role: str, image: torch.Tensor, targets=(), kinds=()):
+        aug = self.augmenters.get(role)
+        if aug is None or image.shape[0] == 0:
+            return image, list(targets)
+        return aug(image, list(targets), list(kinds))

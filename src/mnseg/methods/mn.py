@@ -1,0 +1,209 @@
+"""M&N: a 2D natural-image pretrained model and a 3D model co-trained on each other's pseudo-masks.
+
+Yeung et al., "Semi-Supervised 3D Medical Segmentation from 2D Natural Images Pretrained Model".
+Roles: ``net2d`` (f, pretrained 2D model fine-tuned with LoRA, run slice by slice along depth) and
+``net3d`` (g, a 3D UNet from scratch).
+
+Stage 1 (epochs < ``sup_epochs``): f and g each learn from labelled patches, L_l = w_ce CE + w_dice Dice.
+Stage 2, alternating epochs (1st, 3rd, ... co-training epoch trains g on f's pseudo-masks; 2nd, 4th, ...
+trains f on g's): every batch has b_l labelled and b_u unlabelled patches and
+    L_c = b_l / B * L_l + b_u / B * L_u,   L_u = w_kl KL(P || model) + w_dice Dice(model, P),
+P the other model's softmax in eval mode, without gradient. LR-guided sampling:
+    b_u = floor((lr_init - lr_now) / (lr_init - lr_final) * B),
+lr_now the trained model's current learning rate, read from its optimiser (set by its scheduler).
+
+Choices the paper leaves open (documented in docs/methods.md): by default each model's schedule restarts at
+stage 2 (warm-up + cosine over stage 1, then cosine from lr_init to lr_final over stage 2), so b_u runs from 0
+to B over co-training; ``schedule: single`` uses one warm-up + cosine over the whole run instead.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from mnseg.engine.schedules import (
+    Segment,
+    current_lr,
+    epoch_linear_unlabeled_count,
+    lr_guided_unlabeled_count,
+    uniform_unlabeled_count,
+)
+from mnseg.errors import ConfigError
+from mnseg.losses import pseudo_label_loss, supervised_loss
+from mnseg.methods.base import Batch, Method, StepOutput
+
+SAMPLING = ("lr", "epoch-linear", "uniform", "fixed")
+
+
+class MN(Method):
+    """M&N: 2D pretrained (LoRA) + 3D UNet co-training with LR-guided sampling (Yeung et al.)."""
+
+    name = "mn"
+    default_models = {"net2d": {"name": "effunet", "finetune": "lora"}, "net3d": {"name": "unet3d_mn"}}
+    predict_role = "net3d"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.sup_epochs = int(self.param("sup_epochs", max(self.ctx.epochs // 8, 1)))
+        if not 0 < self.sup_epochs < self.ctx.epochs:
+            raise ConfigError(
+                f"method.params.sup_epochs={self.sup_epochs} must lie between 1 and "
+                f"train.epochs-1={self.ctx.epochs - 1}"
+            )
+        self.lrg = self.param("lrg", "lr")
+        if self.lrg not in SAMPLING:
+            raise ConfigError(f"method.params.lrg='{self.lrg}' unknown; choose one of {', '.join(SAMPLING)}")
+        self.weights = {k: float(self.param(k, 1.0)) for k in ("w_ce", "w_dice", "w_kl")}
+        self.fixed_pseudo = bool(self.param("fixed_pseudo", False))
+        self.generators: dict[str, torch.nn.Module] = {}
+        self._rng = np.random.default_rng(self.cfg.train.seed + 7)
+
+    # --- schedule ----------------------------------------------------------------------------------------
+    @property
+    def cotrain_epochs(self) -> int:
+        return self.ctx.epochs - self.sup_epochs
+
+    def schedule_segments(self, role: str) -> list[Segment]:
+        optim = self.cfg.models[role].optim
+        it = self.ctx.iters_per_epoch
+        if self.param("schedule", "restart") == "single":
+            return [Segment(self.ctx.epochs * it, optim.lr, optim.final_lr, optim.warmup_epochs * it)]
+        return [
+            Segment(self.sup_epochs * it, optim.lr, optim.final_lr, optim.warmup_epochs * it),
+            Segment(self.cotrain_epochs * it, optim.lr, optim.final_lr, 0),
+        ]
+
+    def trained_role(self, epoch: int) -> str | None:
+        """None in stage 1 (both train); then net3d on odd co-training epochs (1st, 3rd, ...), net2d on even."""
+        if epoch < self.sup_epochs:
+            return None
+        return "net3d" if (epoch - self.sup_epochs) % 2 == 0 else "net2d"
+
+    def active_roles(self, epoch: int) -> list[str]:
+        role = self.trained_role(epoch)
+        return ["net2d", "net3d"] if role is None else [role]
+
+    def phase(self, epoch: int) -> str:
+        role = self.trained_role(epoch)
+        return "supervised" if role is None else f"cotrain-{role[3:]}"
+
+    def batch_split(self, epoch: int, iteration: int) -> tuple[int, int]:
+        B = self.ctx.batch_size
+        role = self.trained_role(epoch)
+        if role is None or self.ctx.n_unlabeled == 0:
+            return B, 0
+        if self.lrg == "lr":
+            seg = self.schedule_segments(role)[-1]
+            lr_init = seg.lr_init
+            b_u = lr_guided_unlabeled_count(current_lr(self.optimizers[role]), lr_init, seg.lr_final, B)
+        elif self.lrg == "epoch-linear":
+            b_u = epoch_linear_unlabeled_count(epoch - self.sup_epochs, self.cotrain_epochs, B)
+        elif self.lrg == "uniform":
+            b_u = uniform_unlabeled_count(self.ctx.n_labeled, self.ctx.n_unlabeled, B, self._rng)
+        else:
+            b_u = int(round(float(self.param("fixed_ratio", 0.5)) * B))
+        return B - b_u, b_u
+
+    # --- pseudo-mask generators ------------------------------------------------------------------------------
+    def generator_for(self, role: str) -> torch.nn.Module:
+        other = "net2d" if role == "net3d" else "net3d"
+        return self.generators.get(other, self.models[other])
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch == self.sup_epochs and self.fixed_pseudo and not self.generators:
+            # Ablation "no iteration": pseudo-masks come from the models as they were after stage 1.
+            self.generators = {r: copy.deepcopy(m).eval().requires_grad_(False) for r, m in self.models.items()}
+        refresh = int(self.param("fg_refresh_every", 2))
+        if (
+            epoch >= self.sup_epochs
+            and refresh > 0
+            and (epoch - self.sup_epochs) % refresh == 0
+            and getattr(self, "batcher", None) is not None
+            and self.batcher.unlabeled
+        ):
+            self._refresh_unlabeled_foreground()
+
+    @torch.no_grad()
+    def _refresh_unlabeled_foreground(self) -> None:
+        """Unlabelled crops include pseudo-mask foreground (prob. fg_prob), from the 3D model's pseudo-masks."""
+        from mnseg.data.sampling import foreground_coords
+        from mnseg.engine.predict import predict_probabilities
+
+        model = self.generators.get("net3d", self.models["net3d"])
+        was_training = model.training
+        model.eval()
+        coords = {}
+        for case in self.batcher.unlabeled:
+            probs = predict_probabilities(model, torch.from_numpy(case.image), self.cfg, self.ctx.device)
+            coords[case.case_id] = foreground_coords(probs.argmax(0).cpu().numpy(), rng=self._rng)
+        model.train(was_training)
+        self.batcher.set_unlabeled_foreground(coords)
+
+    # --- the step -------------------------------------------------------------------------------------------
+    def _labelled_loss(self, logits, label):
+        return supervised_loss(
+            logits, label, w_ce=self.weights["w_ce"], w_dice=self.weights["w_dice"], ignore_index=self.ctx.ignore_index
+        )
+
+    def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
+        role = self.trained_role(epoch)
+        if role is None:
+            logs, total = {}, 0.0
+            for r in ("net2d", "net3d"):
+                image, (label,) = self.augment(r, batch.image_l, [batch.label_l], ["label"])
+                loss = self._labelled_loss(self.models[r](image), label)
+                logs[f"loss_{r[3:]}"] = loss.detach()
+                total = total + loss
+            return StepOutput(total, logs)
+
+        b_l, b_u = batch.b_l, batch.b_u
+        model = self.models[role]
+        image_l, (label,) = self.augment(role, batch.image_l, [batch.label_l], ["label"])
+        image_u, _ = self.augment(role, batch.image_u) if b_u else (batch.image_u, [])
+        logits = model(torch.cat([image_l, image_u]) if b_u else image_l)
+        logs = {}
+        loss = logits.new_zeros(())
+        if b_l:
+            loss_l = self._labelled_loss(logits[:b_l], label)
+            loss = loss + b_l / (b_l + b_u) * loss_l
+            logs["loss_l"] = loss_l.detach()
+        if b_u:
+            generator = self.generator_for(role)
+            with torch.no_grad():
+                pseudo = torch.softmax(generator(image_u).float(), dim=1)
+            loss_u = pseudo_label_loss(logits[b_l:], pseudo, w_kl=self.weights["w_kl"], w_dice=self.weights["w_dice"])
+            loss = loss + b_u / (b_l + b_u) * loss_u
+            logs["loss_u"] = loss_u.detach()
+        return StepOutput(loss, logs)
+
+    # --- inference and state ------------------------------------------------------------------------------
+    def predictor(self, which: str | None = None):
+        which = which or self.param("predict", "3d")
+        options = {
+            "3d": self.models["net3d"],
+            "net3d": self.models["net3d"],
+            "2d": self.models["net2d"],
+            "net2d": self.models["net2d"],
+            "average": [self.models["net3d"], self.models["net2d"]],
+        }
+        if which not in options:
+            raise ConfigError(f"M&N predicts with '3d', '2d' or 'average', not '{which}'")
+        return options[which]
+
+    def extra_state(self) -> dict:
+        return {
+            "generators": {r: m.state_dict() for r, m in self.generators.items()},
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        gens = state.get("generators") or {}
+        if gens:
+            self.generators = {r: copy.deepcopy(self.models[r]).eval().requires_grad_(False) for r in gens}
+            for r, sd in gens.items():
+                self.generators[r].load_state_dict(sd)
+        if "rng" in state:
+            self._rng.bit_generator.state = state["rng"]

@@ -1,0 +1,79 @@
+"""SegFormer (Hugging Face transformers) as a 2D segmentation model.
+
+``pretrained`` is a hub id or a local folder saved with ``save_pretrained``;
+the classifier is re-initialised for ``num_classes``. Without network access a
+hub id only works if it is already in the local Hugging Face cache, so the
+error says to pass a local folder. Inputs go through ``ImageNetInput`` (grey
+repeated to RGB, ImageNet normalisation), sizes are padded to a multiple of 32,
+and the 1/4-resolution logits are upsampled bilinearly to the input size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mnseg.errors import ConfigError
+from mnseg.models.effunet import ImageNetInput
+from mnseg.models.registry import check_choice, crop_spatial, pad_to_multiple, register_model
+
+# Hidden sizes, depths and decode-head width of the published SegFormer variants (Xie et al. 2021).
+VARIANTS = {
+    "b0": {"hidden_sizes": [32, 64, 160, 256], "depths": [2, 2, 2, 2], "decoder_hidden_size": 256},
+    "b1": {"hidden_sizes": [64, 128, 320, 512], "depths": [2, 2, 2, 2], "decoder_hidden_size": 256},
+    "b2": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 6, 3], "decoder_hidden_size": 768},
+    "b3": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 18, 3], "decoder_hidden_size": 768},
+    "b4": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 8, 27, 3], "decoder_hidden_size": 768},
+    "b5": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 6, 40, 3], "decoder_hidden_size": 768},
+}
+
+
+def load_segformer(pretrained: str | None, size: str, num_classes: int):
+    """Random-init ``size`` variant, or the encoder of ``pretrained`` with a fresh ``num_classes`` head."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    if pretrained is None:
+        config = SegformerConfig(num_labels=num_classes, num_attention_heads=[1, 2, 5, 8], **VARIANTS[size])
+        return SegformerForSemanticSegmentation(config)
+    try:
+        return SegformerForSemanticSegmentation.from_pretrained(
+            str(pretrained), num_labels=num_classes, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"model 'segformer': cannot load pretrained weights {str(pretrained)!r} ({error}). "
+            "Without network access, download the model once elsewhere (e.g. "
+            "SegformerForSemanticSegmentation.from_pretrained(id).save_pretrained(folder)) and pass "
+            "that local folder as pretrained=/path/to/folder"
+        ) from error
+
+
+class SegFormer2D(torch.nn.Module):
+    spatial_dims = 2
+    size_divisor = 32
+    encoder_module_names = ("net.segformer",)
+    # attention projections and MLP layers of the encoder (names of transformers 5.x and 4.x)
+    lora_target_modules = (
+        r"net\.segformer\..*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2"
+        r"|query|key|value|attention\.output\.dense|dense1|dense2)"
+    )
+
+    def __init__(self, in_channels: int, num_classes: int, size: str = "b0", pretrained: str | None = None):
+        super().__init__()
+        check_choice("segformer", "size", size, tuple(VARIANTS))
+        self.input_map = ImageNetInput(in_channels)
+        self.net = load_segformer(pretrained, size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded, size = pad_to_multiple(x, self.size_divisor, 2)
+        logits = self.net(pixel_values=self.input_map(padded)).logits
+        logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        return crop_spatial(logits, size)
+
+
+@register_model("segformer")
+def segformer(
+    in_channels: int = 1, num_classes: int = 2, size: str = "b0", pretrained: str | None = None
+) -> SegFormer2D:
+    """SegFormer b0..b5 (random init), or ``pretrained`` hub id / local folder (its own size)."""
+    return SegFormer2D(in_channels, num_classes, size, pretrained)

@@ -1,0 +1,79 @@
+"""Plain UNet built from MONAI's DynUNet (nnU-Net's network), for 3D and 2D.
+
+``unet3d_mn`` is the network of the M&N paper: 5 levels, 32 filters doubling
+per level (32..512), instance norm. Any input size works: the input is padded
+to a multiple of 2**(depth-1) (and to at least 2**depth, so the bottleneck has
+more than one voxel) and the logits are cropped back.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DynUNet
+
+from mnseg.errors import ConfigError
+from mnseg.models.registry import check_choice, crop_spatial, pad_to_multiple, register_model
+
+NORMS = {"instance": ("INSTANCE", {"affine": True}), "batch": ("BATCH", {})}
+
+
+class PlainUNet(torch.nn.Module):
+    """DynUNet with stride-2 levels, no deep supervision, size-agnostic forward."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        depth: int = 5,
+        base_filters: int = 32,
+        norm: str = "instance",
+        dropout: float = 0.0,
+        name: str = "unet",
+    ):
+        super().__init__()
+        if not isinstance(depth, int) or depth < 2:
+            raise ConfigError(f"model {name!r}: depth must be an integer >= 2, got {depth!r}")
+        if not isinstance(base_filters, int) or base_filters < 1:
+            raise ConfigError(f"model {name!r}: base_filters must be a positive integer, got {base_filters!r}")
+        check_choice(name, "norm", norm, tuple(NORMS))
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ConfigError(f"model {name!r}: dropout must be in [0, 1), got {dropout!r}")
+        self.spatial_dims = spatial_dims
+        self.size_divisor = 2 ** (depth - 1)
+        self.filters = [base_filters * 2**level for level in range(depth)]
+        self.net = DynUNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=num_classes,
+            kernel_size=[3] * depth,
+            strides=[1] + [2] * (depth - 1),
+            upsample_kernel_size=[2] * (depth - 1),
+            filters=self.filters,
+            dropout=float(dropout) or None,
+            norm_name=NORMS[norm],
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # at least 2 voxels per axis at the bottleneck: instance/batch norm fail on a single voxel
+        padded, size = pad_to_multiple(x, self.size_divisor, self.spatial_dims, minimum=2 * self.size_divisor)
+        return crop_spatial(self.net(padded), size)
+
+
+@register_model("unet3d")
+def unet3d(
+    in_channels: int = 1,
+    num_classes: int = 2,
+    depth: int = 5,
+    base_filters: int = 32,
+    norm: str = "instance",
+    dropout: float = 0.0,
+) -> PlainUNet:
+    """3D UNet; filters base_filters * 2**level for ``depth`` levels."""
+    return PlainUNet(3, in_channels, num_classes, depth, base_filters, norm, dropout, name="unet3d")
+
+
+@register_model("unet3d_mn")
+def unet3d_mn(in_channels: int = 1, num_classes: int = 2, dropout: float = 0.0) -> PlainUNet:
+    """The M&N paper's 3D UNet: 5 levels, filters 32..512, instance norm."""
+    return PlainUNet(3, in_channels, num_classes, 5, 32, "instance", dropout, name="unet3d_mn")

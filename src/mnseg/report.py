@@ -1,0 +1,568 @@
+"""Human-readable comparison of methods: a metrics table, learning curves and overlay pictures.
+
+``write_report`` writes ``report.md`` and ``report.html`` (self-contained apart from the PNGs in
+``figures/`` beside them). Figures are drawn with matplotlib's object API (``Figure`` + Agg canvas),
+never pyplot, so importing this module does not change the backend of an interactive session.
+``overlay_rgb`` needs only numpy, so TensorBoard logging can use it cheaply.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mnseg.errors import InputFileError
+from mnseg.utils.atomic import atomic_path, atomic_write_text
+
+METRICS = (("dice", "Dice", 3), ("jaccard", "Jaccard", 3), ("hd95", "HD95", 2), ("asd", "ASD", 2))
+FOREGROUND_MEAN = "foreground mean"
+NOT_DRAWN = ("background", "ignore")
+
+# matplotlib's "tab10" colours: distinct and readable on grey-scale images.
+_PALETTE = np.array(
+    [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ],
+    dtype=np.float64,
+)
+
+
+@dataclass
+class MethodResult:
+    """What one method produced: its evaluation summary, training history and predictions."""
+
+    name: str
+    summary: dict
+    history_csv: Path | None = None
+    pred_dir: Path | None = None
+
+
+def write_report(
+    out_dir: Path,
+    title: str,
+    results: list[MethodResult],
+    test_cases: list[tuple[str, Path, Path]],
+    class_names: dict[int, str],
+    n_overlay_cases: int = 3,
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``; return the markdown path.
+
+    ``test_cases`` are ``(case_id, image_path, label_path)``; predictions are read from
+    ``pred_dir/CASE.nii.gz`` (or ``.nii``). A method without predictions or history is reported as such.
+    """
+    out_dir = Path(out_dir)
+    figures = out_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    notes = list(notes)
+    classes = _reported_classes(class_names, results)
+    units = next((r.summary.get("units") for r in results if r.summary.get("units")), "voxel")
+    table = _metrics_table(results, classes)
+
+    curves_png = _learning_curves(results, figures / "learning_curves.png", notes)
+
+    overlays = []
+    for case_id, image_path, label_path in test_cases[: max(n_overlay_cases, 0)]:
+        png = figures / f"overlay_{_safe_name(case_id)}.png"
+        _case_overlay(case_id, Path(image_path), Path(label_path), results, class_names, png, notes)
+        overlays.append((case_id, png))
+
+    n_cases = {r.name: len(r.summary.get("metric_per_case", [])) for r in results}
+    markdown = _render_markdown(title, notes, table, units, n_cases, curves_png, overlays, out_dir)
+    page = _render_html(title, notes, table, units, n_cases, curves_png, overlays, out_dir)
+    report_md = out_dir / "report.md"
+    atomic_write_text(report_md, markdown)
+    atomic_write_text(out_dir / "report.html", page)
+    return report_md
+
+
+# ----------------------------------------------------------------------------------------------- pictures
+
+
+def overlay_rgb(
+    image2d: np.ndarray,
+    label2d: np.ndarray | None,
+    num_classes: int,
+    alpha: float = 0.45,
+    intensity_range: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Grey-scale slice with labels ``1 .. num_classes-1`` as translucent colours; ``(H, W, 3)`` uint8.
+
+    ``num_classes`` counts the background; larger labels (e.g. ``ignore``) are left uncoloured.
+    Intensities are scaled to the 1st-99th percentile of the slice unless ``intensity_range`` is given.
+    """
+    image2d = np.asarray(image2d, dtype=np.float64)
+    if image2d.ndim != 2:
+        raise ValueError(f"overlay_rgb needs a 2D image, got shape {image2d.shape}")
+    low, high = intensity_range if intensity_range is not None else _intensity_range(image2d)
+    grey = np.clip((image2d - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(image2d)
+    rgb = np.repeat(grey[..., None] * 255.0, 3, axis=-1)
+    if label2d is not None:
+        label2d = np.asarray(label2d)
+        if label2d.shape != image2d.shape:
+            raise ValueError(f"label slice shape {label2d.shape} differs from image slice {image2d.shape}")
+        for cls in range(1, num_classes):
+            mask = label2d == cls
+            if mask.any():
+                rgb[mask] = (1.0 - alpha) * rgb[mask] + alpha * class_colour(cls)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def class_colour(cls: int) -> np.ndarray:
+    """RGB (0-255 floats) for a class index >= 1; colours repeat, lighter, after ten classes."""
+    base = _PALETTE[(cls - 1) % len(_PALETTE)]
+    lighten = min(((cls - 1) // len(_PALETTE)) * 0.35, 0.7)
+    return base + (255.0 - base) * lighten
+
+
+def overlay_figure(
+    image3d: np.ndarray,
+    label3d_list: Sequence[np.ndarray | None],
+    titles: Sequence[str],
+    class_names: dict[int, str],
+    out_png: Path,
+    slice_indices: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+) -> Path:
+    """One PNG: columns ``image | label volume 1 | label volume 2 | ...``, rows = axial slices (last axis).
+
+    ``titles`` name the label columns (the first column is always "image"); a ``None`` label volume
+    shows the image alone. Without ``slice_indices``, three slices through the foreground of the first
+    label volume are shown. Arrays must already be in display orientation; ``spacing`` (voxel size per
+    axis) keeps anisotropic pixels in proportion.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    image3d = np.asarray(image3d)
+    if image3d.ndim != 3:
+        raise ValueError(f"overlay_figure needs a 3D image, got shape {image3d.shape}")
+    if len(titles) != len(label3d_list):
+        raise ValueError(f"{len(titles)} titles given for {len(label3d_list)} label volumes")
+    for title, label in zip(titles, label3d_list):
+        if label is not None and np.shape(label) != image3d.shape:
+            raise ValueError(f"label volume {title!r} has shape {np.shape(label)}, image has {image3d.shape}")
+    drawn = {int(k): v for k, v in class_names.items() if int(k) > 0 and v not in NOT_DRAWN}
+    num_classes = max(drawn, default=0) + 1
+    if slice_indices is None:
+        reference = next((lab for lab in label3d_list if lab is not None), None)
+        slice_indices = pick_foreground_slices(reference, image3d.shape[2], set(drawn))
+    low_high = _intensity_range(image3d)
+
+    rows, cols = len(slice_indices), 1 + len(label3d_list)
+    pixel_aspect = 1.0 if spacing is None else float(spacing[1]) / float(spacing[0])
+    aspect = image3d.shape[1] * pixel_aspect / max(image3d.shape[0], 1)
+    fig = Figure(figsize=(2.4 * cols, 2.4 * rows * aspect + 0.8), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r, z in enumerate(slice_indices):
+        panels = [None, *label3d_list]
+        for c, label in enumerate(panels):
+            ax = axes[r][c]
+            label_slice = None if label is None else label[:, :, z]
+            rgb = overlay_rgb(image3d[:, :, z], label_slice, num_classes, intensity_range=low_high)
+            ax.imshow(rgb.transpose(1, 0, 2), origin="lower", interpolation="nearest", aspect=pixel_aspect)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("image" if c == 0 else titles[c - 1], fontsize=9)
+        axes[r][0].set_ylabel(f"slice {z}", fontsize=8)
+    handles = [Patch(color=class_colour(k) / 255.0, label=name) for k, name in sorted(drawn.items())]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
+    return _save_figure(fig, out_png)
+
+
+def pick_foreground_slices(
+    label3d: np.ndarray | None, depth: int, classes: set[int], count: int = 3
+) -> list[int]:
+    """``count`` axial slices spread through the labelled foreground; evenly through the volume if none."""
+    if label3d is not None:
+        has_foreground = np.isin(np.asarray(label3d), list(classes)).any(axis=(0, 1))
+        with_foreground = np.flatnonzero(has_foreground)
+        if with_foreground.size:
+            size = with_foreground.size
+            positions = set(np.rint(np.linspace(0, size - 1, count + 2)[1:-1]).astype(int))
+            if len(positions) < min(count, size):  # few foreground slices: include the outer ones
+                positions = set(np.rint(np.linspace(0, size - 1, min(count, size))).astype(int))
+            return sorted(int(with_foreground[p]) for p in positions)
+    return sorted({int(round((i + 1) * (depth - 1) / (count + 1))) for i in range(count)})
+
+
+def _learning_curves(results: list[MethodResult], out_png: Path, notes: list[str]) -> Path | None:
+    """Loss columns (``loss``, ``loss_*``) and, where present, ``val_dice`` against epoch, per method."""
+    from matplotlib.figure import Figure
+
+    histories = {}
+    for result in results:
+        if result.history_csv is None:
+            continue
+        history = read_history(Path(result.history_csv))
+        if history:
+            histories[result.name] = history
+        else:
+            notes.append(f"{result.name}: training history {result.history_csv} has no rows.")
+    if not histories:
+        return None
+    has_val = any("val_dice" in h for h in histories.values())
+    fig = Figure(figsize=(11 if has_val else 6, 4), dpi=100)
+    axes = fig.subplots(1, 2 if has_val else 1, squeeze=False)[0]
+    styles = ["-", "--", ":", "-."]
+    for m, (name, history) in enumerate(histories.items()):
+        colour = class_colour(m + 1) / 255.0
+        loss_columns = [c for c in history if c == "loss" or c.startswith("loss_")]
+        for s, column in enumerate(loss_columns):
+            _plot_series(
+                axes[0], history["epoch"], history[column], f"{name} {column}", colour, styles[s % 4]
+            )
+        if has_val and "val_dice" in history:
+            _plot_series(axes[1], history["epoch"], history["val_dice"], name, colour, "-")
+    axes[0].set_title("training loss", fontsize=10)
+    axes[0].set_ylabel("loss")
+    if has_val:
+        axes[1].set_title("validation Dice", fontsize=10)
+        axes[1].set_ylabel("Dice")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, out_png)
+
+
+def _plot_series(ax, x: np.ndarray, y: np.ndarray, label: str, colour, style: str) -> None:
+    keep = np.isfinite(x) & np.isfinite(y)  # validation runs only every few epochs; join its points
+    if keep.any():
+        ax.plot(x[keep], y[keep], style, color=colour, label=label, marker="." if keep.sum() < 30 else None)
+
+
+def read_history(path: Path) -> dict[str, np.ndarray]:
+    """Numeric columns of a history CSV (empty or non-numeric cells become NaN); ``epoch`` always present."""
+    if not path.is_file():
+        raise InputFileError(f"{path}: training history file not found")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputFileError(f"{path}: cannot read as CSV ({exc})") from None
+    if not rows:
+        return {}
+    columns = {}
+    for name in rows[0]:
+        if name is None or name == "phase":
+            continue
+        values = np.array([_to_float(row.get(name)) for row in rows])
+        if np.isfinite(values).any():
+            columns[name] = values
+    if "epoch" not in columns:
+        columns["epoch"] = np.arange(len(rows), dtype=np.float64)
+    return columns
+
+
+def _case_overlay(
+    case_id: str,
+    image_path: Path,
+    label_path: Path,
+    results: list[MethodResult],
+    class_names: dict[int, str],
+    out_png: Path,
+    notes: list[str],
+) -> Path:
+    from mnseg.data.io import load_nifti
+
+    image = load_nifti(image_path)
+    reference = load_nifti(label_path, dtype=None)
+    if reference.shape != image.shape:
+        raise InputFileError(
+            f"{label_path}: shape {reference.shape} differs from its image {image.shape} ({image_path})"
+        )
+    labels, titles = [_as_labels(reference)], ["ground truth"]
+    for result in results:
+        pred_path = _prediction_path(result, case_id)
+        if pred_path is None:
+            labels.append(None)
+            titles.append(f"{result.name} (no prediction)")
+            notes.append(f"{result.name}: no prediction found for test case {case_id}.")
+            continue
+        prediction = load_nifti(pred_path, dtype=None)
+        if prediction.shape != image.shape:
+            raise InputFileError(
+                f"{pred_path}: prediction shape {prediction.shape} differs from the test image {image.shape} "
+                f"({image_path}); predictions must be in the original image geometry"
+            )
+        labels.append(_as_labels(prediction))
+        titles.append(result.name)
+    oriented_image = _to_ras(image.data, image.affine)
+    spacing = _ras_spacing(image.affine)
+    oriented = [None if lab is None else _to_ras(lab, image.affine) for lab in labels]
+    return overlay_figure(oriented_image, oriented, titles, class_names, out_png, spacing=spacing)
+
+
+def _prediction_path(result: MethodResult, case_id: str) -> Path | None:
+    if result.pred_dir is None:
+        return None
+    for ending in (".nii.gz", ".nii"):
+        candidate = Path(result.pred_dir) / f"{case_id}{ending}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _as_labels(volume) -> np.ndarray:
+    return np.rint(np.asarray(volume.data, dtype=np.float64)).astype(np.int32)
+
+
+def _to_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Reorder/flip axes so that the last axis runs inferior to superior (axial slices) and x, y are R, A."""
+    import nibabel.orientations as nio
+
+    transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt("RAS"))
+    return nio.apply_orientation(data, transform)
+
+
+def _ras_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel sizes in the axis order ``_to_ras`` produces."""
+    import nibabel.orientations as nio
+
+    from mnseg.data.io import voxel_spacing
+
+    spacing = [0.0, 0.0, 0.0]
+    for in_axis, (out_axis, _) in enumerate(nio.io_orientation(affine)):
+        spacing[int(out_axis)] = voxel_spacing(affine)[in_axis]
+    return tuple(spacing)
+
+
+def _intensity_range(image: np.ndarray) -> tuple[float, float]:
+    finite = np.asarray(image, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(finite, [1.0, 99.0])
+    return float(low), float(high)
+
+
+def _save_figure(fig, out_png: Path) -> Path:
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return out_png
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+
+@dataclass
+class _Row:
+    class_name: str
+    method: str
+    cells: dict[str, tuple[float | None, float | None]]  # metric -> (mean, std)
+    best_dice: bool = False
+
+
+def _reported_classes(class_names: dict[int, str], results: list[MethodResult]) -> list[str]:
+    names = [
+        name
+        for k, name in sorted((int(k), v) for k, v in class_names.items())
+        if k > 0 and name not in NOT_DRAWN
+    ]
+    if names:
+        return names
+    seen: list[str] = []
+    for result in results:
+        seen += [c for c in result.summary.get("mean", {}) if c not in seen]
+    return seen
+
+
+def _metrics_table(results: list[MethodResult], classes: list[str]) -> list[_Row]:
+    rows = []
+    for class_name in [*classes, FOREGROUND_MEAN]:
+        group = [_Row(class_name, r.name, _cells(r.summary, class_name, classes)) for r in results]
+        dices = [row.cells["dice"][0] for row in group if _finite(row.cells["dice"][0])]
+        if dices:
+            best = max(dices)
+            for row in group:
+                row.best_dice = _finite(row.cells["dice"][0]) and row.cells["dice"][0] == best
+        rows += group
+    return rows
+
+
+def _cells(
+    summary: dict, class_name: str, classes: list[str]
+) -> dict[str, tuple[float | None, float | None]]:
+    if class_name != FOREGROUND_MEAN:
+        means = summary.get("mean", {}).get(class_name, {})
+        stds = summary.get("std", {}).get(class_name, {})
+        return {m: (_number(means.get(m)), _number(stds.get(m))) for m, _, _ in METRICS}
+    # Foreground mean: the summary's value; its spread is the std over cases of each case's class mean.
+    fg_means = summary.get("foreground_mean", {})
+    cells = {}
+    for metric, _, _ in METRICS:
+        per_case = []
+        for case in summary.get("metric_per_case", []):
+            values = [_number(case.get("metrics", {}).get(c, {}).get(metric)) for c in classes]
+            values = [v for v in values if v is not None and not math.isnan(v)]
+            if values:
+                per_case.append(float(np.mean(values)))
+        mean = _number(fg_means.get(metric))
+        if mean is None and per_case:
+            mean = float(np.mean(per_case))
+        std = _number(summary.get("foreground_std", {}).get(metric))
+        if std is None and per_case:
+            std = float(np.std(per_case))
+        cells[metric] = (mean, std)
+    return cells
+
+
+def format_mean_std(mean: float | None, std: float | None, decimals: int) -> str:
+    """``0.912 ± 0.034``; ``n/a`` for missing/NaN, ``inf`` for infinite values; std left out if missing."""
+    text = _format_number(mean, decimals)
+    if text == "n/a" or std is None or math.isnan(std):
+        return text
+    return f"{text} ± {_format_number(std, decimals)}"
+
+
+def _format_number(value: float | None, decimals: int) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{decimals}f}"
+
+
+def _header(units: str) -> list[str]:
+    return ["Class", "Method"] + [
+        f"{label} ({units})" if key in ("hd95", "asd") else label for key, label, _ in METRICS
+    ]
+
+
+def _row_texts(row: _Row) -> list[str]:
+    return [format_mean_std(*row.cells[key], decimals) for key, _, decimals in METRICS]
+
+
+def _render_markdown(title, notes, table, units, n_cases, curves_png, overlays, out_dir) -> str:
+    lines = [f"# {title}", ""]
+    if notes:
+        lines += [f"- {note}" for note in notes] + [""]
+    lines += ["## Test metrics", "", _cases_sentence(n_cases) + " Best Dice per class in bold.", ""]
+    header = _header(units)
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table:
+        texts = _row_texts(row)
+        if row.best_dice:
+            texts[0] = f"**{texts[0]}**"
+        lines.append("| " + " | ".join([_md_escape(row.class_name), _md_escape(row.method), *texts]) + " |")
+    lines += ["", "## Learning curves", ""]
+    if curves_png is not None:
+        lines.append(f"![learning curves]({_relative(curves_png, out_dir)})")
+    else:
+        lines.append("No training history was given.")
+    lines += ["", "## Example test cases", ""]
+    if not overlays:
+        lines.append("No test cases were given.")
+    for case_id, png in overlays:
+        lines += [
+            f"### {_md_escape(case_id)}",
+            "",
+            f"![{_md_escape(case_id)}]({_relative(png, out_dir)})",
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _render_html(title, notes, table, units, n_cases, curves_png, overlays, out_dir) -> str:
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}img{max-width:100%}</style>",
+        "</head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
+    if notes:
+        parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
+    parts += [
+        "<h2>Test metrics</h2>",
+        f"<p>{e(_cases_sentence(n_cases))} Best Dice per class in bold.</p>",
+        "<table>",
+    ]
+    parts.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in _header(units)) + "</tr>")
+    for row in table:
+        texts = [e(t) for t in _row_texts(row)]
+        if row.best_dice:
+            texts[0] = f"<b>{texts[0]}</b>"
+        cells = [e(row.class_name), e(row.method), *texts]
+        parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    parts += ["</table>", "<h2>Learning curves</h2>"]
+    if curves_png is not None:
+        parts.append(f'<img src="{e(_relative(curves_png, out_dir))}" alt="learning curves">')
+    else:
+        parts.append("<p>No training history was given.</p>")
+    parts.append("<h2>Example test cases</h2>")
+    if not overlays:
+        parts.append("<p>No test cases were given.</p>")
+    for case_id, png in overlays:
+        parts += [f"<h3>{e(case_id)}</h3>", f'<img src="{e(_relative(png, out_dir))}" alt="{e(case_id)}">']
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _cases_sentence(n_cases: dict[str, int]) -> str:
+    counts = sorted(set(n_cases.values()))
+    if len(counts) == 1:
+        return f"Mean ± std over {counts[0]} test cases."
+    return "Mean ± std over test cases (" + ", ".join(f"{k}: {v}" for k, v in n_cases.items()) + ")."
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _number(value) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _to_float(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "case"
+
+
+def _relative(path: Path, root: Path) -> str:
+    return Path(path).relative_to(root).as_posix()
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")

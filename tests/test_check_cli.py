@@ -1,0 +1,48 @@
+import json
+
+from mnseg.cli import main
+
+
+def test_check_valid_dataset(toy_dataset_multiclass, capsys):
+    rc = main(["check", str(toy_dataset_multiclass)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "imagesTr 4, imagesUnlabeled 4, imagesTs 2" in out
+    assert "Spacing (mm)" in out and "32 x 32 x 32" in out
+    assert "outer" in out and "inner" in out
+    assert "No problems found." in out
+
+
+def test_check_broken_dataset_exits_2_and_names_files(toy_dataset, capsys):
+    (toy_dataset / "labelsTr" / "toytr_001.nii.gz").unlink()
+    path = toy_dataset / "imagesTs" / "toyts_000_0000.nii.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    rc = main(["check", str(toy_dataset)])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "toytr_001_0000.nii.gz" in captured.out and "image without label" in captured.out
+    assert "toyts_000_0000.nii.gz" in captured.out
+    assert "2 error(s)" in captured.err
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_check_warnings_do_not_fail(toy_dataset, capsys):
+    meta = json.loads((toy_dataset / "dataset.json").read_text())
+    (toy_dataset / "dataset.json").write_text(json.dumps({**meta, "numTraining": 99}))
+    rc = main(["check", str(toy_dataset)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "WARNING" in out and "numTraining is 99" in out
+
+
+def test_check_no_voxels_skips_statistics(toy_dataset, capsys):
+    rc = main(["check", str(toy_dataset), "--no-voxels"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "voxel checks skipped" in out and "Intensity" not in out
+
+
+def test_check_missing_folder(tmp_path, capsys):
+    rc = main(["check", str(tmp_path / "nowhere")])
+    out = capsys.readouterr().out
+    assert rc == 2 and "dataset folder not found" in out

@@ -1,0 +1,185 @@
+"""Model registry and every registered model: shapes on even/odd sizes, gradients, weight loading."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from mnseg.errors import ConfigError
+from mnseg.models import create_model, list_models, model_kwargs
+from mnseg.models.effunet import weights_path
+
+# Smallest settings per model that still exercise the real architecture.
+TINY = {
+    "unet3d": dict(depth=3, base_filters=4),
+    "unet3d_mn": {},
+    "swinunetr": dict(feature_size=12),
+    "unet2d": dict(depth=3, base_filters=4),
+    "segformer": dict(size="b0"),
+    "effunet": dict(variant="lite0"),
+}
+SIZES = {3: [(16, 16, 16), (17, 18, 19)], 2: [(32, 32), (33, 31)]}
+HAS_EINOPS = importlib.util.find_spec("einops") is not None
+
+
+def test_every_registered_model_has_a_tiny_test_setting():
+    assert set(list_models()) == set(TINY)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_forward_shape_and_gradient(name):
+    if name == "swinunetr" and not HAS_EINOPS:
+        pytest.skip("MONAI SwinUNETR needs einops")
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=1, num_classes=3, **TINY[name])
+    assert model.spatial_dims in (2, 3)
+    sizes = SIZES[model.spatial_dims][-1:] if name in ("unet3d_mn", "swinunetr") else SIZES[model.spatial_dims]
+    batch = 2 if model.spatial_dims == 2 else 1
+    for size in sizes:
+        model.zero_grad()
+        x = torch.randn(batch, 1, *size)
+        logits = model(x)
+        assert logits.shape == (batch, 3, *size)
+        logits.float().square().mean().backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+        # the layer nearest the input only gets a gradient if it flowed through the whole network
+        first = next(p for p in model.parameters() if p.requires_grad)
+        assert first.grad.abs().sum() > 0
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(ConfigError) as info:
+        create_model("no_such_net")
+    for name in list_models():
+        assert name in str(info.value)
+
+
+def test_unknown_option_lists_accepted_options():
+    with pytest.raises(ConfigError) as info:
+        create_model("unet3d", widht=3)
+    assert "widht" in str(info.value)
+    for option in model_kwargs("unet3d"):
+        assert option in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("unet3d", dict(norm="group")),
+        ("unet3d", dict(depth=1)),
+        ("unet2d", dict(base_filters=0)),
+        ("segformer", dict(size="b9")),
+        ("effunet", dict(variant="lite9")),
+        ("effunet", dict(decoder_channels=(8, 8))),
+    ],
+)
+def test_bad_option_values_raise_config_error(name, kwargs):
+    with pytest.raises(ConfigError):
+        create_model(name, **kwargs)
+
+
+def test_bad_channel_counts_raise_config_error():
+    with pytest.raises(ConfigError):
+        create_model("unet2d", in_channels=0)
+    with pytest.raises(ConfigError):
+        create_model("unet2d", num_classes=0)
+
+
+def test_unet3d_mn_is_the_papers_network():
+    model = create_model("unet3d_mn", num_classes=2)
+    assert model.filters == [32, 64, 128, 256, 512]
+    assert model.spatial_dims == 3
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and not any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+
+
+def test_unet_norm_option_selects_the_norm_layer():
+    model = create_model("unet3d", depth=3, base_filters=4, norm="batch")
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())
+
+
+@pytest.mark.parametrize("size, hidden", [("b0", [32, 64, 160, 256]), ("b1", [64, 128, 320, 512])])
+def test_segformer_sizes_follow_the_published_variants(size, hidden):
+    model = create_model("segformer", size=size, num_classes=4)
+    assert list(model.net.config.hidden_sizes) == hidden
+    assert model.net.config.num_labels == 4
+
+
+def test_multichannel_input_is_mixed_to_rgb_by_a_trainable_layer():
+    model = create_model("effunet", in_channels=2, num_classes=2, pretrained=False)
+    assert model.input_map.mix is not None and model.input_map.mix.weight.requires_grad
+    assert model(torch.randn(2, 2, 32, 32)).shape == (2, 2, 32, 32)
+
+
+def test_grey_input_is_repeated_and_imagenet_normalised():
+    model = create_model("effunet", pretrained=False)
+    grey = torch.zeros(1, 1, 4, 4)  # z-score 0 maps to mid-grey 0.5
+    rgb = model.input_map(grey)
+    expected = (0.5 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert rgb.shape == (1, 3, 4, 4)
+    assert torch.allclose(rgb[0, :, 0, 0], expected)
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_effunet_loads_the_shipped_weights_bit_for_bit(variant):
+    model = create_model("effunet", variant=variant, pretrained=True)
+    shipped = torch.load(weights_path(variant), map_location="cpu", weights_only=True)
+    encoder = model.encoder.state_dict()
+    matched = [key for key in shipped if key in encoder]
+    for key in matched:
+        assert torch.equal(encoder[key], shipped[key]), key
+    classifier = [key for key in shipped if key.startswith("_fc.")]
+    assert classifier
+    assert len(matched) == len(shipped) - len(classifier)
+
+
+def test_effunet_without_pretrained_differs_from_the_shipped_weights():
+    model = create_model("effunet", variant="lite0", pretrained=False)
+    shipped = torch.load(weights_path("lite0"), map_location="cpu", weights_only=True)
+    assert not torch.equal(model.encoder.state_dict()["_conv_stem.weight"], shipped["_conv_stem.weight"])
+
+
+def _tiny_segformer_folder(path):
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    config = SegformerConfig(
+        hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1],
+        decoder_hidden_size=16, num_labels=5,
+    )
+    torch.manual_seed(1)
+    source = SegformerForSemanticSegmentation(config)
+    source.save_pretrained(path)
+    return source
+
+
+def _offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_segformer_loads_a_local_folder_offline(tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
+    source = _tiny_segformer_folder(tmp_path / "tiny_segformer")
+    model = create_model("segformer", pretrained=str(tmp_path / "tiny_segformer"), num_classes=3)
+    loaded = model.net.segformer.state_dict()
+    original = source.segformer.state_dict()
+    assert loaded.keys() == original.keys()
+    for key, value in original.items():
+        assert torch.equal(loaded[key], value), key
+    assert model.net.decode_head.classifier.out_channels == 3
+    assert model(torch.randn(2, 1, 33, 32)).shape == (2, 3, 33, 32)
+
+
+@pytest.mark.parametrize("pretrained", ["nvidia/mit-b0", "/no/such/segformer/folder"])
+def test_segformer_unloadable_weights_give_a_clear_error(tmp_path, monkeypatch, pretrained):
+    _offline(monkeypatch, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        create_model("segformer", pretrained=pretrained)
+    assert pretrained in str(info.value) and "local folder" in str(info.value)

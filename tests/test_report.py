@@ -1,0 +1,257 @@
+"""The report writer: tables with the right numbers, valid non-trivial figures, working links."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from mnseg.data.io import save_nifti
+from mnseg.errors import InputFileError
+from mnseg.report import (
+    MethodResult,
+    class_colour,
+    format_mean_std,
+    overlay_figure,
+    overlay_rgb,
+    pick_foreground_slices,
+    read_history,
+    write_report,
+)
+
+CLASS_NAMES = {0: "background", 1: "liver", 2: "tumour"}
+METRICS = ("dice", "jaccard", "hd95", "asd", "assd")
+SHAPE = (24, 20, 16)
+
+
+def _fake_summary(rng, case_ids, dice_scale):
+    """A summary.json-shaped dict with random per-case values and their true mean/std."""
+    per_case = []
+    for case in case_ids:
+        metrics = {}
+        for name in ("liver", "tumour"):
+            dice = float(rng.uniform(0.3, 1.0) * dice_scale)
+            metrics[name] = {
+                "dice": dice,
+                "jaccard": dice / (2 - dice),
+                "hd95": float(rng.uniform(0, 9)),
+                "asd": float(rng.uniform(0, 3)),
+                "assd": float(rng.uniform(0, 3)),
+            }
+        per_case.append({"case": case, "metrics": metrics})
+    mean, std = {}, {}
+    for name in ("liver", "tumour"):
+        values = {m: [c["metrics"][name][m] for c in per_case] for m in METRICS}
+        mean[name] = {m: float(np.mean(v)) for m, v in values.items()}
+        std[name] = {m: float(np.std(v)) for m, v in values.items()}
+    fg = {m: float(np.mean([mean[n][m] for n in ("liver", "tumour")])) for m in METRICS}
+    return {"metric_per_case": per_case, "mean": mean, "std": std, "foreground_mean": fg, "units": "voxel"}
+
+
+def _blob_label(rng, shift=0):
+    z, y, x = np.meshgrid(*(np.arange(s) for s in SHAPE), indexing="ij")
+    centre = np.array(SHAPE) / 2 + rng.uniform(-2, 2, size=3)
+    distance = np.sqrt((z - centre[0] - shift) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2)
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[distance < 7] = 1
+    label[distance < 3] = 2
+    return label
+
+
+@pytest.fixture
+def report_inputs(tmp_path):
+    rng = np.random.default_rng(1)
+    affine = np.diag([-1.5, 1.2, 2.0, 1.0])  # flipped x: the overlay must reorient without failing
+    cases = ["case_001", "case_002", "case_003"]
+    test_cases = []
+    pred_dirs = {"supervised": tmp_path / "pred_sup", "mn": tmp_path / "pred_mn"}
+    for case in cases:
+        label = _blob_label(rng)
+        image = rng.normal(size=SHAPE).astype(np.float32) + 3.0 * (label > 0)
+        image_path = save_nifti(image, affine, tmp_path / "imagesTs" / f"{case}_0000.nii.gz")
+        label_path = save_nifti(label, affine, tmp_path / "labelsTs" / f"{case}.nii.gz")
+        test_cases.append((case, image_path, label_path))
+        save_nifti(_blob_label(rng, shift=2), affine, pred_dirs["supervised"] / f"{case}.nii.gz")
+        if case != "case_003":  # one missing prediction must be reported, not crash
+            save_nifti(label, affine, pred_dirs["mn"] / f"{case}.nii.gz")
+
+    (tmp_path / "sup_history.csv").write_text(
+        "epoch,phase,loss,lr,val_dice,seconds\n"
+        + "".join(f"{e},sup,{1.0 / (e + 1):.4f},0.01,{'' if e % 2 else 0.1 * e},1.5\n" for e in range(8))
+    )
+    (tmp_path / "mn_history.csv").write_text(
+        "epoch,phase,loss_2d,loss_3d,b_l,b_u\n"
+        + "".join(
+            f"{e},{'2d' if e % 2 else '3d'},{0.9 / (e + 1):.4f},{0.8 / (e + 1):.4f},2,4\n" for e in range(8)
+        )
+    )
+    results = [
+        MethodResult(
+            "supervised",
+            _fake_summary(rng, cases, 0.7),
+            tmp_path / "sup_history.csv",
+            pred_dirs["supervised"],
+        ),
+        MethodResult("mn", _fake_summary(rng, cases, 1.0), tmp_path / "mn_history.csv", pred_dirs["mn"]),
+    ]
+    return results, test_cases
+
+
+def _image_is_nontrivial(path):
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 50 and pixels.shape[1] > 50
+    colours = np.unique(pixels[..., :3].reshape(-1, 3), axis=0)
+    assert len(colours) > 20, f"{path} has only {len(colours)} colours"
+    return pixels
+
+
+def test_write_report_files_tables_and_figures(tmp_path, report_inputs):
+    results, test_cases = report_inputs
+    out = tmp_path / "report"
+    md_path = write_report(
+        out, "Toy comparison", results, test_cases, CLASS_NAMES, n_overlay_cases=2, notes=["seed 0"]
+    )
+    assert md_path == out / "report.md"
+    markdown = md_path.read_text()
+    page = (out / "report.html").read_text()
+
+    curves = out / "figures" / "learning_curves.png"
+    overlays = [out / "figures" / f"overlay_{case}.png" for case, _, _ in test_cases[:2]]
+    for png in [curves, *overlays]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        _image_is_nontrivial(png)
+    assert not (out / "figures" / "overlay_case_003.png").exists()  # only n_overlay_cases pictures
+    assert not [p for p in out.rglob(".*")], "temporary files left behind"
+
+    # every number in the table is the summary's, formatted
+    for result in results:
+        for cls in ("liver", "tumour"):
+            mean, std = result.summary["mean"][cls], result.summary["std"][cls]
+            expected_row = [cls, result.name]
+            cells = [
+                format_mean_std(mean[m], std[m], 3 if m in ("dice", "jaccard") else 2)
+                for m in ("dice", "jaccard", "hd95", "asd")
+            ]
+            row = _markdown_row(markdown, cls, result.name)
+            assert row[:2] == expected_row
+            assert [c.strip("*") for c in row[2:]] == cells
+            assert f"{mean['dice']:.3f} ± {std['dice']:.3f}" in cells[0]
+        fg_row = _markdown_row(markdown, "foreground mean", result.name)
+        assert fg_row[2].strip("*").startswith(f"{result.summary['foreground_mean']['dice']:.3f} ± ")
+
+    # best Dice per class in bold, exactly one method per class here
+    for cls in ("liver", "tumour", "foreground mean"):
+        dices = {
+            r.name: (r.summary["foreground_mean"] if cls == "foreground mean" else r.summary["mean"][cls])[
+                "dice"
+            ]
+            for r in results
+        }
+        best = max(dices, key=dices.get)
+        for name in dices:
+            assert _markdown_row(markdown, cls, name)[2].startswith("**") == (name == best)
+            assert (f"<td>{cls}</td><td>{name}</td><td><b>" in page) == (name == best)
+
+    assert "HD95 (voxel)" in markdown and "seed 0" in markdown and "seed 0" in page
+    assert "mn: no prediction found for test case" not in markdown  # case_003 is not drawn
+    for figure in re.findall(r'src="([^"]+)"', page):
+        assert (out / figure).is_file()
+    assert 'src="figures/learning_curves.png"' in page
+    assert all(f'src="figures/{png.name}"' in page for png in overlays)
+    assert "](figures/learning_curves.png)" in markdown
+
+
+def _markdown_row(markdown, cls, method):
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 2 and cells[0] == cls and cells[1] == method:
+            return cells
+    raise AssertionError(f"no table row for {cls} / {method}")
+
+
+def test_missing_prediction_is_noted_and_drawn_without_overlay(tmp_path, report_inputs):
+    results, test_cases = report_inputs
+    out = tmp_path / "report"
+    write_report(out, "T", results, test_cases[2:], CLASS_NAMES)
+    assert "mn: no prediction found for test case case_003" in (out / "report.md").read_text()
+    _image_is_nontrivial(out / "figures" / "overlay_case_003.png")
+
+
+def test_report_without_histories_or_cases(tmp_path, report_inputs):
+    results, _ = report_inputs
+    bare = [MethodResult(r.name, r.summary, None, None) for r in results]
+    write_report(tmp_path / "r", "T", bare, [], CLASS_NAMES)
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "No training history" in markdown and "No test cases" in markdown
+    assert not (tmp_path / "r" / "figures" / "learning_curves.png").exists()
+
+
+def test_prediction_in_wrong_geometry_names_the_file(tmp_path, report_inputs):
+    results, test_cases = report_inputs
+    bad = results[0].pred_dir / "case_001.nii.gz"
+    save_nifti(np.zeros((5, 5, 5), np.uint8), np.eye(4), bad)
+    with pytest.raises(InputFileError, match=re.escape(str(bad))):
+        write_report(tmp_path / "r", "T", results, test_cases[:1], CLASS_NAMES)
+
+
+def test_read_history_parses_numbers_and_blanks(tmp_path, report_inputs):
+    history = read_history(tmp_path / "sup_history.csv")
+    assert set(history) == {"epoch", "loss", "lr", "val_dice", "seconds"}  # "phase" is text
+    assert np.isnan(history["val_dice"][1]) and history["val_dice"][2] == pytest.approx(0.2)
+    with pytest.raises(InputFileError, match="nothere.csv"):
+        read_history(tmp_path / "nothere.csv")
+
+
+def test_overlay_rgb_colours_classes_but_not_ignore():
+    image = np.linspace(0, 1, 64).reshape(8, 8)
+    label = np.zeros((8, 8), dtype=int)
+    label[1, 1], label[2, 2], label[3, 3] = 1, 2, 3  # 3 = ignore when num_classes == 3
+    rgb = overlay_rgb(image, label, num_classes=3)
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    grey = rgb[label == 0]
+    assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()
+    assert len({tuple(rgb[1, 1]), tuple(rgb[2, 2])}) == 2
+    assert rgb[1, 1, 0] != rgb[1, 1, 1]  # coloured
+    assert rgb[3, 3, 0] == rgb[3, 3, 1] == rgb[3, 3, 2]  # ignore stays grey
+    blended = overlay_rgb(np.zeros((2, 2)), np.ones((2, 2), int), 2, alpha=1.0)
+    np.testing.assert_array_equal(blended[0, 0], np.rint(class_colour(1)).astype(np.uint8))
+
+
+def test_overlay_figure_and_slice_choice(tmp_path):
+    rng = np.random.default_rng(0)
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[5:15, 5:12, 9:13] = 1
+    slices = pick_foreground_slices(label, SHAPE[2], {1})
+    assert len(slices) == 3 and all(9 <= z < 13 for z in slices)
+    fallback = pick_foreground_slices(np.zeros(SHAPE), SHAPE[2], {1})
+    assert len(fallback) == 3 and 0 < fallback[0] < fallback[1] < fallback[2] < SHAPE[2] - 1
+    out = overlay_figure(
+        rng.normal(size=SHAPE), [label, None], ["gt", "empty"], CLASS_NAMES, tmp_path / "o.png"
+    )
+    _image_is_nontrivial(out)
+    with pytest.raises(ValueError, match="titles"):
+        overlay_figure(np.zeros(SHAPE), [label], ["a", "b"], CLASS_NAMES, tmp_path / "x.png")
+
+
+def test_format_mean_std_edge_values():
+    assert format_mean_std(0.91234, 0.0456, 3) == "0.912 ± 0.046"
+    assert format_mean_std(None, 0.1, 2) == "n/a"
+    assert format_mean_std(math.nan, None, 2) == "n/a"
+    assert format_mean_std(math.inf, math.nan, 2) == "inf"
+    assert format_mean_std(3.14159, None, 2) == "3.14"
+
+
+def test_reorientation_puts_axial_slices_last_with_matching_spacing():
+    from mnseg.report import _ras_spacing, _to_ras
+
+    # file axes are (S, A, L): axis 0 runs superior, axis 2 runs to the left
+    affine = np.array([[0, 0, -0.5, 0], [0, 2.0, 0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+    data = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    oriented = _to_ras(data, affine)
+    assert oriented.shape == (6, 5, 4)
+    assert _ras_spacing(affine) == (0.5, 2.0, 3.0)
+    assert oriented[0, 0, 1] == data[1, 0, 5]  # x flipped (L -> R), z = file axis 0
