@@ -124,7 +124,7 @@ def test_strategy_applies_to_the_model_inside_slicewise():
 
 def test_lora_with_explicit_targets_on_a_model_without_encoder_trains_only_adapters():
     model = create_model("unet2d", depth=3, base_filters=4)
-    apply_finetuning(model, "lora", rank=2, target_modules=["conv"])
+    apply_finetuning(model, "lora", rank=2, target_modules=r"net\.input_block\.conv\d\.conv")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 2, 16, 16)

@@ -104,12 +104,15 @@ def save_nifti(
     elif arr.dtype == np.float64:
         arr = arr.astype(np.float32)
     hdr = header.copy() if header is not None else None
-    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64), header=hdr)
-    img.set_data_dtype(arr.dtype)
-    img.set_qform(np.asarray(affine), code=1)
-    img.set_sform(np.asarray(affine), code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+    try:
+        img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64), header=hdr)
+        img.set_data_dtype(arr.dtype)
+        img.set_qform(np.asarray(affine), code=1)
+        img.set_sform(np.asarray(affine), code=1)
+        with atomic_path(path) as tmp:
+            nib.save(img, str(tmp))
+    except (nib.spatialimages.HeaderDataError, ValueError, TypeError) as exc:
+        raise InputFileError(f"{path}: cannot write NIfTI ({_short(exc)})") from None
     return path
 
 
