@@ -65,8 +65,9 @@ def test_effunet_lora_trains_only_adapters_and_decoder_and_keeps_shipped_weights
             key = name.removeprefix("encoder.").replace(".base_layer.", ".")
             assert torch.equal(p, shipped[key]), key
             compared += 1
-    assert compared == sum(1 for k in shipped if not k.startswith("_fc.") and "running" not in k
-                           and "num_batches" not in k)
+    assert compared == sum(
+        1 for k in shipped if not k.startswith("_fc.") and "running" not in k and "num_batches" not in k
+    )
 
 
 def test_segformer_lora_targets_encoder_attention_and_mlp_only():
@@ -140,7 +141,7 @@ def test_lora_with_explicit_targets_on_a_model_without_encoder_trains_only_adapt
     ],
 )
 def test_impossible_requests_raise_config_error(strategy, kwargs):
-    model = create_model("unet3d", depth=2, base_filters=2)
+    model = create_model("unet3d", depth=3, base_filters=2)
     with pytest.raises(ConfigError):
         apply_finetuning(model, strategy, **kwargs)
 

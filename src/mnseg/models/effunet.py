@@ -72,9 +72,7 @@ def build_encoder(variant: str, pretrained: bool, drop_connect_rate: float) -> t
     """EfficientNet-Lite without its classifier; dynamic "same" padding so any image size works."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    encoder = EfficientNet.from_name(
-        f"efficientnet-{variant}", image_size=None, drop_connect_rate=drop_connect_rate
-    )
+    encoder = EfficientNet.from_name(f"efficientnet-{variant}", image_size=None, drop_connect_rate=drop_connect_rate)
     for unused in ("_fc", "_avg_pooling", "_dropout"):
         delattr(encoder, unused)
     if pretrained:
@@ -131,9 +129,16 @@ class EffUNet(torch.nn.Module):
     # strided convs pad "same" inside forward, which a LoRA branch would not reproduce.
     lora_target_modules = r"encoder\.(_blocks\.\d+\.(_expand_conv|_project_conv)|_conv_head)"
 
-    def __init__(self, in_channels: int, num_classes: int, variant: str = "lite0", pretrained: bool = True,
-                 decoder_channels=(256, 128, 64, 32, 16), decoder_norm: str = "batch",
-                 drop_connect_rate: float = 0.2):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        variant: str = "lite0",
+        pretrained: bool = True,
+        decoder_channels=(256, 128, 64, 32, 16),
+        decoder_norm: str = "batch",
+        drop_connect_rate: float = 0.2,
+    ):
         super().__init__()
         check_choice("effunet", "variant", variant, VARIANTS)
         check_choice("effunet", "decoder_norm", decoder_norm, ("batch", "instance"))
@@ -190,5 +195,4 @@ def effunet(
     drop_connect_rate: float = 0.2,
 ) -> EffUNet:
     """UNet with an EfficientNet-Lite (lite0|lite1|lite2) ImageNet encoder; 2D, any input size."""
-    return EffUNet(in_channels, num_classes, variant, pretrained, decoder_channels, decoder_norm,
-                   drop_connect_rate)
+    return EffUNet(in_channels, num_classes, variant, pretrained, decoder_channels, decoder_norm, drop_connect_rate)

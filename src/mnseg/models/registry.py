@@ -91,7 +91,7 @@ def pad_to_multiple(
 
 def crop_spatial(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Undo ``pad_to_multiple``: keep the first ``size`` voxels of each spatial axis."""
-    if tuple(x.shape[-len(size):]) == tuple(size):
+    if tuple(x.shape[-len(size) :]) == tuple(size):
         return x
     index = (Ellipsis, *(slice(0, s) for s in size))
     return x[index]

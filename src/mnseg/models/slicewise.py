@@ -20,8 +20,9 @@ class SliceWise(torch.nn.Module):
         if getattr(model2d, "spatial_dims", 2) != 2:
             raise ConfigError("SliceWise needs a 2D model (spatial_dims == 2)")
         if axis not in (-3, -2, -1, 2, 3, 4):
-            raise ConfigError(f"SliceWise axis must be a spatial axis of (B, C, X, Y, Z): 2, 3, 4 or -3..-1; "
-                              f"got {axis!r}")
+            raise ConfigError(
+                f"SliceWise axis must be a spatial axis of (B, C, X, Y, Z): 2, 3, 4 or -3..-1; got {axis!r}"
+            )
         if slice_batch is not None and (not isinstance(slice_batch, int) or slice_batch < 1):
             raise ConfigError(f"SliceWise slice_batch must be a positive integer or None, got {slice_batch!r}")
         self.inner = model2d

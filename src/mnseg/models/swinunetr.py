@@ -20,8 +20,14 @@ class SwinUNETR3D(torch.nn.Module):
     spatial_dims = 3
     size_divisor = 32
 
-    def __init__(self, in_channels: int, num_classes: int, feature_size: int = 24, use_checkpoint: bool = False,
-                 use_v2: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        feature_size: int = 24,
+        use_checkpoint: bool = False,
+        use_v2: bool = False,
+    ):
         super().__init__()
         if importlib.util.find_spec("einops") is None:
             raise ConfigError("model 'swinunetr' needs the package einops (pip install einops)")

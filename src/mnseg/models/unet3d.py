@@ -32,8 +32,8 @@ class PlainUNet(torch.nn.Module):
         name: str = "unet",
     ):
         super().__init__()
-        if not isinstance(depth, int) or depth < 2:
-            raise ConfigError(f"model {name!r}: depth must be an integer >= 2, got {depth!r}")
+        if not isinstance(depth, int) or depth < 3:
+            raise ConfigError(f"model {name!r}: depth must be an integer >= 3 (DynUNet needs 3 levels), got {depth!r}")
         if not isinstance(base_filters, int) or base_filters < 1:
             raise ConfigError(f"model {name!r}: base_filters must be a positive integer, got {base_filters!r}")
         check_choice(name, "norm", norm, tuple(NORMS))

@@ -1,0 +1,84 @@
+"""What the single-network semi-supervised methods share: batch split, labelled loss, ramped weight.
+
+Mean teacher, UA-MT, entropy minimisation and transformation consistency all train one network on
+    L = L_sup(labelled) + lambda(t) * L_u(unlabelled),
+    L_sup = w_ce CE + w_dice Dice (ignore label left out),
+    lambda(t) = w_max * exp(-5 (1 - min(t, t_ramp) / t_ramp)^2)   (sigmoid ramp-up, Laine & Aila 2017),
+t the global iteration (0-based) and t_ramp = ``rampup`` x the run's total iterations. Every batch holds
+B labelled and B unlabelled patches (UA-MT/SSL4MIS: labelled_bs = unlabelled_bs), B = train.batch_size;
+``unlabeled_batch_size`` changes the unlabelled count; with no unlabelled cases b_u = 0 and L = L_sup.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from torch import Tensor
+
+from mnseg.errors import ConfigError
+from mnseg.losses import supervised_loss
+from mnseg.methods.base import Method
+
+
+def sigmoid_rampup(step: float, length: float) -> float:
+    """exp(-5 (1 - t/L)^2) for t in [0, L], 1 after; 1 when L <= 0 (no ramp)."""
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - min(max(step, 0.0), length) / length
+    return math.exp(-5.0 * phase * phase)
+
+
+class SemiSupervised(Method):
+    """Base for one trained network (``train_role``) plus an unlabelled-data term with a ramped weight."""
+
+    train_role: ClassVar[str] = "net"
+    default_weight: ClassVar[float] = 0.1
+    default_rampup: ClassVar[float] = 1.0
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.uses_unlabeled = True
+        self.w_max = float(self.param("consistency", self.default_weight))
+        self.rampup = float(self.param("rampup", self.default_rampup))
+        if self.w_max < 0 or not 0.0 <= self.rampup <= 1.0:
+            raise ConfigError(
+                f"method.params: consistency must be >= 0 and rampup a fraction of the run in [0, 1], "
+                f"got consistency={self.w_max}, rampup={self.rampup}"
+            )
+        self.b_u = self.param("unlabeled_batch_size", None)
+        if self.b_u is not None and int(self.b_u) < 0:
+            raise ConfigError(f"method.params.unlabeled_batch_size must be >= 0, got {self.b_u}")
+
+    # --- schedule ----------------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return self.ctx.epochs * self.ctx.iters_per_epoch
+
+    def global_step(self, epoch: int, iteration: int) -> int:
+        return epoch * self.ctx.iters_per_epoch + iteration
+
+    def ramp(self, step: int) -> float:
+        """0 -> 1 sigmoid ramp over the first ``rampup`` fraction of the run."""
+        return sigmoid_rampup(step, self.rampup * self.total_steps)
+
+    def unlabeled_weight(self, step: int) -> float:
+        """lambda(t) = w_max * ramp(t)."""
+        return self.w_max * self.ramp(step)
+
+    def batch_split(self, epoch: int, iteration: int) -> tuple[int, int]:
+        B = self.ctx.batch_size
+        if self.ctx.n_unlabeled == 0:
+            return B, 0
+        return B, int(self.b_u) if self.b_u is not None else B
+
+    # --- losses ------------------------------------------------------------------------------------------
+    def labelled_loss(self, logits: Tensor, label: Tensor) -> Tensor:
+        """L_sup = w_ce CE + w_dice Dice; defaults 0.5/0.5 as UA-MT's and SSL4MIS's 0.5 (CE + Dice)."""
+        return supervised_loss(
+            logits,
+            label,
+            w_ce=float(self.param("w_ce", 0.5)),
+            w_dice=float(self.param("w_dice", 0.5)),
+            ignore_index=self.ctx.ignore_index,
+        )
