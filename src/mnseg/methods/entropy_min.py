@@ -21,7 +21,7 @@ class EntropyMin(SemiSupervised):
     """Entropy minimisation: ramped softmax entropy on unlabelled patches (Grandvalet & Bengio 2005)."""
 
     name = "entropy_min"
-    default_models = {"net": {"name": "unet3d"}}
+    default_models = {"net": {"name": "unet3d_mn"}}
 
     def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
         step = self.global_step(epoch, iteration)

@@ -32,7 +32,7 @@ class MeanTeacher(SemiSupervised):
     """Mean teacher: EMA-teacher softmax-MSE consistency on unlabelled patches (Tarvainen & Valpola 2017)."""
 
     name = "mean_teacher"
-    default_models = {"student": {"name": "unet3d"}, "teacher": {"name": "unet3d"}}
+    default_models = {"student": {"name": "unet3d_mn"}, "teacher": {"name": "unet3d_mn"}}
     frozen_roles = ("teacher",)
     predict_role = "student"
     train_role = "student"

@@ -59,7 +59,7 @@ class TransformConsistency(SemiSupervised):
     """Transformation consistency: softmax-MSE between f(T x) and T f(x), flips/rot90 (Bortsova et al. 2019)."""
 
     name = "transform_consistency"
-    default_models = {"net": {"name": "unet3d"}}
+    default_models = {"net": {"name": "unet3d_mn"}}
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

@@ -1,0 +1,341 @@
+"""Dual subnets of different architectures: confidence-gated consistency and prototype contrast.
+
+Lu, Wu, Kateb & Chaddad, "Semi-Supervised Medical Image Segmentation via Dual Networks", 2025
+(arXiv:2505.17690; it builds on MCF, Wang et al., CVPR 2023). Roles: ``net_a`` and ``net_b``, two 3D
+networks of different architecture (``models.net_a`` / ``models.net_b``), both trained every step on the
+same B labelled + B unlabelled patches. P_a, P_b are their softmax outputs, z_a, z_b their voxel features.
+
+    L_s = L_sup(P_a, Y*) + L_sup(P_b, Y*)                       (CE + Dice, ignore label skipped)
+Pseudo-label: the subnet with the lower supervised loss this step ("winner" w) provides  Y^ = argmax P_w.
+    M = [max P_a > T(t)] & [max P_b > T(t)] & [argmax P_a != argmax P_b]        (unlabelled voxels)
+    L_u = mean_M ||P_a - onehot(Y^)||_1 + mean_M ||P_b - onehot(Y^)||_1
+T(t) moves linearly from ``threshold_start`` to ``threshold_end`` over the run ("adjusted during training").
+Entropy split: H = -sum_c P_w log P_w / log K; unlabelled voxels with H above its ``unreliable_quantile``
+quantile in the batch are unreliable (U), the rest reliable; labelled (not ignored) voxels are reliable
+with their true class. For each subnet n (its own feature space):
+    mu_c   = normalise(mean of normalise(z_n) over reliable voxels of class c)      (class prototypes)
+    L_pull = mean_{i in A} -log( exp(z_i . sg(mu_{y_i}) / tau) / sum_k exp(z_i . sg(mu_k) / tau) )
+    L_push = mean_{c != k} (1 + mu_c . mu_k) / 2
+    L_c    = sum_n (L_pull + L_push)
+A: anchors drawn from U, ``anchors_per_class`` per (pseudo-)class when ``class_balanced`` (default), so
+rare classes such as lesions are represented, else that many times K uniformly. sg: stop-gradient, so
+the pull moves unreliable features towards their prototype, and the push moves prototypes apart.
+    L = L_s + lambda_u L_u + lambda_c(t) L_c,    lambda_u = 1
+lambda_c(t) = 0.1 exp(-4 (1 - t/t_max)^2) (Gaussian ramp-up to 0.1, default, ``lambda_c_form: rampup``);
+the paper prints 0.1 exp(4 (1 - t/t_max)^2), which falls from about 5.5 to 0.1 (``lambda_c_form: literal``).
+
+Unlike the public code of the method (its unlabelled and contrastive terms are computed on detached
+tensors in ``no_grad`` and so train nothing), every term here carries gradient into both subnets.
+
+Voxel features are the input of each model's final classification layer, taken with a forward hook on the
+last ``Conv3d`` with kernel 1x1x1 and ``num_classes`` outputs (DynUNet's and SwinUNETR's output conv);
+features padded by the model are cropped back to the logits' size. 2D slice-wise models are not supported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mnseg.errors import ConfigError
+from mnseg.losses import supervised_loss
+from mnseg.methods.base import Batch, Method, StepOutput
+
+ROLES = ("net_a", "net_b")
+LAMBDA_C_FORMS = ("rampup", "literal")
+
+
+# --- pieces of the loss, as functions so they can be checked on their own ---------------------------------
+def classifier_conv(model: nn.Module, num_classes: int) -> nn.Conv3d | None:
+    """The last 1x1x1 Conv3d with ``num_classes`` outputs: the layer whose input is the voxel features."""
+    found = None
+    for module in model.modules():
+        if (
+            isinstance(module, nn.Conv3d)
+            and module.out_channels == num_classes
+            and tuple(module.kernel_size) == (1, 1, 1)
+        ):
+            found = module
+    return found
+
+
+def match_spatial(features: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Features at the logits' size: crop far-end padding (our models pad there), or upsample if smaller."""
+    if tuple(features.shape[2:]) == tuple(size):
+        return features
+    if all(f >= s for f, s in zip(features.shape[2:], size)):
+        return features[(Ellipsis, *(slice(0, s) for s in size))]
+    return F.interpolate(features, size=size, mode="trilinear", align_corners=False)
+
+
+def lambda_c_at(step: int, total_steps: int, form: str = "rampup", scale: float = 0.1) -> float:
+    """rampup: scale e^(-4 (1 - t/T)^2) rising to ``scale``; literal (as printed): scale e^(4 (1 - t/T)^2)."""
+    phase = 1.0 - min(max(step / max(total_steps, 1), 0.0), 1.0)
+    sign = -1.0 if form == "rampup" else 1.0
+    return float(scale * math.exp(sign * 4.0 * phase * phase))
+
+
+def gated_l1_consistency(probs_a: Tensor, probs_b: Tensor, pseudo: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """L_u: L1 of both subnets to onehot(pseudo) on voxels where both are confident above T but disagree.
+
+    Returns the loss and the (B, *S) gate M. Averages over M (0, still connected, when M is empty).
+    """
+    conf_a, label_a = probs_a.max(dim=1)
+    conf_b, label_b = probs_b.max(dim=1)
+    gate = (conf_a > threshold) & (conf_b > threshold) & (label_a != label_b)
+    target = F.one_hot(pseudo, probs_a.shape[1]).movedim(-1, 1).to(probs_a.dtype)
+    weight = gate.to(probs_a.dtype)
+    count = weight.sum().clamp_min(1.0)
+    loss = sum(((p - target).abs().sum(dim=1) * weight).sum() / count for p in (probs_a, probs_b))
+    return loss, gate
+
+
+def normalised_entropy(probs: Tensor) -> Tensor:
+    """Voxel entropy of (B, K, *S) probabilities divided by log K, in [0, 1]."""
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
+    return entropy / math.log(probs.shape[1]) if probs.shape[1] > 1 else entropy
+
+
+def upper_quantile_mask(values: Tensor, quantile: float) -> Tensor:
+    """True where ``values`` lie above their ``quantile`` (kthvalue: no size limit, unlike torch.quantile)."""
+    flat = values.reshape(-1).float()
+    if flat.numel() == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    k = min(max(int(math.ceil(quantile * flat.numel())), 1), flat.numel())
+    return values > flat.kthvalue(k).values
+
+
+def class_prototypes(features: Tensor, classes: Tensor, reliable: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """(K, D) unit prototypes from normalised (N, D) features of reliable voxels, and which classes have one."""
+    onehot = F.one_hot(classes.clamp(0, num_classes - 1), num_classes).to(features.dtype)
+    onehot = onehot * reliable.to(features.dtype).unsqueeze(1)
+    sums = onehot.t() @ features  # (K, D)
+    present = onehot.sum(dim=0) > 0
+    return F.normalize(sums, dim=1), present
+
+
+def sample_anchors(
+    classes: Tensor,
+    candidates: Tensor,
+    num_classes: int,
+    per_class: int,
+    class_balanced: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Indices of anchor voxels among ``candidates`` and a validity mask (no host sync).
+
+    Class-balanced: up to ``per_class`` random candidates of every class (a class with fewer gives all it
+    has). Otherwise ``per_class * num_classes`` candidates drawn uniformly, whatever their class.
+    """
+    n = classes.numel()
+    scores = torch.rand(n, generator=generator, device=classes.device)
+    groups = [candidates & (classes == c) for c in range(num_classes)] if class_balanced else [candidates]
+    take = per_class if class_balanced else per_class * num_classes
+    index, valid = [], []
+    for group in groups:
+        top = torch.topk(torch.where(group, scores, torch.full_like(scores, -1.0)), min(take, n))
+        index.append(top.indices)
+        valid.append(top.values >= 0)
+    return torch.cat(index), torch.cat(valid)
+
+
+def prototype_contrast(
+    features: Tensor,
+    classes: Tensor,
+    reliable: Tensor,
+    unreliable: Tensor,
+    num_classes: int,
+    *,
+    per_class: int,
+    temperature: float,
+    class_balanced: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict]:
+    """L_pull + L_push for one subnet; ``features`` (N, D) raw, ``classes``/masks (N,)."""
+    z = F.normalize(features.float(), dim=1)
+    protos, present = class_prototypes(z, classes, reliable, num_classes)
+    index, valid = sample_anchors(classes, unreliable, num_classes, per_class, class_balanced, generator)
+    anchor_class = classes[index]
+    valid = valid & present[anchor_class]
+    logits = z[index] @ protos.detach().t() / temperature  # (M, K)
+    logits = logits.masked_fill(~present.unsqueeze(0), -1e4)
+    nll = -torch.log_softmax(logits, dim=1).gather(1, anchor_class.unsqueeze(1)).squeeze(1)
+    weight = valid.to(nll.dtype)
+    pull = (nll * weight).sum() / weight.sum().clamp_min(1.0)
+
+    pair = (present.unsqueeze(0) & present.unsqueeze(1)).to(z.dtype)
+    pair = pair * (1.0 - torch.eye(num_classes, device=z.device, dtype=z.dtype))
+    push = ((1.0 + protos @ protos.t()) / 2.0 * pair).sum() / pair.sum().clamp_min(1.0)
+    return pull + push, {"pull": pull.detach(), "push": push.detach(), "anchors": weight.sum().detach()}
+
+
+# --- the method -------------------------------------------------------------------------------------------
+class DualContrast(Method):
+    """Dual subnets: winner's pseudo-labels, confidence-gated L1, prototype contrast (Lu et al. 2025)."""
+
+    name = "dual_contrast"
+    paper = "Lu, Wu, Kateb & Chaddad, Semi-Supervised Medical Image Segmentation via Dual Networks, 2025"
+    default_models = {
+        "net_a": {"name": "unet3d"},
+        "net_b": {"name": "unet3d", "kwargs": {"depth": 4, "base_filters": 24}},
+    }
+    predict_role = "net_a"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.uses_unlabeled = True
+        self.weights = {k: float(self.param(k, 1.0)) for k in ("w_ce", "w_dice")}
+        self.lambda_u = float(self.param("lambda_u", 1.0))
+        self.lambda_c = float(self.param("lambda_c", 0.1))
+        self.lambda_c_form = self.param("lambda_c_form", "rampup")
+        if self.lambda_c_form not in LAMBDA_C_FORMS:
+            raise ConfigError(
+                f"method.params.lambda_c_form='{self.lambda_c_form}' unknown; choose one of {', '.join(LAMBDA_C_FORMS)}"
+            )
+        self.threshold_start = float(self.param("threshold_start", 0.6))
+        self.threshold_end = float(self.param("threshold_end", 0.9))
+        self.unreliable_quantile = float(self.param("unreliable_quantile", 0.8))
+        if not 0.0 <= self.unreliable_quantile <= 1.0:
+            raise ConfigError(f"method.params.unreliable_quantile must be in [0, 1], got {self.unreliable_quantile}")
+        self.anchors_per_class = int(self.param("anchors_per_class", 256))
+        self.temperature = float(self.param("temperature", 0.1))
+        self.class_balanced = bool(self.param("class_balanced", True))
+        self.generator = torch.Generator(device=ctx.device)
+        self.generator.manual_seed(int(cfg.train.seed) + 11)
+        self._features: dict[str, Tensor] = {}
+        self._capture = False
+
+    # --- set-up: feature hooks ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        for role in ROLES:
+            conv = classifier_conv(self.models[role], self.ctx.num_classes)
+            if conv is None:
+                raise ConfigError(
+                    f"dual_contrast: model '{role}' ({self.cfg.models[role].name}) has no 1x1x1 Conv3d with "
+                    f"{self.ctx.num_classes} outputs to take voxel features from; use a 3D model (unet3d, swinunetr)"
+                )
+            conv.register_forward_hook(self._hook(role))
+
+    def _hook(self, role: str):
+        def keep_input(module, inputs, output):
+            if self._capture:
+                self._features[role] = inputs[0]
+
+        return keep_input
+
+    def forward_with_features(self, role: str, image: Tensor) -> tuple[Tensor, Tensor]:
+        self._capture = True
+        try:
+            logits = self.models[role](image)
+        finally:
+            self._capture = False
+        return logits, match_spatial(self._features.pop(role), tuple(logits.shape[2:]))
+
+    # --- schedules ------------------------------------------------------------------------------------------
+    def batch_split(self, epoch: int, iteration: int) -> tuple[int, int]:
+        B = self.ctx.batch_size
+        return B, (B if self.ctx.n_unlabeled > 0 else 0)
+
+    def progress(self, epoch: int, iteration: int) -> tuple[int, int]:
+        it = self.ctx.iters_per_epoch
+        return epoch * it + iteration, self.ctx.epochs * it
+
+    def threshold(self, epoch: int, iteration: int) -> float:
+        step, total = self.progress(epoch, iteration)
+        share = min(step / max(total - 1, 1), 1.0)
+        return self.threshold_start + (self.threshold_end - self.threshold_start) * share
+
+    def contrast_weight(self, epoch: int, iteration: int) -> float:
+        step, total = self.progress(epoch, iteration)
+        return lambda_c_at(step, total, self.lambda_c_form, self.lambda_c)
+
+    # --- the step -------------------------------------------------------------------------------------------
+    def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
+        b_l, b_u = batch.b_l, batch.b_u
+        image = torch.cat([batch.image_l, batch.image_u]) if b_u else batch.image_l
+        label = torch.cat([batch.label_l, batch.label_l.new_zeros((b_u, *batch.label_l.shape[1:]))])
+        image, (label,) = self.augment("net_a", image, [label], ["label"])
+        logits, feats = {}, {}
+        for role in ROLES:
+            logits[role], feats[role] = self.forward_with_features(role, image)
+        probs = {role: torch.softmax(logits[role].float(), dim=1) for role in ROLES}
+
+        loss_sup = {
+            role: supervised_loss(logits[role][:b_l], label[:b_l], ignore_index=self.ctx.ignore_index, **self.weights)
+            for role in ROLES
+        }
+        a_wins = loss_sup["net_a"].detach() <= loss_sup["net_b"].detach()  # tensor: no host sync
+        winner = torch.where(a_wins, probs["net_a"].detach(), probs["net_b"].detach())
+        pseudo = winner.argmax(dim=1)
+        logs = {f"loss_sup_{r[-1]}": loss_sup[r].detach() for r in ROLES}
+        logs["a_wins"] = a_wins.float()
+
+        loss_u = self.unlabelled_loss(probs, pseudo, b_l, epoch, iteration, logs)
+        loss_c = self.contrastive_loss(feats, probs, winner, pseudo, label, b_l, logs)
+        weight_c = self.contrast_weight(epoch, iteration)
+        loss = loss_sup["net_a"] + loss_sup["net_b"] + self.lambda_u * loss_u + weight_c * loss_c
+        logs.update({"loss_u": loss_u.detach(), "loss_c": loss_c.detach(), "lambda_c": weight_c})
+        return StepOutput(loss, logs)
+
+    def unlabelled_loss(self, probs, pseudo, b_l: int, epoch: int, iteration: int, logs: dict) -> Tensor:
+        """lambda_u's term: gated L1 on the unlabelled items (an exact, connected 0 when there are none)."""
+        pa, pb = probs["net_a"][b_l:], probs["net_b"][b_l:]
+        if pa.shape[0] == 0:
+            return 0.0 * (probs["net_a"].sum() + probs["net_b"].sum())
+        loss, gate = gated_l1_consistency(pa, pb, pseudo[b_l:], self.threshold(epoch, iteration))
+        logs["gate_fraction"] = gate.float().mean().detach()
+        return loss
+
+    def contrastive_loss(self, feats, probs, winner, pseudo, label, b_l: int, logs: dict) -> Tensor:
+        """lambda_c's term: prototype contrast in each subnet's feature space (shared split and classes)."""
+        ignore = self.ctx.ignore_index
+        labelled = torch.zeros_like(pseudo, dtype=torch.bool)
+        labelled[:b_l] = True
+        valid = labelled if ignore is None else labelled & (label != ignore)
+        classes = torch.where(labelled, torch.where(valid, label, torch.zeros_like(label)), pseudo)
+        unreliable = torch.zeros_like(labelled)
+        if winner.shape[0] > b_l:
+            unreliable[b_l:] = upper_quantile_mask(normalised_entropy(winner[b_l:]), self.unreliable_quantile)
+        reliable = valid | (~labelled & ~unreliable)
+        total = 0.0
+        for role in ROLES:
+            f = feats[role].movedim(1, -1).reshape(-1, feats[role].shape[1])
+            loss, parts = prototype_contrast(
+                f,
+                classes.reshape(-1),
+                reliable.reshape(-1),
+                unreliable.reshape(-1),
+                self.ctx.num_classes,
+                per_class=self.anchors_per_class,
+                temperature=self.temperature,
+                class_balanced=self.class_balanced,
+                generator=self.generator,
+            )
+            total = total + loss
+            logs[f"contrast_pull_{role[-1]}"] = parts["pull"]
+            logs[f"contrast_push_{role[-1]}"] = parts["push"]
+        return total
+
+    # --- inference and state --------------------------------------------------------------------------------
+    def predictor(self, which: str | None = None):
+        which = which or self.param("predict", "a")
+        options = {
+            "a": self.models["net_a"],
+            "net_a": self.models["net_a"],
+            "b": self.models["net_b"],
+            "net_b": self.models["net_b"],
+            "average": [self.models["net_a"], self.models["net_b"]],
+        }
+        if which not in options:
+            raise ConfigError(f"dual_contrast predicts with 'a', 'b' or 'average', not '{which}'")
+        return options[which]
+
+    def extra_state(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"].cpu())

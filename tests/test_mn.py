@@ -1,0 +1,183 @@
+"""M&N: LR-guided sampling against a real scheduler, phase order, loss weighting, no gradient to the generator,
+ablation switches, and a tiny end-to-end run."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mnseg.config import Config
+from mnseg.engine.build import build_model
+from mnseg.engine.schedules import make_scheduler
+from mnseg.losses import pseudo_label_loss, supervised_loss
+from mnseg.methods.base import Batch, MethodContext
+from mnseg.methods.mn import MN
+
+EPOCHS, ITERS, SUP, B = 10, 3, 4, 5
+
+
+def _cfg(**params):
+    return Config.from_dict({
+        "method": {"name": "mn", "params": {"sup_epochs": SUP, **params}},
+        "models": {
+            "net2d": {"name": "unet2d", "kwargs": {"depth": 3, "base_filters": 4},
+                      "optim": {"lr": 1e-3, "final_lr": 1e-5, "warmup_epochs": 1}},
+            "net3d": {"name": "unet3d", "kwargs": {"depth": 3, "base_filters": 4},
+                      "optim": {"lr": 1e-4, "final_lr": 0.0, "warmup_epochs": 1}},
+        },
+        "train": {"epochs": EPOCHS, "iters_per_epoch": ITERS, "batch_size": B},
+    })
+
+
+def _method(n_unlabeled=6, **params):
+    torch.manual_seed(0)
+    cfg = _cfg(**params)
+    ctx = MethodContext(num_classes=2, in_channels=1, ignore_index=None, batch_size=B, epochs=EPOCHS,
+                        iters_per_epoch=ITERS, n_labeled=2, n_unlabeled=n_unlabeled)
+    method = MN(cfg, ctx)
+    models = {r: build_model(cfg.models[r], 1, 2) for r in ("net2d", "net3d")}
+    opts = {r: torch.optim.AdamW(m.parameters(), lr=1.0) for r, m in models.items()}
+    scheds = {r: make_scheduler(opts[r], method.schedule_segments(r)) for r in models}
+    method.attach(models, {}, opts)
+    return method, scheds
+
+
+def test_lr_guided_sampling_follows_the_formula_over_a_whole_run():
+    method, scheds = _method()
+    seen = []
+    for epoch in range(EPOCHS):
+        for it in range(ITERS):
+            b_l, b_u = method.batch_split(epoch, it)
+            role = method.trained_role(epoch)
+            if role is None:
+                assert (b_l, b_u) == (B, 0)
+            else:
+                lr_now = method.optimizers[role].param_groups[0]["lr"]
+                optim = method.cfg.models[role].optim
+                expected = math.floor((optim.lr - lr_now) / (optim.lr - optim.final_lr) * B + 1e-9)
+                assert b_u == expected and b_l == B - b_u
+                seen.append(b_u)
+            for s in scheds.values():
+                s.step()
+    assert seen[0] == 0  # start of stage 2
+    assert seen[-1] == B  # lr_final reached at the last step
+    assert seen == sorted(seen)  # non-decreasing as the learning rate falls
+
+
+def test_epochs_alternate_in_the_papers_order():
+    method, _ = _method()
+    phases = [method.phase(e) for e in range(EPOCHS)]
+    assert phases[:SUP] == ["supervised"] * SUP
+    assert phases[SUP:] == ["cotrain-3d", "cotrain-2d"] * ((EPOCHS - SUP) // 2)
+    assert method.active_roles(0) == ["net2d", "net3d"]
+    assert method.active_roles(SUP) == ["net3d"] and method.active_roles(SUP + 1) == ["net2d"]
+
+
+def _batch(b_l, b_u, size=16):
+    g = torch.Generator().manual_seed(1)
+    return Batch(torch.randn(b_l, 1, size, size, size, generator=g),
+                 (torch.rand(b_l, size, size, size, generator=g) > 0.7).long(),
+                 torch.randn(b_u, 1, size, size, size, generator=g))
+
+
+@pytest.mark.parametrize("epoch,role", [(SUP, "net3d"), (SUP + 1, "net2d")])
+def test_loss_weighting_and_no_gradient_to_the_generator(epoch, role):
+    method, _ = _method()
+    other = "net2d" if role == "net3d" else "net3d"
+    for r, m in method.models.items():
+        m.train(r == role)
+    batch = _batch(2, 3)
+    out = method.training_step(batch, epoch, 0)
+    out.loss.backward()
+    assert all(p.grad is None for p in method.models[other].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.models[role].parameters())
+
+    # Hand computation with the same models: L_c = b_l/B L_l + b_u/B L_u.
+    with torch.no_grad():
+        logits = method.models[role](torch.cat([batch.image_l, batch.image_u]))
+        pseudo = torch.softmax(method.models[other](batch.image_u), 1)
+        l_l = supervised_loss(logits[:2], batch.label_l)
+        l_u = pseudo_label_loss(logits[2:], pseudo)
+    assert float(out.loss) == pytest.approx(float(2 / 5 * l_l + 3 / 5 * l_u), rel=1e-5)
+    assert float(out.logs["loss_l"]) == pytest.approx(float(l_l), rel=1e-5)
+    assert float(out.logs["loss_u"]) == pytest.approx(float(l_u), rel=1e-5)
+
+
+def test_fixed_pseudo_masks_come_from_the_stage1_models():
+    method, _ = _method(fixed_pseudo=True)
+    method.on_epoch_start(SUP)
+    gen = method.generator_for("net3d")
+    assert gen is not method.models["net2d"]
+    with torch.no_grad():
+        for p in method.models["net2d"].parameters():
+            p.add_(1.0)  # the live 2D model moves on ...
+    x = torch.randn(1, 1, 16, 16, 16)
+    assert not torch.allclose(gen.eval()(x), method.models["net2d"].eval()(x))  # ... the generator does not
+    state = method.extra_state()
+    fresh, _ = _method(fixed_pseudo=True)
+    fresh.load_extra_state(state)
+    torch.testing.assert_close(fresh.generator_for("net3d")(x), gen(x))
+
+    iterative, _ = _method()
+    iterative.on_epoch_start(SUP)
+    assert iterative.generator_for("net3d") is iterative.models["net2d"]
+
+
+def test_sampling_switches():
+    import numpy as np
+
+    lin, _ = _method(lrg="epoch-linear")
+    assert [lin.batch_split(e, 0)[1] for e in range(SUP, EPOCHS)] == [0, 1, 2, 3, 4, 5]
+    uni, _ = _method(lrg="uniform")
+    counts = [uni.batch_split(SUP, 0)[1] for _ in range(400)]
+    assert abs(np.mean(counts) - B * 6 / 8) < 0.3  # 6 of 8 cases are unlabelled
+    fixed, _ = _method(lrg="fixed", fixed_ratio=0.4)
+    assert fixed.batch_split(SUP, 0) == (3, 2)
+    none, _ = _method(n_unlabeled=0)
+    assert none.batch_split(EPOCHS - 1, ITERS - 1) == (B, 0)
+    with pytest.raises(Exception, match="lrg"):
+        _method(lrg="bogus")
+
+
+def test_predict_switch():
+    method, _ = _method()
+    assert method.predictor() is method.models["net3d"]
+    assert method.predictor("2d") is method.models["net2d"]
+    assert method.predictor("average") == [method.models["net3d"], method.models["net2d"]]
+
+
+@pytest.mark.parametrize("role,name,kwargs,finetune", [
+    ("net2d", "effunet", {"variant": "lite0"}, "lora"),
+    ("net2d", "effunet", {"variant": "lite0"}, "decoder"),
+    ("net2d", "effunet", {"variant": "lite0"}, "whole"),
+    ("net3d", "unet3d", {"depth": 3, "base_filters": 4}, None),
+])
+def test_model_switches_build(role, name, kwargs, finetune):
+    from mnseg.config import ModelConfig
+    from mnseg.models import count_parameters
+
+    model = build_model(ModelConfig(name=name, kwargs=kwargs, finetune=finetune), 1, 3)
+    trainable, total = count_parameters(model)
+    if finetune == "whole" or finetune is None:
+        assert trainable == total
+    else:
+        assert 0 < trainable < total
+    assert model(torch.randn(2, 1, 32, 32, 8)).shape == (2, 3, 32, 32, 8)
+
+
+def test_tiny_end_to_end(toy_dataset, tmp_path):
+    from mnseg.cli import main
+
+    rc = main(["train", str(toy_dataset), "--method", "mn", "--num-labeled", "2", "--epochs", "4",
+               "--iters-per-epoch", "2", "--batch-size", "2", "--patch-size", "32,32,16", "--run-dir",
+               str(tmp_path / "run"), "--no-progress", f"data.cache_dir={tmp_path / 'cache'}", "--test",
+               "models.net3d.name=unet3d", "models.net3d.kwargs={depth: 3, base_filters: 4}",
+               "method.params.sup_epochs=2"])
+    assert rc == 0
+    rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"lr_net2d", "lr_net3d", "b_l", "b_u", "phase"} <= set(header)
+    phases = [r.split(",")[header.index("phase")] for r in rows[1:]]
+    assert phases == ["supervised", "supervised", "cotrain-3d", "cotrain-2d"]
+    assert json.loads((tmp_path / "run" / "test_predictions" / "summary.json").read_text())["n_cases"] == 2
