@@ -77,12 +77,11 @@ def load_run(
         dev,
     )
     method = cls(cfg, ctx)
-    models = {}
-    for role in cls.default_models:
-        m = build_model(cfg.models[role], plans["in_channels"], plans["num_classes"])
+    models = {r: build_model(cfg.models[r], plans["in_channels"], plans["num_classes"]) for r in cls.default_models}
+    method.attach(models, {}, {})  # before loading weights, so a method's setup() cannot overwrite them
+    for role, m in models.items():
         m.load_state_dict(ckpt["models"][role])
-        models[role] = m.to(dev).eval()
-    method.attach(models, {}, {})
+        m.to(dev).eval()
     method.load_extra_state(ckpt.get("method", {}))
     predictor = method.predictor(model or cfg.infer.model)
     return LoadedRun(cfg, plans, method, predictor if isinstance(predictor, list) else [predictor], dev)

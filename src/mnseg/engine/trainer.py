@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,10 @@ from mnseg.methods.base import Batch, MethodContext
 
 class NonFiniteLossError(MnsegError):
     pass
+
+
+# Roles whose stage has not begun step their scheduler (a function of the global step) before their optimiser.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

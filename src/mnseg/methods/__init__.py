@@ -10,6 +10,11 @@ from mnseg.errors import ConfigError
 METHODS = {
     "supervised": ("mnseg.methods.supervised", "Supervised"),
     "mn": ("mnseg.methods.mn", "MN"),
+    "sparse2dense": ("mnseg.methods.sparse2dense", "Sparse2Dense"),
+    "mean_teacher": ("mnseg.methods.mean_teacher", "MeanTeacher"),
+    "ua_mt": ("mnseg.methods.ua_mt", "UAMT"),
+    "entropy_min": ("mnseg.methods.entropy_min", "EntropyMin"),
+    "transform_consistency": ("mnseg.methods.transform_consistency", "TransformConsistency"),
 }
 
 

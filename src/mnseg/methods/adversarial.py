@@ -47,10 +47,10 @@ def bce_with_logits(logits: torch.Tensor, target: float, weight: torch.Tensor | 
 
 
 class Adversarial(Method):
-    """Adversarial: a 3D discriminator judges masks, the segmenter fools it on unlabelled data (Zhang 2017, Hung 2018)."""
+    """Adversarial: the segmenter learns to fool a 3D mask discriminator (Zhang et al. 2017; Hung et al. 2018)."""
 
     name = "adversarial"
-    paper = "Zhang et al., Deep Adversarial Networks for Biomedical Image Segmentation Utilizing Unannotated Images, 2017"
+    paper = "Zhang et al., Deep Adversarial Networks for Biomedical Image Segmentation ..., MICCAI 2017"
     default_models = {"net": {"name": "unet3d"}, "disc": {"name": "discriminator3d"}}
     predict_role = "net"
 
@@ -110,7 +110,7 @@ class Adversarial(Method):
             loss = loss + self.lambda_adv * loss_adv
             logs["loss_adv"] = loss_adv.detach()
             if self.self_training and b_l < n and step >= self.semi_start:
-                d_u = d_fool[b_l - start:].detach().float()
+                d_u = d_fool[b_l - start :].detach().float()
                 if d_u.shape[2:] != logits.shape[2:]:
                     d_u = F.interpolate(d_u, size=logits.shape[2:], mode="trilinear", align_corners=False)
                 confident = torch.sigmoid(d_u[:, 0]) > self.t_semi

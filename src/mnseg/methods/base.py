@@ -133,4 +133,6 @@ class Method:
         aug = self.augmenters.get(role)
         if aug is None or image.shape[0] == 0:
             return image, list(targets)
-        return aug(image, list(targets), list(kinds))
+        # Area brought in by a zoom-out is "not annotated" when the dataset has an ignore label.
+        pad = self.ctx.ignore_index if self.ctx.ignore_index is not None else 0
+        return aug(image, list(targets), list(kinds), label_pad=pad)

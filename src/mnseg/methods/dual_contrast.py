@@ -154,8 +154,22 @@ def prototype_contrast(
     class_balanced: bool = True,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict]:
-    """L_pull + L_push for one subnet; ``features`` (N, D) raw, ``classes``/masks (N,)."""
-    z = F.normalize(features.float(), dim=1)
+    """L_pull + L_push for one subnet; ``features`` (N, D) raw, ``classes``/masks (N,).
+
+    Runs in float32 even under autocast: sums over many voxels and logits divided by a small
+    temperature lose too much in bfloat16.
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        return _prototype_contrast(
+            features.float(), classes, reliable, unreliable, num_classes, per_class, temperature, class_balanced,
+            generator,
+        )  # fmt: skip
+
+
+def _prototype_contrast(
+    features, classes, reliable, unreliable, num_classes, per_class, temperature, class_balanced, generator
+):
+    z = F.normalize(features, dim=1)
     protos, present = class_prototypes(z, classes, reliable, num_classes)
     index, valid = sample_anchors(classes, unreliable, num_classes, per_class, class_balanced, generator)
     anchor_class = classes[index]

@@ -53,9 +53,7 @@ class MeanTeacher(SemiSupervised):
         student, teacher = unwrap(self.models["student"]), self.models["teacher"]
         s_names = [n for n, _ in student.named_parameters()]
         t_names = [n for n, _ in teacher.named_parameters()]
-        if s_names != t_names or any(
-            p.shape != q.shape for p, q in zip(student.parameters(), teacher.parameters())
-        ):
+        if s_names != t_names or any(p.shape != q.shape for p, q in zip(student.parameters(), teacher.parameters())):
             raise ConfigError(
                 "models.teacher must be the same network as models.student (same name, kwargs and fine-tuning); "
                 "set both, e.g. models.student.name=X models.teacher.name=X"

@@ -46,9 +46,9 @@ class SemiSupervised(Method):
                 f"method.params: consistency must be >= 0 and rampup a fraction of the run in [0, 1], "
                 f"got consistency={self.w_max}, rampup={self.rampup}"
             )
-        self.b_u = self.param("unlabeled_batch_size", None)
-        if self.b_u is not None and int(self.b_u) < 0:
-            raise ConfigError(f"method.params.unlabeled_batch_size must be >= 0, got {self.b_u}")
+        self.unlabeled_batch_size = self.param("unlabeled_batch_size", None)
+        if self.unlabeled_batch_size is not None and int(self.unlabeled_batch_size) < 0:
+            raise ConfigError(f"method.params.unlabeled_batch_size must be >= 0, got {self.unlabeled_batch_size}")
 
     # --- schedule ----------------------------------------------------------------------------------------
     @property
@@ -70,7 +70,7 @@ class SemiSupervised(Method):
         B = self.ctx.batch_size
         if self.ctx.n_unlabeled == 0:
             return B, 0
-        return B, int(self.b_u) if self.b_u is not None else B
+        return B, int(self.unlabeled_batch_size) if self.unlabeled_batch_size is not None else B
 
     # --- losses ------------------------------------------------------------------------------------------
     def labelled_loss(self, logits: Tensor, label: Tensor) -> Tensor:

@@ -1,8 +1,8 @@
 """Transformation consistency: segmentations that move with the image (equivariance).
 
 Bortsova et al., "Semi-supervised Medical Image Segmentation via Learning Consistency under
-Transformations" (MICCAI 2019). A random transformation T is drawn per patch and
-    L = L_sup(f(x_l), y_l) + lambda(t) * 1/|Omega_T| sum_{v in Omega_T} 1/K sum_c (softmax f(T x)_{c,v} - (T softmax f(x))_{c,v})^2
+Transformations" (MICCAI 2019). A random transformation T is drawn per patch and, with p = softmax f,
+    L = L_sup(f(x_l), y_l) + lambda(t) * 1/|Omega_T| sum_{v in Omega_T} 1/K sum_c (p(T x)_{c,v} - (T p(x))_{c,v})^2
 both branches share the weights and both receive gradient (the paper's Siamese network; ``detach_target:
 true`` stops it through T softmax f(x)). T is exact by default: flips along ``flip_axes`` (each with
 probability 0.5), then k quarter turns in the plane of spatial axes 0 and 1 (k uniform in 0..3; 0 or 2 when

@@ -24,15 +24,19 @@ from mnseg.models.registry import register_model
 class Discriminator3D(nn.Module):
     spatial_dims = 3
 
-    def __init__(self, in_channels: int, base_filters: int = 32, num_layers: int = 4, per_voxel: bool = True,
-                 use_image: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        base_filters: int = 32,
+        num_layers: int = 4,
+        per_voxel: bool = True,
+        use_image: bool = False,
+    ):
         super().__init__()
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ConfigError(f"model 'discriminator3d': num_layers must be a positive integer, got {num_layers!r}")
         if not isinstance(base_filters, int) or base_filters < 1:
-            raise ConfigError(
-                f"model 'discriminator3d': base_filters must be a positive integer, got {base_filters!r}"
-            )
+            raise ConfigError(f"model 'discriminator3d': base_filters must be a positive integer, got {base_filters!r}")
         self.per_voxel, self.use_image = bool(per_voxel), bool(use_image)
         self.in_channels = in_channels
         layers: list[nn.Module] = []

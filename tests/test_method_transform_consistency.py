@@ -1,0 +1,180 @@
+"""transform_consistency: softmax-MSE between f(T x) and T f(x) for random exact flips / quarter turns."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mnseg.methods
+import mnseg.methods.transform_consistency as tc
+from mnseg.cli import main
+from mnseg.config import Config
+from mnseg.methods.base import Batch, MethodContext
+from mnseg.methods.transform_consistency import ExactTransform, TransformConsistency, sample_transforms
+from mnseg.models import create_model
+
+TINY_RUN = "--num-labeled 2 --epochs 2 --iters-per-epoch 2 --batch-size 2 --patch-size 16,16,16 --no-progress".split()
+TINY_NET = ["models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 4}"]
+
+IGNORE = 2
+SMOOTH = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _registered(monkeypatch):
+    monkeypatch.setitem(
+        mnseg.methods.METHODS, "transform_consistency", ("mnseg.methods.transform_consistency", "TransformConsistency")
+    )
+
+
+def make_method(params=None, model=None, n_unlabeled=2):
+    cfg = Config.from_dict({"method": {"name": "transform_consistency", "params": params or {}}, "models": {"net": {}}})
+    ctx = MethodContext(
+        num_classes=2,
+        in_channels=1,
+        ignore_index=IGNORE,
+        batch_size=2,
+        epochs=2,
+        iters_per_epoch=5,
+        n_labeled=2,
+        n_unlabeled=n_unlabeled,
+    )
+    method = TransformConsistency(cfg, ctx)
+    torch.manual_seed(0)
+    model = model if model is not None else torch.nn.Conv3d(1, 2, 3, padding=1)
+    method.attach({"net": model}, {}, {"net": torch.optim.SGD(model.parameters(), lr=0.1)})
+    return method
+
+
+def make_batch(b_l=2, b_u=2, shape=(4, 4, 3), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, 3, (b_l, *shape), generator=g)
+    return Batch(torch.randn(b_l, 1, *shape, generator=g), label, torch.randn(b_u, 1, *shape, generator=g))
+
+
+def np_softmax(logits):
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def np_transform(x, flips, turns):
+    """numpy reference of ExactTransform on one item (C, X, Y, Z)."""
+    for axis in flips:
+        x = np.flip(x, axis + 1)
+    return np.rot90(x, turns, axes=(1, 2))
+
+
+def np_supervised(logits, label):
+    p = np_softmax(logits)
+    valid = label != IGNORE
+    onehot = np.stack([(label == c) for c in range(2)], axis=1).astype(float)
+    ce = -(np.log(p) * onehot).sum(axis=1)[valid].mean()
+    v = valid.astype(float)
+    dice = [
+        (2 * (p[:, c] * onehot[:, c] * v).sum() + SMOOTH) / ((p[:, c] * v).sum() + (onehot[:, c] * v).sum() + SMOOTH)
+        for c in range(2)
+    ]
+    return 0.5 * ce + 0.5 * (1 - np.mean(dice))
+
+
+# --- the transformations ------------------------------------------------------------------------------------
+def test_exact_transform_matches_numpy():
+    x = torch.randn(2, 4, 4, 3)
+    for flips, turns in [((), 1), ((0,), 0), ((1, 2), 3), ((0, 1, 2), 2)]:
+        got = ExactTransform(flips, turns)(x).numpy()
+        assert np.array_equal(got, np_transform(x.numpy(), flips, turns))
+
+
+def test_quarter_turns_only_when_the_plane_is_square():
+    torch.manual_seed(0)
+    assert {t.quarter_turns for t in sample_transforms(200, (4, 6, 4))} == {0, 2}
+    assert {t.quarter_turns for t in sample_transforms(200, (4, 4, 6))} == {0, 1, 2, 3}
+    assert {t.flips for t in sample_transforms(50, (4, 4, 6), flip_axes=(), rotate=False)} == {()}
+
+
+# --- (a) the loss on a hand-computed example -----------------------------------------------------------------
+def test_loss_matches_hand_computation(monkeypatch):
+    chosen = [ExactTransform((0,), 1), ExactTransform((2,), 3)]
+    monkeypatch.setattr(tc, "sample_transforms", lambda n, *a, **k: chosen[:n])
+    method = make_method({"consistency": 0.4, "rampup": 0.5})
+    batch = make_batch()
+    out = method.training_step(batch, epoch=0, iteration=2)
+
+    net = method.models["net"]
+    with torch.no_grad():
+        logits_l = net(batch.image_l).numpy()
+        p_u = np_softmax(net(batch.image_u).numpy())
+    x_u = batch.image_u.numpy()
+    moved = np.stack([np_transform(x_u[i], t.flips, t.quarter_turns) for i, t in enumerate(chosen)])
+    with torch.no_grad():
+        q = np_softmax(net(torch.from_numpy(moved.copy())).numpy())
+    target = np.stack([np_transform(p_u[i], t.flips, t.quarter_turns) for i, t in enumerate(chosen)])
+    consistency = ((q - target) ** 2).mean()
+    weight = 0.4 * math.exp(-5 * (1 - 2 / 5) ** 2)
+    expected = np_supervised(logits_l, batch.label_l.numpy()) + weight * consistency
+    assert consistency > 1e-6  # a 3x3x3 conv is not equivariant: the term is not trivially zero
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_equivariant_network_has_zero_consistency():
+    method = make_method({"rampup": 0.0}, model=torch.nn.Conv3d(1, 2, 1))  # pointwise: commutes with any T
+    out = method.training_step(make_batch(), 0, 0)
+    assert float(out.logs["loss_u"]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_unlabelled_items_gives_the_supervised_loss():
+    method = make_method(n_unlabeled=0)
+    assert method.batch_split(0, 0) == (2, 0)
+    batch = make_batch(b_u=0)
+    out = method.training_step(batch, 0, 0)
+    with torch.no_grad():
+        expected = np_supervised(method.models["net"](batch.image_l).numpy(), batch.label_l.numpy())
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
+    assert "loss_u" not in out.logs
+
+
+def test_affine_option_masks_voxels_from_outside():
+    method = make_method({"affine": True, "affine_rotate_deg": 30.0, "affine_scale": [0.8, 0.8]})
+    images = torch.randn(2, 1, 8, 8, 8)
+    probs = torch.softmax(torch.randn(2, 2, 8, 8, 8), dim=1)
+    moved, moved_probs, inside = method.transform(images, probs)
+    assert moved.shape == images.shape and moved_probs.shape == probs.shape
+    assert inside.dtype == torch.bool and inside.any() and not inside.all()  # zooming out leaves a border
+    assert torch.allclose(moved_probs.sum(dim=1), torch.ones(2, 8, 8, 8), atol=1e-5)
+
+
+# --- (b) gradients ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("detach_target", [False, True])
+def test_gradient_reaches_every_parameter(detach_target):
+    torch.manual_seed(0)
+    net = create_model("unet3d", depth=3, base_filters=4)
+    method = make_method({"rampup": 0.0, "detach_target": detach_target}, model=net)
+    out = method.training_step(make_batch(shape=(8, 8, 8)), 0, 0)
+    out.loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_both_branches_receive_gradient_unless_detached(monkeypatch):
+    """With the target detached, the consistency gradient equals that of f(T x) alone."""
+    monkeypatch.setattr(tc, "sample_transforms", lambda n, *a, **k: [ExactTransform((0,), 1)] * n)
+    grads = {}
+    for detach in (False, True):
+        method = make_method({"rampup": 0.0, "w_ce": 0.0, "w_dice": 0.0, "detach_target": detach})
+        out = method.training_step(make_batch(), 0, 0)
+        out.loss.backward()
+        grads[detach] = method.models["net"].weight.grad.clone()
+    assert not torch.allclose(grads[False], grads[True])
+
+
+# --- (c) end to end through the CLI -------------------------------------------------------------------------
+def test_cli_train_end_to_end(toy_dataset, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", str(toy_dataset), "--method", "transform_consistency", *TINY_RUN, "--run-dir", str(run)]
+    rc = main([*args, f"data.cache_dir={tmp_path / 'cache'}", *TINY_NET])
+    assert rc == 0
+    assert (run / "checkpoints" / "last.pt").exists()
+    assert "loss_u" in (run / "history.csv").read_text().splitlines()[0]
