@@ -43,6 +43,9 @@ def build_config(args):
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"unexpected argument(s) {bad}; overrides look like key.sub=value")
+    if args.dataset and "=" in args.dataset:  # an override took the dataset's place (e.g. with --resume)
+        overrides.insert(0, args.dataset)
+        args.dataset = None
     if args.resume:
         from pathlib import Path
 
@@ -50,11 +53,7 @@ def build_config(args):
         if not cfg_path.exists():
             raise ConfigError(f"{args.resume}: not a run directory (no config.yaml)")
         cfg = Config.from_dict(read_yaml(cfg_path))
-        if overrides:
-            base = cfg.to_dict()
-            cfg = load_config(None, [])
-            cfg = Config.from_dict(_apply(base, overrides))
-        return cfg
+        return Config.from_dict(_apply(cfg.to_dict(), overrides)) if overrides else cfg
     source = args.config
     if source is None:
         name = args.method or "supervised"

@@ -174,6 +174,7 @@ class Trainer:
         for role, model in self.models.items():
             model.train(role in active)
         sums: dict[str, torch.Tensor | float] = {}
+        seen: dict[str, int] = {}
         counts = {"b_l": 0, "b_u": 0}
         skipped = 0
         t0 = time.time()
@@ -218,14 +219,15 @@ class Trainer:
                 sched.step()
             method.after_optimizer_step(epoch, it)
             sums["loss"] = sums.get("loss", 0.0) + loss_value
+            seen["loss"] = seen.get("loss", 0) + 1
             for k, v in out.logs.items():
                 sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+                seen[k] = seen.get(k, 0) + 1  # a log present in some steps only is averaged over those
             if it % 5 == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}", b_u=b_u)
         bar.close()
-        n = max(cfg.train.iters_per_epoch - skipped, 1)
         row = {"epoch": epoch, "phase": method.phase(epoch)}
-        row.update({k: round(float(v) / n, 6) for k, v in sums.items()})
+        row.update({k: round(float(v) / seen[k], 6) for k, v in sums.items()})
         for role, opt in self.optimizers.items():
             row[f"lr_{role}"] = current_lr(opt)
         row["b_l"] = round(counts["b_l"] / cfg.train.iters_per_epoch, 3)

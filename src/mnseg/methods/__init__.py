@@ -15,6 +15,9 @@ METHODS = {
     "ua_mt": ("mnseg.methods.ua_mt", "UAMT"),
     "entropy_min": ("mnseg.methods.entropy_min", "EntropyMin"),
     "transform_consistency": ("mnseg.methods.transform_consistency", "TransformConsistency"),
+    "cps": ("mnseg.methods.cps", "CPS"),
+    "adversarial": ("mnseg.methods.adversarial", "Adversarial"),
+    "dual_contrast": ("mnseg.methods.dual_contrast", "DualContrast"),
 }
 
 
