@@ -14,7 +14,7 @@ import sys
 from mnseg import __version__
 from mnseg.errors import MnsegError
 
-COMMANDS = ["check", "convert", "synth", "train", "predict", "evaluate", "demo"]
+COMMANDS = ["check", "convert", "synth", "train", "predict", "evaluate", "demo", "benchmark"]
 
 
 def build_parser() -> argparse.ArgumentParser:

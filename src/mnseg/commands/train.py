@@ -13,7 +13,9 @@ then the options below, then any key.sub=value overrides, e.g.
 
 
 def add_arguments(p):
-    from mnseg.methods import METHODS
+    from mnseg.methods import METHODS, list_methods
+
+    p.epilog = "methods:\n" + "\n".join(f"  {name:<22} {line}" for name, line in list_methods())
 
     p.add_argument("dataset", nargs="?", help="dataset folder (dataset.json, imagesTr, labelsTr, ...)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=50")
