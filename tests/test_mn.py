@@ -181,3 +181,19 @@ def test_tiny_end_to_end(toy_dataset, tmp_path):
     phases = [r.split(",")[header.index("phase")] for r in rows[1:]]
     assert phases == ["supervised", "supervised", "cotrain-3d", "cotrain-2d"]
     assert json.loads((tmp_path / "run" / "test_predictions" / "summary.json").read_text())["n_cases"] == 2
+
+
+def test_slices_2d_trains_the_2d_model_on_a_subset_of_slices():
+    method, _ = _method(slices_2d=3)
+    seen = {"net2d": [], "net3d": []}
+    for role in seen:
+        method.models[role].register_forward_hook(lambda m, inp, out, r=role: seen[r].append(tuple(inp[0].shape)))
+    batch = _batch(2, 3)
+    method.training_step(batch, 0, 0)  # stage 1: both train; 2D on 3 slices, 3D on whole patches
+    assert seen["net2d"] == [(2, 1, 16, 16, 3)] and seen["net3d"] == [(2, 1, 16, 16, 16)]
+    seen["net2d"].clear(), seen["net3d"].clear()
+    method.training_step(batch, SUP + 1, 0)  # 2D trains on 3D pseudo-masks computed on whole patches
+    assert seen["net3d"] == [(3, 1, 16, 16, 16)] and seen["net2d"] == [(5, 1, 16, 16, 3)]
+    seen["net2d"].clear(), seen["net3d"].clear()
+    method.training_step(batch, SUP, 0)  # the 3D model's epochs are unaffected
+    assert seen["net2d"] == [(3, 1, 16, 16, 16)] and seen["net3d"] == [(5, 1, 16, 16, 16)]

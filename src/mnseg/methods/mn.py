@@ -148,12 +148,23 @@ class MN(Method):
             logits, label, w_ce=self.weights["w_ce"], w_dice=self.weights["w_dice"], ignore_index=self.ctx.ignore_index
         )
 
+    def _depth_subset(self, role: str, *tensors):
+        """Optionally train the 2D model on a random subset of each patch's slices (``slices_2d``; all by default,
+        as the paper). The subset is taken after pseudo-masks exist, so the 3D generator still sees whole patches."""
+        k = self.param("slices_2d", None)
+        depth = tensors[0].shape[-1]
+        if role != "net2d" or not k or int(k) >= depth:
+            return tensors
+        idx = torch.randperm(depth, device=tensors[0].device)[: int(k)]
+        return tuple(t.index_select(t.dim() - 1, idx) for t in tensors)
+
     def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
         role = self.trained_role(epoch)
         if role is None:
             logs, total = {}, 0.0
             for r in ("net2d", "net3d"):
                 image, (label,) = self.augment(r, batch.image_l, [batch.label_l], ["label"])
+                image, label = self._depth_subset(r, image, label)
                 loss = self._labelled_loss(self.models[r](image), label)
                 logs[f"loss_{r[3:]}"] = loss.detach()
                 total = total + loss
@@ -163,6 +174,12 @@ class MN(Method):
         model = self.models[role]
         image_l, (label,) = self.augment(role, batch.image_l, [batch.label_l], ["label"])
         image_u, _ = self.augment(role, batch.image_u) if b_u else (batch.image_u, [])
+        pseudo = None
+        if b_u:
+            with torch.no_grad():
+                pseudo = torch.softmax(self.generator_for(role)(image_u).float(), dim=1)
+            image_u, pseudo = self._depth_subset(role, image_u, pseudo)
+        image_l, label = self._depth_subset(role, image_l, label)
         logits = model(torch.cat([image_l, image_u]) if b_u else image_l)
         logs = {}
         loss = logits.new_zeros(())
@@ -171,9 +188,6 @@ class MN(Method):
             loss = loss + b_l / (b_l + b_u) * loss_l
             logs["loss_l"] = loss_l.detach()
         if b_u:
-            generator = self.generator_for(role)
-            with torch.no_grad():
-                pseudo = torch.softmax(generator(image_u).float(), dim=1)
             loss_u = pseudo_label_loss(logits[b_l:], pseudo, w_kl=self.weights["w_kl"], w_dice=self.weights["w_dice"])
             loss = loss + b_u / (b_l + b_u) * loss_u
             logs["loss_u"] = loss_u.detach()
