@@ -1,0 +1,332 @@
+"""Label-efficiency benchmark: train a grid of (method, labelled count, seed) runs, then tabulate them.
+
+OUT/
+  benchmark.json       the grid and settings of the latest invocation
+  runs/<method>/n<N>_seed<S>/   one ordinary run directory per cell (+ timing.json, test_predictions/)
+  failures.json        cells that raised in the latest invocation (method, N, seed, error)
+  results.csv, results.md, dice_vs_labeled.png, dice_per_class.png
+
+A cell is done when its ``test_predictions/summary.json`` exists; a cell with ``checkpoints/last.pt``
+but no summary resumes; anything else starts (again). So an interrupted grid, or one with failed
+cells, continues where it stopped when the same command is run again. Every method at a given seed
+gets the same split (``make_split`` depends only on the folder, N, seed, num_val and transductive).
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mnseg.errors import ConfigError, MnsegError
+from mnseg.utils.atomic import atomic_write_json, atomic_write_text
+
+UPPER_LABEL = "supervised (all labels)"
+# Settings the grid owns; an override of these would break the "same split for every method" promise.
+GRID_KEYS = ("data.dataset", "data.num_labeled", "data.num_val", "data.transductive", "train.seed")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    num_labeled: int | None  # None: every labelled case (the upper-bound reference)
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return UPPER_LABEL if self.num_labeled is None else self.method
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/n{'all' if self.num_labeled is None else self.num_labeled}_seed{self.seed}"
+
+    def run_dir(self, out: Path) -> Path:
+        return Path(out) / "runs" / self.name
+
+
+@dataclass
+class BenchmarkSpec:
+    dataset: Path
+    out: Path
+    methods: list[str]
+    num_labeled: list[int]
+    seeds: list[int]
+    transductive: bool = False
+    num_val: int = 0
+    overrides: list[str] = field(default_factory=list)  # key=value for every run
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)  # method -> key=value
+    preset: str | None = None  # PREFIX: method m uses preset PREFIX_m (default: preset m)
+    upper_bound: bool = True
+    device: str | None = None
+
+
+@dataclass
+class BenchmarkOutcome:
+    cells: list[Cell]
+    done: list[Cell]
+    failures: list[dict]
+    not_run: list[Cell]  # left for a later invocation (max_runs reached)
+    files: list[Path]
+
+
+# ----------------------------------------------------------------------------------------------- the grid
+
+
+def plan_cells(spec: BenchmarkSpec) -> list[Cell]:
+    """Seed by seed (so complete comparisons appear early): per count supervised first, then the methods;
+    then the all-labels supervised reference for that seed."""
+    methods = ["supervised"] + [m for m in dict.fromkeys(spec.methods) if m != "supervised"]
+    cells = []
+    for seed in dict.fromkeys(spec.seeds):
+        for n in dict.fromkeys(spec.num_labeled):
+            cells += [Cell(m, n, seed) for m in methods]
+        if spec.upper_bound:
+            cells.append(Cell("supervised", None, seed))
+    return cells
+
+
+def preset_for(method: str, prefix: str | None) -> str:
+    from mnseg.config import PRESET_DIR
+
+    name = f"{prefix}_{method}" if prefix else method
+    if not (PRESET_DIR / f"{name}.yaml").exists():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset '{name}' for method '{method}' (presets: {', '.join(known)})")
+    return name
+
+
+def check_spec(spec: BenchmarkSpec) -> None:
+    """Fail before training anything: unknown methods, bad counts/seeds, overrides of grid settings,
+    a dataset without labelled test cases, missing presets."""
+    from mnseg.data.dataset import DatasetFolder
+    from mnseg.methods import METHODS
+
+    unknown = [m for m in spec.methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}")
+    if not spec.methods or not spec.num_labeled or not spec.seeds:
+        raise ConfigError("the grid is empty: give --methods, --num-labeled and --seeds")
+    bad = [n for n in spec.num_labeled if n < 1]
+    if bad:
+        raise ConfigError(f"--num-labeled values must be >= 1, got {bad}")
+    for method in spec.method_overrides:
+        if method not in METHODS:
+            raise ConfigError(f"--set-method names unknown method '{method}'")
+    for item in [*spec.overrides, *(o for v in spec.method_overrides.values() for o in v)]:
+        key = item.partition("=")[0].strip()
+        if "=" not in item or not key:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        if key in GRID_KEYS:
+            raise ConfigError(f"override '{item}': {key} is set by the benchmark grid (use its options instead)")
+    for method in {c.method for c in plan_cells(spec)}:
+        preset_for(method, spec.preset)
+    root = DatasetFolder(spec.dataset).root
+    for sub in ("imagesTs", "labelsTs"):
+        if not (root / sub).is_dir():
+            raise MnsegError(f"{root / sub}: missing; the benchmark scores every run on labelled test cases")
+
+
+def cell_config(spec: BenchmarkSpec, cell: Cell):
+    """The method's preset, then the overrides for every run and for this method, then the grid's facts."""
+    from mnseg.config import Config, load_config
+
+    cfg = load_config(preset_for(cell.method, spec.preset),
+                      [*spec.overrides, *spec.method_overrides.get(cell.method, [])])
+    d = cfg.to_dict()
+    d["method"]["name"] = cell.method
+    d["data"].update(dataset=str(Path(spec.dataset).resolve()), num_labeled=cell.num_labeled,
+                     num_val=spec.num_val, transductive=spec.transductive)
+    d["train"]["seed"] = cell.seed
+    if spec.device:
+        d["train"]["device"] = spec.device
+    return Config.from_dict(d)
+
+
+def _changed_cells(spec: BenchmarkSpec, cells: list[Cell]) -> list[str]:
+    """Cells whose existing run was made with other settings (reusing them would mix two benchmarks)."""
+    from mnseg.config import Config, read_yaml
+
+    def comparable(cfg) -> dict:
+        d = cfg.to_dict()
+        d["train"].pop("device")  # where a run trains does not change what it is
+        return d
+
+    changed = []
+    for cell in cells:
+        path = cell.run_dir(spec.out) / "config.yaml"
+        if path.exists() and comparable(Config.from_dict(read_yaml(path))) != comparable(cell_config(spec, cell)):
+            changed.append(cell.name)
+    return changed
+
+
+# ----------------------------------------------------------------------------------------------- one cell
+
+
+def cell_state(run_dir: Path) -> str:
+    if (run_dir / "test_predictions" / "summary.json").exists():
+        return "done"
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        return "resume"
+    return "new"
+
+
+def train_cell(cfg, run_dir: Path, progress: bool = True, log=print) -> None:
+    """Train (or resume) one run, adding its wall-clock, iterations and peak GPU memory to timing.json
+    after every epoch, so an interrupted run's earlier sessions still count."""
+    from mnseg.engine.trainer import Trainer
+    from mnseg.utils.atomic import atomic_write_json
+
+    resume = cell_state(run_dir) == "resume"
+    timing_path = run_dir / "timing.json"
+
+    class TimedTrainer(Trainer):
+        def _end_epoch(self, epoch: int, row: dict) -> None:
+            super()._end_epoch(epoch, row)
+            import torch
+
+            now = time.perf_counter()
+            seconds = before["train_seconds"] + (now - started)
+            iterations = before["iterations"] + (self.start_epoch - first_epoch) * self.cfg.train.iters_per_epoch
+            peak = before["peak_gpu_memory_mb"]
+            if self.device.type == "cuda":
+                current = torch.cuda.max_memory_allocated(self.device) / 2**20
+                peak = max(peak or 0.0, current)
+            atomic_write_json(timing_path, {
+                "train_seconds": round(seconds, 3),
+                "iterations": iterations,
+                "iterations_per_second": round(iterations / seconds, 4) if seconds > 0 else None,
+                "peak_gpu_memory_mb": None if peak is None else round(peak, 1),
+                "device": str(self.device),
+            })
+
+    # A folder without last.pt holds nothing worth keeping (a run that died before its first checkpoint).
+    trainer = TimedTrainer(cfg, run_dir, resume=resume, overwrite=not resume, progress=progress, log=log)
+    before = {"train_seconds": 0.0, "iterations": 0, "peak_gpu_memory_mb": None}
+    if resume and timing_path.exists():
+        import json
+
+        before.update({k: v for k, v in json.loads(timing_path.read_text()).items() if k in before})
+    trainer.setup()
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - its first import is not training time
+
+    if trainer.device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    first_epoch = trainer.start_epoch
+    started = time.perf_counter()
+    trainer.fit()
+
+
+def predict_and_score(run_dir: Path, dataset: Path, device: str | None, progress: bool = True) -> dict:
+    """Predict imagesTs with the run's model and score it against labelsTs into test_predictions/."""
+    from mnseg.data.dataset import DatasetFolder
+    from mnseg.engine.predict import load_run, predict_folder
+    from mnseg.evaluation import evaluate_folders
+
+    root = DatasetFolder(dataset).root
+    out = run_dir / "test_predictions"
+    run = load_run(run_dir, "best", device or "auto")
+    failures = predict_folder(run, root / "imagesTs", out, overwrite=True, progress=progress, log=lambda *a: None)
+    if failures:
+        raise MnsegError(f"prediction failed for {len(failures)} test case(s): "
+                         + "; ".join(f"{case}: {msg}" for case, msg in failures))
+    return evaluate_folders(out, root / "labelsTs", dataset_json=root / "dataset.json", out_dir=out)
+
+
+# ----------------------------------------------------------------------------------------------- the whole grid
+
+
+def run_benchmark(spec: BenchmarkSpec, max_runs: int | None = None, progress: bool = True,
+                  log=print) -> BenchmarkOutcome:
+    """Run (or continue) the grid, then write the tables and plots from every finished run."""
+    spec.out = Path(spec.out)
+    check_spec(spec)
+    cells = plan_cells(spec)
+    changed = _changed_cells(spec, cells)
+    if changed:
+        raise MnsegError(
+            f"{spec.out}: these runs were made with other settings than now: {', '.join(changed)}; "
+            f"use another output folder (-o) for a benchmark with new settings"
+        )
+    atomic_write_json(spec.out / "benchmark.json", _spec_record(spec, cells))
+    failures: list[dict] = []
+    not_run: list[Cell] = []
+    trained = 0
+    for i, cell in enumerate(cells, 1):
+        run_dir = cell.run_dir(spec.out)
+        state = cell_state(run_dir)
+        if state == "done":
+            log(f"[{i}/{len(cells)}] {cell.name}: done before, kept")
+            continue
+        if max_runs is not None and trained >= max_runs:
+            not_run.append(cell)
+            continue
+        trained += 1
+        log(f"[{i}/{len(cells)}] {cell.name}: {'resuming' if state == 'resume' else 'training'}")
+        try:
+            train_cell(cell_config(spec, cell), run_dir, progress=progress, log=log)
+            predict_and_score(run_dir, spec.dataset, spec.device, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the grid; it is reported
+            failures.append({"method": cell.label, "num_labeled": cell.num_labeled, "seed": cell.seed,
+                             "run_dir": str(run_dir), "error": f"{type(exc).__name__}: {exc}",
+                             "traceback": traceback.format_exc()})
+            log(f"[{i}/{len(cells)}] {cell.name}: FAILED: {type(exc).__name__}: {exc}")
+    atomic_write_json(spec.out / "failures.json", failures)
+    done = [c for c in cells if cell_state(c.run_dir(spec.out)) == "done"]
+    files = write_results(spec, cells, done, failures, not_run)
+    return BenchmarkOutcome(cells, done, failures, not_run, files)
+
+
+def _spec_record(spec: BenchmarkSpec, cells: list[Cell]) -> dict:
+    import mnseg
+
+    record = asdict(spec)
+    record.update(dataset=str(Path(spec.dataset).resolve()), out=str(spec.out),
+                  presets={m: preset_for(m, spec.preset) for m in dict.fromkeys(c.method for c in cells)},
+                  cells=[c.name for c in cells], mnseg=mnseg.__version__,
+                  written=datetime.datetime.now().isoformat(timespec="seconds"))
+    return record
+
+
+def write_results(spec: BenchmarkSpec, cells: list[Cell], done: list[Cell], failures: list[dict],
+                  not_run: list[Cell]) -> list[Path]:
+    """results.csv, results.md and the two plots, from the finished runs' files only."""
+    from mnseg.benchmark_plots import plot_class_bars, plot_dice_vs_labeled
+    from mnseg.benchmark_stats import (
+        aggregate,
+        markdown_report,
+        paired_comparisons,
+        read_run_result,
+        result_rows,
+        results_csv,
+    )
+
+    out = Path(spec.out)
+    runs = [read_run_result(c.run_dir(out), c.label) for c in done]
+    agg = aggregate(runs)
+    atomic_write_text(out / "results.csv", results_csv(result_rows(runs)))
+    mode = ("transductive: imagesTs joined the unlabelled pool (its labels never used in training)"
+            if spec.transductive else "inductive: test cases never in the unlabelled pool")
+    presets = {m: preset_for(m, spec.preset) for m in dict.fromkeys(c.method for c in cells)}
+    notes = [
+        f"Dataset: {Path(spec.dataset).resolve()}",
+        f"Mode: {mode}",
+        f"Seeds: {', '.join(map(str, dict.fromkeys(spec.seeds)))}; labelled counts: "
+        f"{', '.join(map(str, dict.fromkeys(spec.num_labeled)))}; validation cases held out: {spec.num_val}",
+        "Presets: " + ", ".join(f"{m}={p}" for m, p in presets.items()),
+        "Overrides: " + (" ".join(spec.overrides) or "none")
+        + "".join(f"; {m}: {' '.join(o)}" for m, o in spec.method_overrides.items() if o),
+        f"Runs finished: {len(done)} of {len(cells)}"
+        + (f"; failed: {len(failures)}" if failures else "")
+        + (f"; not run yet: {len(not_run)}" if not_run else ""),
+    ]
+    units = runs[0].summary.get("units", "voxel") if runs else "voxel"
+    text = markdown_report("Label-efficiency benchmark", notes, agg, paired_comparisons(runs), failures, units)
+    atomic_write_text(out / "results.md", text)
+    files = [out / "results.csv", out / "results.md",
+             plot_dice_vs_labeled(agg, out / "dice_vs_labeled.png", upper_label=UPPER_LABEL),
+             plot_class_bars(agg, out / "dice_per_class.png")]
+    return files

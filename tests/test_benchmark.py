@@ -1,0 +1,228 @@
+"""mnseg benchmark: the grid, resuming it, failures, and tables that agree with the per-run summaries."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnseg.benchmark import UPPER_LABEL, BenchmarkSpec, Cell, cell_config, check_spec, plan_cells
+from mnseg.benchmark_stats import (
+    FOREGROUND,
+    RunResult,
+    aggregate,
+    case_foreground_dice,
+    paired_comparisons,
+    wilcoxon_p,
+)
+from mnseg.cli import main
+from mnseg.errors import ConfigError, MnsegError
+
+TINY = ["models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 4}", "train.epochs=1",
+        "train.iters_per_epoch=2", "data.patch_size=[32,32,32]", "models.net.optim.warmup_epochs=0",
+        "models.net.optim.lr=3e-3", "train.deterministic=true"]
+
+
+def _summary(per_case: dict[str, dict[str, float]]) -> dict:
+    """A summary.json-shaped dict from {case: {class: dice}} (other metrics derived, HD95 undefined for one)."""
+    from mnseg.metrics import summarize
+
+    items = [{"case": case, "metrics": {cls: {"dice": d, "jaccard": d / (2 - d), "hd95": 1 / d if d > 0.5 else None,
+                                               "asd": 1 - d, "assd": 1 - d} for cls, d in classes.items()}}
+             for case, classes in per_case.items()]
+    return summarize(items)
+
+
+def _run(label, n, seed, per_case, timing=None):
+    return RunResult(label, n, seed, _summary(per_case), timing or {}, False, f"runs/{label}/{n}_{seed}")
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def test_wilcoxon_edge_cases_are_defined():
+    assert math.isnan(wilcoxon_p([]))
+    assert math.isnan(wilcoxon_p([0.3]))
+    assert wilcoxon_p([0.0, 0.0, 0.0]) == 1.0
+    rng = np.random.default_rng(0)
+    d = rng.normal(0.1, 0.05, size=12)
+    p = wilcoxon_p(d)
+    assert 0 < p < 0.05  # a consistent gain is told from noise
+    assert wilcoxon_p(-d) == pytest.approx(p)  # two-sided
+    assert 0 <= wilcoxon_p(rng.normal(0, 0.05, size=12)) <= 1
+
+
+def test_aggregate_is_mean_and_std_over_seeds_per_class_and_foreground():
+    rng = np.random.default_rng(1)
+    dice = rng.uniform(0.4, 0.95, size=(3, 2, 2))  # seed, case, class
+    runs = [_run("mn", 4, s, {f"c{c}": {"a": dice[s, c, 0], "b": dice[s, c, 1]} for c in range(2)}) for s in range(3)]
+    rows = {(r["method"], r["num_labeled"], r["class"]): r for r in aggregate(runs)}
+    per_run_a = dice[:, :, 0].mean(axis=1)
+    assert rows[("mn", 4, "a")]["dice_mean"] == pytest.approx(per_run_a.mean())
+    assert rows[("mn", 4, "a")]["dice_std"] == pytest.approx(per_run_a.std())
+    per_run_fg = dice.mean(axis=1).mean(axis=1)
+    assert rows[("mn", 4, FOREGROUND)]["dice_mean"] == pytest.approx(per_run_fg.mean())
+    assert rows[("mn", 4, "a")]["n_seeds"] == 3
+
+
+def test_paired_comparison_pairs_same_seed_and_case_only():
+    runs = [
+        _run("supervised", 2, 0, {"x": {"fg": 0.5}, "y": {"fg": 0.6}}),
+        _run("supervised", 2, 1, {"x": {"fg": 0.4}, "y": {"fg": 0.7}}),
+        _run("mn", 2, 0, {"x": {"fg": 0.7}, "y": {"fg": 0.9}}),
+        _run("mn", 2, 1, {"x": {"fg": 0.45}, "y": {"fg": 0.8}}),
+        _run("mn", 4, 0, {"x": {"fg": 0.9}, "y": {"fg": 0.9}}),  # no supervised at n=4: no comparison
+    ]
+    (comp,) = paired_comparisons(runs)
+    expected = [0.7 - 0.5, 0.9 - 0.6, 0.45 - 0.4, 0.8 - 0.7]
+    assert (comp["method"], comp["num_labeled"], comp["n_pairs"]) == ("mn", 2, 4)
+    assert comp["mean_diff"] == pytest.approx(np.mean(expected))
+    assert comp["p_value"] == pytest.approx(wilcoxon_p(expected))
+    assert case_foreground_dice(runs[0].summary) == pytest.approx({"x": 0.5, "y": 0.6})
+
+
+# ----------------------------------------------------------------------------------------------- the grid
+
+
+def _spec(ds, out, **kw):
+    kw.setdefault("methods", ["entropy_min"])
+    kw.setdefault("num_labeled", [2])
+    kw.setdefault("seeds", [0, 1])
+    return BenchmarkSpec(dataset=ds, out=out, **kw)
+
+
+def test_plan_puts_supervised_first_and_adds_the_upper_bound_per_seed(toy_dataset, tmp_path):
+    spec = _spec(toy_dataset, tmp_path, methods=["mean_teacher", "supervised", "mean_teacher"], num_labeled=[2, 3])
+    cells = plan_cells(spec)
+    assert cells[:2] == [Cell("supervised", 2, 0), Cell("mean_teacher", 2, 0)]
+    assert len(cells) == 2 * (2 * 2 + 1)
+    upper = [c for c in cells if c.label == UPPER_LABEL]
+    assert [c.seed for c in upper] == [0, 1]
+    cfg = cell_config(spec, upper[0])
+    assert cfg.data.num_labeled is None and cfg.method.name == "supervised" and cfg.train.seed == 0
+    assert len({c.run_dir(tmp_path) for c in cells}) == len(cells)
+    assert not any(c.label == UPPER_LABEL for c in plan_cells(_spec(toy_dataset, tmp_path, upper_bound=False)))
+
+
+def test_bad_grids_fail_before_training(toy_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="train.seed"):
+        check_spec(_spec(toy_dataset, tmp_path, overrides=["train.seed=3"]))
+    with pytest.raises(ConfigError, match="unknown method"):
+        check_spec(_spec(toy_dataset, tmp_path, methods=["nope"]))
+    with pytest.raises(ConfigError, match="no preset"):
+        check_spec(_spec(toy_dataset, tmp_path, preset="demo_cpu"))  # demo_cpu_entropy_min does not exist
+    import shutil
+
+    shutil.rmtree(toy_dataset / "labelsTs")
+    with pytest.raises(MnsegError, match="labelsTs"):
+        check_spec(_spec(toy_dataset, tmp_path))
+    assert main(["benchmark", str(toy_dataset), "--methods", "supervised", "--num-labeled", "2", "-o",
+                 str(tmp_path / "b")]) == 2
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def _bench(ds, out, cache, *extra):
+    return main(["benchmark", str(ds), "--methods", "supervised,entropy_min", "--num-labeled", "2",
+                 "--seeds", "0,1", "-o", str(out), "--no-upper-bound", "--no-progress",
+                 "--set", f"data.cache_dir={cache}", *TINY, *extra])
+
+
+def _mtimes(out: Path) -> dict[str, float]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoints/last.pt")}
+
+
+@pytest.mark.slow
+def test_grid_interrupt_fail_resume_and_tables_match_runs(toy_dataset, tmp_path, monkeypatch):
+    import mnseg.benchmark as bench
+
+    out, cache = tmp_path / "bench", tmp_path / "cache"
+
+    # 1) "interrupted": only two cells this time
+    assert _bench(toy_dataset, out, cache, "--max-runs", "2") == 0
+    first = _mtimes(out)
+    assert sorted(first) == ["runs/entropy_min/n2_seed0/checkpoints/last.pt",
+                             "runs/supervised/n2_seed0/checkpoints/last.pt"]
+
+    # 2) continue; one cell fails after training (its checkpoint stays, its summary is never written)
+    real = bench.predict_and_score
+
+    def flaky(run_dir, *a, **k):
+        if "entropy_min/n2_seed1" in str(run_dir).replace("\\", "/"):
+            raise RuntimeError("simulated crash during prediction")
+        return real(run_dir, *a, **k)
+
+    monkeypatch.setattr(bench, "predict_and_score", flaky)
+    assert _bench(toy_dataset, out, cache) == 1
+    failures = json.loads((out / "failures.json").read_text())
+    assert [(f["method"], f["num_labeled"], f["seed"]) for f in failures] == [("entropy_min", 2, 1)]
+    assert "simulated crash" in failures[0]["error"]
+    assert "simulated crash" in (out / "results.md").read_text()
+    second = _mtimes(out)
+    assert {k: second[k] for k in first} == first  # finished cells were not retrained
+    assert len(second) == 4
+
+    # 3) run again: the failed cell resumes from its checkpoint (no new training) and gets scored
+    monkeypatch.setattr(bench, "predict_and_score", real)
+    assert _bench(toy_dataset, out, cache) == 0
+    assert _mtimes(out) == second
+    assert json.loads((out / "failures.json").read_text()) == []
+
+    # the same labelled cases for every method at a given seed
+    splits = {p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())
+              for p in out.glob("runs/*/*/split.json")}
+    for seed in (0, 1):
+        assert splits[f"supervised/n2_seed{seed}"]["labeled"] == splits[f"entropy_min/n2_seed{seed}"]["labeled"]
+        assert not set(splits[f"supervised/n2_seed{seed}"]["test"]) & {
+            c for group in splits[f"supervised/n2_seed{seed}"]["unlabeled"].values() for c in group}
+
+    # results.csv agrees with the per-run summary.json files
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4
+    for row in rows:
+        run = out / "runs" / row["method"] / f"n{row['num_labeled']}_seed{row['seed']}"
+        summary = json.loads((run / "test_predictions" / "summary.json").read_text())
+        assert float(row["dice"]) == pytest.approx(summary["mean"][row["class"]]["dice"])
+        assert float(row["hd95"]) == pytest.approx(summary["mean"][row["class"]]["hd95"])
+        timing = json.loads((run / "timing.json").read_text())
+        assert float(row["train_seconds"]) == pytest.approx(timing["train_seconds"]) and timing["iterations"] == 2
+        assert row["peak_gpu_memory_mb"] == ""  # CPU
+
+    # the markdown table's mean ± std and p-value, recomputed from the summaries
+    table = (out / "results.md").read_text()
+    assert "inductive" in table
+    for method in ("supervised", "entropy_min"):
+        per_seed = [json.loads((out / "runs" / method / f"n2_seed{s}" / "test_predictions" / "summary.json")
+                               .read_text())["foreground_mean"]["dice"] for s in (0, 1)]
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"| {method} | 2 | 2 |"))
+        assert f"{np.mean(per_seed):.4f} ± {np.std(per_seed):.4f}" in line
+    diffs = []
+    for s in (0, 1):
+        sup, ent = (json.loads((out / "runs" / m / f"n2_seed{s}" / "test_predictions" / "summary.json").read_text())
+                    for m in ("supervised", "entropy_min"))
+        a, b = case_foreground_dice(ent), case_foreground_dice(sup)
+        diffs += [a[c] - b[c] for c in sorted(a)]
+    line = next(ln for ln in table.splitlines() if ln.startswith("| entropy_min | 2 |"))
+    assert f"| {len(diffs)} |" in line
+    p = wilcoxon_p(diffs)
+    assert ("n/a" if math.isnan(p) else f"{p:.3g}") in line
+    for png in ("dice_vs_labeled.png", "dice_per_class.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_changed_settings_are_refused_not_mixed(toy_dataset, tmp_path):
+    out = tmp_path / "bench"
+    run = Cell("supervised", 2, 0).run_dir(out)
+    spec = _spec(toy_dataset, out, methods=["supervised"], seeds=[0], upper_bound=False,
+                 overrides=["train.epochs=1"])
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(cell_config(_spec(toy_dataset, out, overrides=["train.epochs=3"]),
+                                                 Cell("supervised", 2, 0)).to_yaml())
+    from mnseg.benchmark import run_benchmark
+
+    with pytest.raises(MnsegError, match="other settings"):
+        run_benchmark(spec, progress=False, log=lambda *a: None)
