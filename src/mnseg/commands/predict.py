@@ -23,28 +23,48 @@ def add_arguments(p):
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
     p.add_argument("--overwrite", action="store_true", help="replace existing predictions")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
+    p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (lower it if out of GPU memory)")
     p.add_argument("--gaussian", action="store_true", help="Gaussian-weighted window blending")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args) -> int:
     import sys
+    from pathlib import Path
+
+    import torch
 
     from mnseg.engine.predict import load_run, predict_folder
+    from mnseg.errors import MnsegError
+    from mnseg.utils.preflight import check_writable
 
     run = load_run(args.model, args.checkpoint, args.device, args.predict_with)
     if args.tta:
         run.cfg.infer.mirror_tta = True
     if args.gaussian:
         run.cfg.infer.blend = "gaussian"
-    failures = predict_folder(
-        run,
-        args.input,
-        args.output,
-        overwrite=args.overwrite,
-        save_probabilities=args.save_probabilities,
-        progress=not args.no_progress,
-    )
+    if args.sw_batch_size:
+        run.cfg.infer.sw_batch_size = args.sw_batch_size
+    check_writable(args.output, estimated_output_bytes(Path(args.input), args.save_probabilities, run.plans),
+                   what="output folder")
+    try:
+        failures = predict_folder(
+            run,
+            args.input,
+            args.output,
+            overwrite=args.overwrite,
+            save_probabilities=args.save_probabilities,
+            progress=not args.no_progress,
+        )
+    except torch.OutOfMemoryError:
+        patch = "x".join(str(v) for v in run.cfg.data.patch_size)
+        raise MnsegError(
+            f"out of GPU memory while predicting with window (patch) size {patch}, sw_batch_size "
+            f"{run.cfg.infer.sw_batch_size}{' and mirror TTA' if run.cfg.infer.mirror_tta else ''} on {run.device} "
+            f"(the training batch size {run.cfg.train.batch_size} plays no part here). Try --sw-batch-size 1, "
+            f"no --tta, or --device cpu. Predictions already written to {args.output} are complete; "
+            f"rerun with --overwrite (or another -o) after the change."
+        ) from None
     if failures:
         print(f"{len(failures)} case(s) failed:", file=sys.stderr)
         for case, msg in failures:
@@ -52,3 +72,12 @@ def run(args) -> int:
         return 1
     print(f"wrote predictions to {args.output}")
     return 0
+
+
+def estimated_output_bytes(in_dir, save_probabilities: bool, plans: dict) -> int:
+    """Label maps compress far below their inputs; probabilities (float32 per class) can exceed them."""
+    if not in_dir.is_dir():
+        return 0
+    total = sum(p.stat().st_size for p in in_dir.iterdir() if p.is_file())
+    per_channel = total // max(int(plans.get("in_channels", 1)), 1)
+    return per_channel * (1 + 4 * int(plans.get("num_classes", 2))) if save_probabilities else per_channel

@@ -107,17 +107,64 @@ def default_run_dir(cfg) -> str:
     return str(Path("runs") / name / f"{cfg.method.name}_{n}l_seed{cfg.train.seed}")
 
 
+# Checkpoints of the small default models are tens of MiB; refuse to start with less than this free.
+MIN_FREE_BYTES = 200 * 2**20
+# errno values that mean "this output cannot be written", as opposed to a bug or a missing input.
+WRITE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG", "EIO"}
+
+
 def run(args) -> int:
+    import torch
+
     from mnseg.engine.trainer import Trainer
+    from mnseg.utils.preflight import check_writable
 
     cfg = build_config(args)
     run_dir = args.resume or args.run_dir or default_run_dir(cfg)
+    check_writable(run_dir, MIN_FREE_BYTES, what="run directory")
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
-    trainer.fit()
-    print(f"done: {run_dir}")
-    if args.test:
-        return test_run(trainer, run_dir, progress=not args.no_progress)
+    try:
+        trainer.fit()
+        print(f"done: {run_dir}")
+        if args.test:
+            return test_run(trainer, run_dir, progress=not args.no_progress)
+    except torch.OutOfMemoryError:
+        raise out_of_memory_error(cfg, run_dir) from None
+    except OSError as exc:
+        err = write_error(exc, run_dir)
+        if err is None:
+            raise
+        raise err from None
     return 0
+
+
+def out_of_memory_error(cfg, run_dir):
+    """Name what to shrink: the message a user needs at 3 a.m., not a CUDA allocator dump."""
+    from mnseg.errors import MnsegError
+
+    patch = "x".join(str(v) for v in cfg.data.patch_size)
+    return MnsegError(
+        f"out of GPU memory while training with patch size {patch}, batch size {cfg.train.batch_size} "
+        f"(validation sliding-window sw_batch_size {cfg.infer.sw_batch_size}) on device {cfg.train.device}. "
+        f"Try a smaller --patch-size or --batch-size, infer.sw_batch_size=1, or --device cpu. "
+        f"The last checkpoint in {run_dir} is kept; continue with: mnseg train --resume {run_dir}"
+    )
+
+
+def write_error(exc: OSError, run_dir):
+    """An ``MnsegError`` for a failed write (disk full, read-only, ...); None for other OS errors (bugs)."""
+    import errno
+
+    from mnseg.errors import MnsegError
+    from mnseg.utils.preflight import describe_os_error
+
+    if errno.errorcode.get(exc.errno or -1) not in WRITE_ERRNOS:
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    return MnsegError(
+        f"{run_dir}: cannot write{where}: {describe_os_error(exc)}. Files already written are complete "
+        f"(checkpoints are replaced atomically); after freeing space continue with: mnseg train --resume {run_dir}"
+    )
 
 
 def test_run(trainer, run_dir, progress: bool = True) -> int:

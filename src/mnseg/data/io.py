@@ -19,6 +19,9 @@ from mnseg.errors import InputFileError
 from mnseg.utils.atomic import atomic_path
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
+MAX_VOXELS = 2**31
+# deflate cannot compress better than about 1032:1, so a .gz file of n bytes holds at most ~1032 n bytes of data
+_GZIP_MAX_RATIO = 1100
 
 
 @dataclass
@@ -59,13 +62,21 @@ def load_nifti(path: str | os.PathLike, *, dtype: np.dtype | None = np.float32) 
         raise InputFileError(f"{path}: not a regular file")
     try:
         img = nib.load(str(path))
+        check_claimed_size(path, img)
         data = np.asanyarray(img.dataobj)
+    except InputFileError:
+        raise
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, TypeError, MemoryError) as exc:
         raise InputFileError(
             f"{path}: cannot read as NIfTI ({_short(exc)}); the file may be truncated or corrupt"
         ) from None
     except Exception as exc:  # nibabel raises many types for malformed headers
         raise InputFileError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {_short(exc)})") from None
+    if data.dtype.fields is not None or data.dtype.kind not in "biuf":
+        raise InputFileError(
+            f"{path}: voxel type {data.dtype} is not one real number per voxel (RGB or complex data); "
+            f"convert it to a grey-scale volume first"
+        )
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -80,6 +91,36 @@ def load_nifti(path: str | os.PathLike, *, dtype: np.dtype | None = np.float32) 
     if dtype is not None:
         data = np.asarray(data, dtype=dtype)
     return Volume(data=data, affine=affine, path=path, header=img.header)
+
+
+def check_claimed_size(path: Path, img) -> None:
+    """Refuse headers whose shape could not fit in the file (or in memory) before any voxel is allocated.
+
+    A corrupt ``dim`` field otherwise makes nibabel try to allocate terabytes or
+    decompress for minutes before failing.
+    """
+    shape = tuple(int(s) for s in img.shape)
+    nvox = int(np.prod(shape, dtype=object)) if shape else 0
+    if nvox > MAX_VOXELS:
+        raise InputFileError(
+            f"{path}: cannot read as NIfTI: header claims shape {shape} = {nvox:,} voxels, more than the "
+            f"{MAX_VOXELS:,} mnseg reads; the header is corrupt or the volume must be cropped or downsampled first"
+        )
+    need = nvox * np.dtype(img.get_data_dtype()).itemsize
+    size = path.stat().st_size
+    name = path.name.lower()
+    if name.endswith(".nii"):
+        need += int(float(img.header.get("vox_offset", 0)))
+        limit = size
+    elif name.endswith(".gz"):
+        limit = size * _GZIP_MAX_RATIO + 2**20
+    else:
+        return
+    if need > limit:
+        raise InputFileError(
+            f"{path}: cannot read as NIfTI: header claims shape {shape} of {img.get_data_dtype()} "
+            f"({need:,} bytes) but the file holds only {size:,} bytes; it is truncated or its header is corrupt"
+        )
 
 
 def save_nifti(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mnseg.data.dataset import GROUPS, Case, DatasetSpec, Problem, scan_group
-from mnseg.data.io import NIFTI_ENDINGS, load_nifti
+from mnseg.data.io import NIFTI_ENDINGS, check_claimed_size, load_nifti
 from mnseg.errors import DatasetError, InputFileError
 
 __all__ = ["Problem", "ValidationReport", "validate_dataset", "validate_inputs"]
@@ -275,18 +275,19 @@ class _CaseChecker:
                 self.report.add(path, f"label holds non-integer values, e.g. {examples} "
                                       "(a label map must be integers; was it resampled with interpolation?)")
                 return None
-            data = np.round(data)
-        values = data.astype(np.int64, copy=False)
         k = len(self.spec.labels)
-        unknown_mask = (values < 0) | (values >= k)
+        # compared in the file's own dtype: casting first would wrap huge uint64 / float values into range
+        unknown_mask = (data < 0) | (data >= k)
         if unknown_mask.any():
-            unknown = np.unique(values[unknown_mask])
+            unknown = np.unique(data[unknown_mask])
+            unknown = unknown.astype(np.int64) if np.abs(unknown).max() < 2**62 else unknown
             shown = ", ".join(str(v) for v in unknown[:_MAX_LISTED_VALUES])
             extra = len(unknown) - _MAX_LISTED_VALUES
             more = f" and {extra} more" if extra > 0 else ""
             self.report.add(path, f"label values not declared in dataset.json: {shown}{more} "
                                   f"(declared: 0..{k - 1})")
             return None
+        values = data.astype(np.int64, copy=False)
         counts = np.bincount(values.ravel(), minlength=k)
         if count_classes:
             self.voxels += counts
@@ -346,12 +347,17 @@ def read_geometry(path: str | os.PathLike) -> _Geometry:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
         affine = np.asarray(img.affine, dtype=np.float64)
+        check_claimed_size(path, img)
+    except InputFileError:
+        raise
     except Exception as exc:  # nibabel raises many types for malformed headers
         raise InputFileError(f"{path}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from None
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputFileError(f"{path}: expected a 3D volume, found {len(shape)}D with shape {shape}")
+    if min(shape) < 1:
+        raise InputFileError(f"{path}: empty volume with shape {shape}")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputFileError(f"{path}: the affine (voxel-to-world matrix) is singular or not finite")
     return _Geometry(shape, affine)

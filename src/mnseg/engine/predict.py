@@ -102,8 +102,14 @@ def predict_case(run: LoadedRun, case_id: str, image_paths: list[Path]) -> tuple
     return labels, probs_orig, load_nifti(image_paths[0], dtype=None)
 
 
-def group_input_images(in_dir: Path, file_ending: str, num_channels: int) -> dict[str, list[Path]]:
-    """CASE_0000.nii.gz (+ _0001, ...) -> {CASE: [paths]}; plain CASE.nii.gz accepted for one channel."""
+def group_input_images(
+    in_dir: Path, file_ending: str, num_channels: int, problems: list[tuple[str, str]] | None = None
+) -> dict[str, list[Path]]:
+    """CASE_0000.nii.gz (+ _0001, ...) -> {CASE: [paths]}; plain CASE.nii.gz accepted for one channel.
+
+    A case with missing or extra channels raises ``InputFileError``, or, when a ``problems`` list is given,
+    is left out and recorded there as (case, message) so the other cases can still be predicted.
+    """
     groups: dict[str, dict[int, Path]] = {}
     for path in sorted(in_dir.iterdir()):
         if not path.name.endswith(file_ending) or path.name.startswith("."):
@@ -116,7 +122,13 @@ def group_input_images(in_dir: Path, file_ending: str, num_channels: int) -> dic
     out = {}
     for case, chans in groups.items():
         if sorted(chans) != list(range(num_channels)):
-            raise InputFileError(f"{in_dir}: case {case} has channels {sorted(chans)}, expected 0..{num_channels - 1}")
+            names = ", ".join(chans[c].name for c in sorted(chans))
+            msg = (f"{in_dir}: case {case} has channel(s) {sorted(chans)} ({names}); the model expects "
+                   f"{num_channels} channel(s) numbered 0..{num_channels - 1}")
+            if problems is None:
+                raise InputFileError(msg)
+            problems.append((case, msg))
+            continue
         out[case] = [chans[i] for i in range(num_channels)]
     return out
 
@@ -141,8 +153,11 @@ def predict_folder(
     if out_dir == in_dir or in_dir in out_dir.parents:
         raise MnsegError(f"{out_dir}: refusing to write predictions into the input folder {in_dir}")
     ending = run.plans.get("file_ending", ".nii.gz")
-    cases = group_input_images(in_dir, ending, run.plans["in_channels"])
-    if not cases:
+    failures: list[tuple[str, str]] = []
+    cases = group_input_images(in_dir, ending, run.plans["in_channels"], problems=failures)
+    for case_id, msg in failures:
+        log(f"failed: {case_id}: {msg}")
+    if not cases and not failures:
         raise MnsegError(f"{in_dir}: no images ending in {ending}")
     if not overwrite:
         existing = [c for c in cases if (out_dir / f"{c}{ending}").exists()]
@@ -152,7 +167,6 @@ def predict_folder(
                 f"{' ...' if len(existing) > 5 else ''}; use --overwrite to replace them"
             )
     out_dir.mkdir(parents=True, exist_ok=True)
-    failures = []
     for case_id, paths in tqdm(cases.items(), desc="predict", disable=not progress, file=__import__("sys").stderr):
         try:
             labels, probs, source = predict_case(run, case_id, paths)
@@ -166,4 +180,11 @@ def predict_folder(
         except MnsegError as exc:
             failures.append((case_id, str(exc)))
             log(f"failed: {case_id}: {exc}")
+        except OSError as exc:  # disk full, read-only: every later case would fail too, so stop here
+            from mnseg.utils.preflight import describe_os_error
+
+            raise MnsegError(
+                f"{out_dir}: cannot write the prediction of case {case_id} ({describe_os_error(exc)}); "
+                f"predictions already written are complete and kept"
+            ) from None
     return failures
