@@ -125,6 +125,8 @@ def run(args) -> int:
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     try:
         trainer.fit()
+        if not trainer.is_main:  # under torchrun only rank 0 reports and tests
+            return 0
         print(f"done: {run_dir}")
         if args.test:
             return test_run(trainer, run_dir, progress=not args.no_progress)

@@ -88,6 +88,22 @@ class PatchBatcher:
         self.rng.bit_generator.state = state
 
 
+def shard_batch(batch: dict[str, np.ndarray], rank: int, world_size: int) -> dict[str, np.ndarray]:
+    """This rank's share of a globally drawn batch: items ``rank::world_size`` of labelled-then-unlabelled.
+
+    Every rank draws the same global batch (same seeded batcher) and keeps its slice, so N processes
+    together see exactly the patches one process would. Taking the slice over the labelled and
+    unlabelled items together gives every rank the same item count (global batch / world_size) even
+    when a method's b_l or b_u is not divisible by world_size; then labelled items go to low ranks.
+    """
+    if world_size <= 1:
+        return batch
+    b_l = batch["image_l"].shape[0]
+    mine = np.arange(rank, b_l + batch["image_u"].shape[0], world_size)
+    own_l, own_u = mine[mine < b_l], mine[mine >= b_l] - b_l
+    return {"image_l": batch["image_l"][own_l], "label_l": batch["label_l"][own_l], "image_u": batch["image_u"][own_u]}
+
+
 def batch_to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     pin = device.type == "cuda"
     out = {}

@@ -4,6 +4,10 @@ Hooks in the order they run (as nnU-Net's trainer): ``setup`` -> per epoch
 ``method.on_epoch_start`` -> steps (``method.batch_split``, ``method.training_step``,
 optimiser steps for ``method.active_roles``, ``method.after_optimizer_step``) ->
 ``_end_epoch`` (history, TensorBoard, validation, checkpoints).
+
+Under torchrun (WORLD_SIZE > 1, see ``engine/distributed.py``) every rank draws the same global batch
+and trains on its slice; trained roles are wrapped in DistributedDataParallel (frozen roles such as EMA
+teachers never are); rank 0 alone prepares the cache, writes the run directory, validates and logs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from mnseg.config import Config
+from mnseg.engine import distributed
 from mnseg.engine.build import build_augmenter, build_model, build_optimizer, resolve_device
 from mnseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from mnseg.engine.run_dir import RunDir
@@ -27,10 +32,15 @@ from mnseg.engine.schedules import current_lr, make_scheduler
 from mnseg.errors import ConfigError, MnsegError
 from mnseg.methods import method_class
 from mnseg.methods.base import Batch, MethodContext
+from mnseg.utils.atomic import atomic_write_text
 
 
 class NonFiniteLossError(MnsegError):
     pass
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log function of ranks other than 0."""
 
 
 # Roles whose stage has not begun step their scheduler (a function of the global step) before their optimiser.
@@ -65,6 +75,12 @@ class Trainer:
         self.start_epoch = 0
         self.best_metric = -math.inf
         self.tb = None
+        self.dist = distributed.DistContext()
+
+    @property
+    def is_main(self) -> bool:
+        """True for the one process that writes files and prints (always, without torchrun)."""
+        return self.dist.is_main
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -72,22 +88,34 @@ class Trainer:
         from mnseg.engine.data_setup import prepare_data
 
         cfg = self.cfg
+        self.dist = distributed.init_from_env(resolve_device(cfg.train.device))
+        self.device = self.dist.device
+        distributed.check_batch_divisible(cfg.train.batch_size, self.dist)
+        if not self.is_main:
+            self.progress, self.log = False, _quiet
         if self.resume:
             if not self.run.checkpoint("last").exists():
                 raise MnsegError(f"{self.run.path}: nothing to resume (no checkpoints/last.pt)")
             split_dict, plans = self.run.read_json("split.json"), self.run.read_json("plans.json")
         else:
-            self.run.create(overwrite=self.overwrite)
+            if self.is_main:
+                self.run.create(overwrite=self.overwrite)
             split_dict, plans = None, None
-        self.device = resolve_device(cfg.train.device)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
-        self.data = prepare_data(cfg, split_dict, plans, progress=self.progress)
+        # Rank 0 fills the preprocessing cache and writes the split; the others then read both.
+        if self.is_main:
+            self.data = prepare_data(cfg, split_dict, plans, progress=self.progress)
+            if not self.resume:
+                atomic_write_text(self.run.path / "config.yaml", cfg.to_yaml())
+                self.run.write_json("plans.json", self.data.plans)
+                self.run.write_json("split.json", self.data.split.to_json_dict())
+                env = f"{self.device}" + (f" x {self.dist.world_size} processes (DDP)" if self.dist.enabled else "")
+                self.run.write_env(env)
+        distributed.barrier(self.dist)
+        if not self.is_main:
+            split_dict, plans = self.run.read_json("split.json"), self.run.read_json("plans.json")
+            self.data = prepare_data(cfg, split_dict, plans, progress=False)
         plans = self.data.plans
-        if not self.resume:
-            self.run.path.joinpath("config.yaml").write_text(cfg.to_yaml())
-            self.run.write_json("plans.json", plans)
-            self.run.write_json("split.json", self.data.split.to_json_dict())
-            self.run.write_env(str(self.device))
 
         cls = method_class(cfg.method.name)
         missing = set(cls.default_models) - set(cfg.models)
@@ -119,6 +147,7 @@ class Trainer:
                 continue
             self.optimizers[role] = build_optimizer(model, cfg.models[role].optim, self.device)
             self.schedulers[role] = make_scheduler(self.optimizers[role], self.method.schedule_segments(role))
+            self.models[role] = distributed.wrap_ddp(model, self.dist)
         augmenters = {role: build_augmenter(cfg.models[role]) for role in self.models}
         self.method.attach(self.models, augmenters, self.optimizers)
 
@@ -134,14 +163,21 @@ class Trainer:
             cfg.data.class_balanced,
         )
         self.method.batcher = self.batcher
+        if self.dist.enabled:
+            self._seed_rank(0)
         if self.resume:
             self._load("last")
         self.history = [r for r in self.run.history_rows() if int(r["epoch"]) < self.start_epoch]
         self.log(
             f"run {self.run.path}: method {cls.name}, {len(self.data.labeled)} labelled / "
             f"{len(self.data.unlabeled)} unlabelled / {len(self.data.val)} validation cases, device {self.device}"
+            + (f" x {self.dist.world_size} processes" if self.dist.enabled else "")
             + (f", resuming at epoch {self.start_epoch + 1}" if self.resume else "")
         )
+
+    def _seed_rank(self, epoch: int) -> None:
+        """Different torch streams per rank (augmentation, noise); the patch batcher stays shared."""
+        torch.manual_seed(self.cfg.train.seed + 104729 * (self.dist.rank + 1) + 7919 * epoch)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -150,12 +186,15 @@ class Trainer:
         cfg = self.cfg
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(self.run.path / "tb"), purge_step=self.start_epoch)
+        if self.is_main:
+            self.tb = SummaryWriter(str(self.run.path / "tb"), purge_step=self.start_epoch)
         try:
             for epoch in range(self.start_epoch, cfg.train.epochs):
                 self._train_epoch(epoch)
         finally:
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()
+            distributed.shutdown(self.dist)
         return self.history[-1] if self.history else {}
 
     def _autocast(self):
@@ -166,7 +205,7 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> None:
         from tqdm import tqdm
 
-        from mnseg.data.loader import batch_to_device
+        from mnseg.data.loader import batch_to_device, shard_batch
 
         cfg, method = self.cfg, self.method
         method.on_epoch_start(epoch)
@@ -190,14 +229,15 @@ class Trainer:
             b_l, b_u = method.batch_split(epoch, it)
             counts["b_l"] += b_l
             counts["b_u"] += b_u
-            arrays = self.batcher.next_batch(b_l, b_u)
+            arrays = shard_batch(self.batcher.next_batch(b_l, b_u), self.dist.rank, self.dist.world_size)
             t = batch_to_device(arrays, self.device)
             batch = Batch(t["image_l"], t["label_l"], t["image_u"])
             for role in active:
                 self.optimizers[role].zero_grad(set_to_none=True)
             with self._autocast():
                 out = method.training_step(batch, epoch, it)
-            loss_value = float(out.loss.detach())
+            # The global mean (every rank holds equally many items), so all ranks take the same decision below.
+            loss_value = distributed.mean_over_ranks(float(out.loss.detach()), self.dist)
             if not math.isfinite(loss_value):
                 if cfg.train.on_nan == "skip":
                     skipped += 1
@@ -226,8 +266,13 @@ class Trainer:
             if it % 5 == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}", b_u=b_u)
         bar.close()
+        if skipped == cfg.train.iters_per_epoch:
+            raise NonFiniteLossError(
+                f"every step of epoch {epoch + 1} had a non-finite loss and was skipped; the run stops here and keeps "
+                f"its last good checkpoint ({self.run.checkpoint('last')}). Try a lower learning rate."
+            )
         row = {"epoch": epoch, "phase": method.phase(epoch)}
-        row.update({k: round(float(v) / seen[k], 6) for k, v in sums.items()})
+        row.update({k: round(v, 6) for k, v in distributed.merge_sums(sums, seen, self.dist).items()})
         for role, opt in self.optimizers.items():
             row[f"lr_{role}"] = current_lr(opt)
         row["b_l"] = round(counts["b_l"] / cfg.train.iters_per_epoch, 3)
@@ -241,14 +286,16 @@ class Trainer:
         last = epoch == cfg.train.epochs - 1
         is_best = False
         if self.data.val and cfg.train.val_every > 0 and ((epoch + 1) % cfg.train.val_every == 0 or last):
-            row["val_dice"] = self.validate(epoch)
+            # Rank 0 validates; the others wait in the broadcast, so every rank agrees on the best checkpoint.
+            row["val_dice"] = distributed.broadcast_object(self.validate(epoch) if self.is_main else None, self.dist)
             if row["val_dice"] > self.best_metric:
                 self.best_metric, is_best = row["val_dice"], True
         self.history.append(row)
-        self.run.write_history(self.history)
-        for k, v in row.items():
-            if isinstance(v, int | float) and k != "epoch":
-                self.tb.add_scalar(f"train/{k}" if not k.startswith("val") else f"val/{k}", v, epoch + 1)
+        if self.is_main:
+            self.run.write_history(self.history)
+            for k, v in row.items():
+                if isinstance(v, int | float) and k != "epoch":
+                    self.tb.add_scalar(f"train/{k}" if not k.startswith("val") else f"val/{k}", v, epoch + 1)
         lrs = " ".join(f"{k}={v:.2e}" for k, v in row.items() if k.startswith("lr_"))
         val = f" val_dice={row['val_dice']:.4f}" if "val_dice" in row else ""
         self.log(
@@ -269,7 +316,8 @@ class Trainer:
 
         cfg = self.cfg
         predictor = self.method.predictor(cfg.infer.model)
-        models = predictor if isinstance(predictor, list) else [predictor]
+        # The bare modules: a DDP wrapper's forward on rank 0 alone must not wait for the other ranks.
+        models = [unwrap(m) for m in (predictor if isinstance(predictor, list) else [predictor])]
         modes = [m.training for m in models]
         for m in models:
             m.eval()
@@ -302,6 +350,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, tag: str) -> None:
+        """Called on every rank (their RNG states are gathered); rank 0 writes."""
+        rngs = distributed.gather_objects(rng_state(), self.dist)
+        if not self.is_main:
+            return
         save_checkpoint(
             self.run.checkpoint(tag),
             epoch=self.start_epoch,
@@ -310,7 +362,8 @@ class Trainer:
             schedulers={r: s.state_dict() for r, s in self.schedulers.items()},
             method=self.method.extra_state(),
             batcher=self.batcher.state(),
-            rng=rng_state(),
+            rng=rngs[0],
+            rng_ranks=rngs if self.dist.enabled else None,
             best_metric=self.best_metric,
             config=self.cfg.to_dict(),
         )
@@ -325,6 +378,12 @@ class Trainer:
             sched.load_state_dict(ckpt["schedulers"][role])
         self.method.load_extra_state(ckpt.get("method", {}))
         self.batcher.load_state(ckpt["batcher"])
-        set_rng_state(ckpt["rng"])
         self.start_epoch = int(ckpt["epoch"])
+        per_rank = ckpt.get("rng_ranks")
+        if per_rank and len(per_rank) == self.dist.world_size:
+            set_rng_state(per_rank[self.dist.rank])
+        else:
+            set_rng_state(ckpt["rng"])
+            if self.dist.enabled:  # saved by a different number of processes: fresh per-rank streams
+                self._seed_rank(self.start_epoch)
         self.best_metric = float(ckpt["best_metric"])

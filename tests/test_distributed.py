@@ -1,0 +1,145 @@
+"""Several processes (torchrun, gloo on CPU) train exactly as one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mnseg.data.loader import shard_batch
+from mnseg.engine import distributed
+from mnseg.errors import ConfigError
+
+# Two processes sum their gradients in another order than one process does: float32 rounding only
+# (about 3e-8 in the weights with SGD). Adam divides by sqrt(v) + eps, which magnifies that rounding on
+# near-zero gradient components by up to lr per step: 5e-7 at lr 1e-3 (here), 3e-4 at lr 1e-2.
+RTOL = 1e-4
+ATOL = 1e-5
+
+
+def _batch(b_l: int, b_u: int) -> dict[str, np.ndarray]:
+    return {
+        "image_l": np.arange(b_l, dtype=np.float32).reshape(b_l, 1, 1, 1, 1),
+        "label_l": np.arange(b_l, dtype=np.int64).reshape(b_l, 1, 1, 1),
+        "image_u": 100 + np.arange(b_u, dtype=np.float32).reshape(b_u, 1, 1, 1, 1),
+    }
+
+
+@pytest.mark.parametrize("b_l,b_u,world", [(2, 2, 2), (4, 0, 2), (1, 1, 2), (3, 1, 2), (6, 3, 3)])
+def test_shards_partition_the_global_batch_evenly(b_l, b_u, world):
+    batch = _batch(b_l, b_u)
+    shards = [shard_batch(batch, r, world) for r in range(world)]
+    sizes = [len(s["image_l"]) + len(s["image_u"]) for s in shards]
+    assert sizes == [(b_l + b_u) // world] * world
+    got_l = sorted(float(v) for s in shards for v in s["image_l"].ravel())
+    got_u = sorted(float(v) for s in shards for v in s["image_u"].ravel())
+    assert got_l == sorted(batch["image_l"].ravel().tolist())
+    assert got_u == sorted(batch["image_u"].ravel().tolist())
+    for s in shards:  # labels travel with their images
+        np.testing.assert_array_equal(s["image_l"].ravel(), s["label_l"].ravel())
+
+
+def test_one_process_is_untouched(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = distributed.init_from_env(torch.device("cpu"))
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.enabled) == (0, 1, True, False)
+    assert not torch.distributed.is_initialized()
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap_ddp(model, ctx) is model
+    assert distributed.merge_sums({"loss": 3.0}, {"loss": 2}, ctx) == {"loss": 1.5}
+    assert distributed.mean_over_ranks(0.25, ctx) == 0.25
+
+
+def test_global_batch_must_split_evenly():
+    ctx = distributed.DistContext(rank=0, world_size=3)
+    with pytest.raises(ConfigError, match="divisible"):
+        distributed.check_batch_divisible(4, ctx)
+    distributed.check_batch_divisible(6, ctx)
+
+
+def test_bad_torchrun_environment_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE"):
+        distributed.init_from_env(torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------- 2 processes vs 1
+TINY = ["unet3d", "{depth: 3, base_filters: 4}"]
+# Batch Dice pools over the items a process holds, so it is left out (w_dice=0) to make the two runs
+# comparable step by step; CE is a mean over voxels, and equal item counts make the mean of the
+# per-process means the global mean (docs/distributed.md). No augmentation, no input noise: those draw
+# from per-process random streams by design.
+CASES = {
+    "supervised": ["method.params.w_dice=0"],
+    "mean_teacher": [
+        "method.params.w_dice=0", "method.params.noise_std=0", "method.params.rampup=0", "method.params.consistency=1",
+    ],
+}
+
+
+def _roles(method):
+    return ["net"] if method == "supervised" else ["student", "teacher"]
+
+
+def _argv(method, ds, run, cache):
+    argv = [
+        "train", str(ds), "--method", method, "--num-labeled", "3", "--epochs", "3", "--iters-per-epoch", "2",
+        "--batch-size", "2", "--patch-size", "32,32,32", "--run-dir", str(run), "--no-progress",
+        f"data.cache_dir={cache}", "train.deterministic=true", "train.amp=false", "train.device=cpu", *CASES[method],
+    ]
+    for role in _roles(method):
+        argv += [f"models.{role}.name={TINY[0]}", f"models.{role}.kwargs={TINY[1]}",
+                 f"models.{role}.augment.preset=none", f"models.{role}.optim.lr=1e-3",
+                 f"models.{role}.optim.warmup_epochs=0"]
+    return argv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _history(run) -> list[dict]:
+    from mnseg.engine.run_dir import RunDir
+
+    return RunDir(run).history_rows()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_two_processes_follow_the_one_process_trajectory(toy_dataset, tmp_path, method):
+    from mnseg.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(_argv(method, toy_dataset, tmp_path / "one", cache)) == 0
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "mnseg", *_argv(method, toy_dataset, tmp_path / "two", cache)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "x 2 processes" in done.stdout  # it really ran distributed
+
+    one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    keys = [k for k in one[0] if k.startswith("loss")]
+    for a, b in zip(one, two):
+        np.testing.assert_allclose([float(b[k]) for k in keys], [float(a[k]) for k in keys], rtol=RTOL, atol=1e-6)
+    losses = [float(r["loss"]) for r in one]
+    assert len(set(losses)) > 1  # the model did learn something, so equality is not trivial
+
+    ck_one = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=False)
+    ck_two = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=False)
+    assert ck_two["rng_ranks"] is not None and len(ck_two["rng_ranks"]) == 2
+    for role in _roles(method):
+        sd_one, sd_two = ck_one["models"][role], ck_two["models"][role]
+        assert sd_one.keys() == sd_two.keys()  # unwrapped: no "module." prefix
+        for name, w in sd_one.items():
+            torch.testing.assert_close(sd_two[name], w, rtol=RTOL, atol=ATOL)
+    assert ck_one["epoch"] == ck_two["epoch"] == 3
