@@ -42,3 +42,13 @@ def test_save_is_atomic_on_failure(tmp_path):
         save_nifti(np.ones((4, 4, 4), dtype=object), np.eye(4), target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.nii.gz"]
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    path = save_nifti(np.ones((4, 4, 4), np.float32), np.eye(4), tmp_path / "p.nii.gz")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

@@ -197,3 +197,50 @@ def test_slices_2d_trains_the_2d_model_on_a_subset_of_slices():
     seen["net2d"].clear(), seen["net3d"].clear()
     method.training_step(batch, SUP, 0)  # the 3D model's epochs are unaffected
     assert seen["net2d"] == [(3, 1, 16, 16, 16)] and seen["net3d"] == [(5, 1, 16, 16, 16)]
+
+
+def test_resume_restores_lr_guided_sampling_state(toy_dataset, tmp_path):
+    """An M&N run stopped in co-training and resumed ends where an uninterrupted one does (weights, b_u, lrs)."""
+    import csv
+
+    from mnseg.cli import main
+    from mnseg.commands.train import build_config
+    from mnseg.engine.trainer import Trainer
+
+    common = ["--method", "mn", "--num-labeled", "2", "--epochs", "5", "--iters-per-epoch", "3", "--batch-size", "3",
+              "--patch-size", "16,16,16"]
+    over = [f"data.cache_dir={tmp_path / 'cache'}", "train.deterministic=true", "method.params.sup_epochs=2",
+            "models.net2d.name=unet2d", "models.net2d.finetune=null", "models.net2d.kwargs={depth: 3, base_filters: 4}",
+            "models.net3d.name=unet3d", "models.net3d.kwargs={depth: 3, base_filters: 4}",
+            "method.params.fixed_pseudo=true", "method.params.lrg=uniform"]
+    assert main(["train", str(toy_dataset), *common, "--run-dir", str(tmp_path / "full"), "--no-progress", *over]) == 0
+
+    import argparse
+
+    from mnseg.commands.train import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([str(toy_dataset), *common])
+    args.overrides = over
+    first = Trainer(build_config(args), tmp_path / "part", progress=False)
+    first.setup()
+    from torch.utils.tensorboard import SummaryWriter
+
+    first.tb = SummaryWriter(str(tmp_path / "part" / "tb"))
+    for epoch in range(3):  # stops after the first co-training epoch (fixed generators exist, uniform rng used)
+        first._train_epoch(epoch)
+    first.tb.close()
+    del first
+    assert main(["train", "--resume", str(tmp_path / "part"), "--no-progress"]) == 0
+
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=False)
+    for role in ("net2d", "net3d"):
+        for key, value in a["models"][role].items():
+            torch.testing.assert_close(value, b["models"][role][key], rtol=1e-5, atol=1e-6, msg=f"{role}.{key}")
+    rows_a = list(csv.DictReader(open(tmp_path / "full" / "history.csv")))
+    rows_b = list(csv.DictReader(open(tmp_path / "part" / "history.csv")))
+    assert [r["b_u"] for r in rows_a] == [r["b_u"] for r in rows_b]
+    assert [r["lr_net3d"] for r in rows_a] == [r["lr_net3d"] for r in rows_b]
+    assert [float(r["loss"]) for r in rows_a] == pytest.approx([float(r["loss"]) for r in rows_b], rel=1e-4)
