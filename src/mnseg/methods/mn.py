@@ -141,6 +141,7 @@ class MN(Method):
             coords[case.case_id] = foreground_coords(probs.argmax(0).cpu().numpy(), rng=self._rng)
         model.train(was_training)
         self.batcher.set_unlabeled_foreground(coords)
+        self._unlabeled_fg = coords  # kept in checkpoints so a resumed run crops exactly as before
 
     # --- the step -------------------------------------------------------------------------------------------
     def _labelled_loss(self, logits, label):
@@ -208,9 +209,14 @@ class MN(Method):
         return options[which]
 
     def extra_state(self) -> dict:
+        fg = {
+            case: {c: xyz.astype(np.int32) for c, xyz in classes.items()}
+            for case, classes in getattr(self, "_unlabeled_fg", {}).items()
+        }
         return {
             "generators": {r: m.state_dict() for r, m in self.generators.items()},
             "rng": self._rng.bit_generator.state,
+            "unlabeled_fg": fg,
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -221,3 +227,7 @@ class MN(Method):
                 self.generators[r].load_state_dict(sd)
         if "rng" in state:
             self._rng.bit_generator.state = state["rng"]
+        if state.get("unlabeled_fg"):
+            self._unlabeled_fg = state["unlabeled_fg"]
+            if getattr(self, "batcher", None) is not None:
+                self.batcher.set_unlabeled_foreground(self._unlabeled_fg)
