@@ -15,6 +15,7 @@ from torch import nn
 
 from mnseg.config import Config
 from mnseg.engine.schedules import Segment
+from mnseg.errors import ConfigError
 
 
 @dataclass
@@ -122,6 +123,18 @@ class Method:
     def predictor(self, which: str | None = None) -> nn.Module | list[nn.Module]:
         """The model(s) that predict; a list means their probabilities are averaged."""
         return self.models[which or self.predict_role]
+
+    def pick_predictor(self, which: str | None, short_names: dict[str, str], default: str):
+        """Resolve a prediction choice: a short name (e.g. 'a' -> 'net_a'), a role name, or 'average' of the roles."""
+        which = which or self.param("predict", default)
+        options = {
+            **{k: self.models[r] for k, r in short_names.items()},
+            **{r: self.models[r] for r in short_names.values()},
+        }
+        options["average"] = [self.models[r] for r in short_names.values()]
+        if which not in options:
+            raise ConfigError(f"{self.name} predicts with {', '.join(repr(k) for k in options)}, not '{which}'")
+        return options[which]
 
     def extra_state(self) -> dict:
         return {}

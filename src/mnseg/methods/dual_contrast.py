@@ -335,17 +335,7 @@ class DualContrast(Method):
 
     # --- inference and state --------------------------------------------------------------------------------
     def predictor(self, which: str | None = None):
-        which = which or self.param("predict", "a")
-        options = {
-            "a": self.models["net_a"],
-            "net_a": self.models["net_a"],
-            "b": self.models["net_b"],
-            "net_b": self.models["net_b"],
-            "average": [self.models["net_a"], self.models["net_b"]],
-        }
-        if which not in options:
-            raise ConfigError(f"dual_contrast predicts with 'a', 'b' or 'average', not '{which}'")
-        return options[which]
+        return self.pick_predictor(which, {"a": "net_a", "b": "net_b"}, "a")
 
     def extra_state(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -196,17 +196,8 @@ class MN(Method):
 
     # --- inference and state ------------------------------------------------------------------------------
     def predictor(self, which: str | None = None):
-        which = which or self.param("predict", "3d")
-        options = {
-            "3d": self.models["net3d"],
-            "net3d": self.models["net3d"],
-            "2d": self.models["net2d"],
-            "net2d": self.models["net2d"],
-            "average": [self.models["net3d"], self.models["net2d"]],
-        }
-        if which not in options:
-            raise ConfigError(f"M&N predicts with '3d', '2d' or 'average', not '{which}'")
-        return options[which]
+        # The 3D model's output is the paper's; the 2D model's or their average are options.
+        return self.pick_predictor(which, {"3d": "net3d", "2d": "net2d"}, "3d")
 
     def extra_state(self) -> dict:
         fg = {
