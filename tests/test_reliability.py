@@ -183,6 +183,18 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(trained, tmp_
     assert len((run / "history.csv").read_text().splitlines()) == 2  # header + epoch 1
 
 
+def test_nan_loss_with_deferred_checks_still_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypatch, capsys):
+    """train.check_every=2 syncs once per two steps; a NaN in that window still stops before anything is saved."""
+    ds, _, cache = trained
+    nan_after(monkeypatch, lambda n: n > 2)
+    run = tmp_path / "run"
+    rc = main(train_argv(ds, run, cache, "train.check_every=2", epochs=3, iters=2))
+    assert rc == 2
+    assert "loss became nan at epoch 2, iterations 1-2" in capsys.readouterr().err
+    last = load(run / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1 and finite_weights(last)
+
+
 def test_nan_loss_skipped_when_asked(trained, tmp_path, monkeypatch):
     ds, _, cache = trained
     calls = nan_after(monkeypatch, lambda n: n % 2 == 0)  # every second step

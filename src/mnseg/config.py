@@ -80,6 +80,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     overlay_every: int = 0  # TensorBoard prediction pictures every N epochs (0: at validation only)
     on_nan: str = "stop"  # stop | skip
+    check_every: int = 1  # NaN check (a host sync) every N steps; >1 keeps the GPU queue full (stop mode only)
     compile: bool = False
 
 

@@ -216,6 +216,9 @@ class Trainer:
         seen: dict[str, int] = {}
         counts = {"b_l": 0, "b_u": 0}
         skipped = 0
+        check_every = max(int(cfg.train.check_every), 1)
+        per_step_check = check_every == 1 or cfg.train.on_nan == "skip"
+        window, window_start = torch.zeros((), device=self.device), 0
         t0 = time.time()
         bar = tqdm(
             range(cfg.train.iters_per_epoch),
@@ -236,19 +239,18 @@ class Trainer:
                 self.optimizers[role].zero_grad(set_to_none=True)
             with self._autocast():
                 out = method.training_step(batch, epoch, it)
-            # The global mean (every rank holds equally many items), so all ranks take the same decision below.
-            loss_value = distributed.mean_over_ranks(float(out.loss.detach()), self.dist)
-            if not math.isfinite(loss_value):
-                if cfg.train.on_nan == "skip":
-                    skipped += 1
-                    for sched in self.schedulers.values():
-                        sched.step()
-                    continue
-                raise NonFiniteLossError(
-                    f"loss became {loss_value} at epoch {epoch + 1}, iteration {it + 1}; the run stops here and "
-                    f"keeps its last good checkpoint ({self.run.checkpoint('last')}). Try a lower learning rate, "
-                    f"or train.on_nan=skip to skip such steps."
-                )
+            loss = out.loss.detach().float()
+            check_now = per_step_check or (it + 1) % check_every == 0 or it == cfg.train.iters_per_epoch - 1
+            if per_step_check:
+                # The global mean (every rank holds equally many items), so all ranks take the same decision.
+                loss_value = distributed.mean_over_ranks(float(loss), self.dist)
+                if not math.isfinite(loss_value):
+                    if cfg.train.on_nan == "skip":
+                        skipped += 1
+                        for sched in self.schedulers.values():
+                            sched.step()
+                        continue
+                    raise self._non_finite(loss_value, epoch, f"iteration {it + 1}")
             out.loss.backward()
             for role in active:
                 clip = cfg.models[role].optim.grad_clip
@@ -258,13 +260,21 @@ class Trainer:
             for sched in self.schedulers.values():
                 sched.step()
             method.after_optimizer_step(epoch, it)
-            sums["loss"] = sums.get("loss", 0.0) + loss_value
+            window = window + loss  # stays on the device: no host sync between checks
+            sums["loss"] = sums.get("loss", 0.0) + loss
             seen["loss"] = seen.get("loss", 0) + 1
             for k, v in out.logs.items():
                 sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
                 seen[k] = seen.get(k, 0) + 1  # a log present in some steps only is averaged over those
-            if it % 5 == 0:
-                bar.set_postfix(loss=f"{loss_value:.4f}", b_u=b_u)
+            if check_now and not per_step_check:
+                # Deferred check (train.check_every > 1): one sync per window; a non-finite window stops the run
+                # before anything is saved, so the checkpoint on disk stays the last good one.
+                value = distributed.mean_over_ranks(float(window), self.dist)
+                if not math.isfinite(value):
+                    raise self._non_finite(value, epoch, f"iterations {window_start + 1}-{it + 1}")
+                window, window_start = torch.zeros((), device=self.device), it + 1
+            if check_now and self.progress:
+                bar.set_postfix(loss=f"{float(loss):.4f}", b_u=b_u)
         bar.close()
         if skipped == cfg.train.iters_per_epoch:
             raise NonFiniteLossError(
@@ -280,6 +290,13 @@ class Trainer:
         row["skipped_steps"] = skipped
         row["seconds"] = round(time.time() - t0, 2)
         self._end_epoch(epoch, row)
+
+    def _non_finite(self, value: float, epoch: int, where: str) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"loss became {value} at epoch {epoch + 1}, {where}; the run stops here and keeps its last good "
+            f"checkpoint ({self.run.checkpoint('last')}). Try a lower learning rate, or train.on_nan=skip to skip "
+            f"such steps."
+        )
 
     def _end_epoch(self, epoch: int, row: dict) -> None:
         cfg = self.cfg

@@ -1,0 +1,73 @@
+"""Issue 8 speed harness: mnseg's M&N co-training iteration, sliding-window inference and patch loader
+against plain fp32 eager PyTorch / MONAI on the same models and shapes (logic in ``mnseg.speed``).
+
+    python benchmarks/speed.py --device cuda --preset paper [--compile] [--profile] [--peak-tflops 989]
+                               [--json speed.json]
+
+Presets: paper (SegFormer-B2-sized + LoRA and the M&N 3D UNet, crops 160x160x64, B=5), small, tiny
+(seconds on a CPU; a smoke check only). Targets (H100): training >= 3x faster at <= half the peak memory,
+inference >= 2x with the same masks, loader faster than training consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mnseg.speed import H100_BF16_DENSE_TFLOPS, PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the mnseg side's models")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of both sides")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help=f"the device's dense bf16 peak for the 'of peak' column (default on CUDA: {H100_BF16_DENSE_TFLOPS:g}, "
+        "H100 SXM)",
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before timing (default 3)")
+    parser.add_argument("--iters", type=int, default=10, help="timed co-training iterations (default 10)")
+    parser.add_argument("--inference-repeats", type=int, default=3, help="timed volumes per side (default 3)")
+    parser.add_argument("--loader-batches", type=int, default=20, help="timed loader batches (default 20)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    from mnseg.engine.build import resolve_device
+    from mnseg.errors import MnsegError
+    from mnseg.speed import format_report, run_benchmark
+    from mnseg.utils.atomic import atomic_write_json
+
+    if args.warmup < 0 or args.iters < 1 or args.inference_repeats < 1 or args.loader_batches < 1:
+        parser.error("--warmup must be >= 0 and --iters, --inference-repeats, --loader-batches >= 1")
+    try:
+        device = resolve_device(args.device)
+        result = run_benchmark(
+            args.preset,
+            device,
+            warmup=args.warmup,
+            iters=args.iters,
+            compile=args.compile,
+            profile=args.profile,
+            peak_tflops=args.peak_tflops,
+            inference_repeats=args.inference_repeats,
+            loader_batches=args.loader_batches,
+            seed=args.seed,
+        )
+    except MnsegError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

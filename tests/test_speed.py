@@ -1,0 +1,120 @@
+"""The issue-8 speed harness in its tiny preset on the CPU: it runs, measures and compares like with like."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnseg.speed import PRESETS, MnsegSide, PlainSide, _mean_foreground_dice, build_master_models, make_batch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("speed_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread: on a shared, busy CPU, spinning OpenMP threads make timings (and test time) erratic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("speed") / "speed.json"
+    argv = [
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--inference-repeats",
+        "1",
+        "--loader-batches",
+        "2",
+        "--profile",
+        "--json",
+        str(out),
+    ]
+    assert _script().main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_training_sides_are_timed_and_counted(tiny_result):
+    training = tiny_result["training"]
+    for side in ("mnseg", "plain"):
+        assert training[side]["ms_per_iter"] > 0
+        assert training[side]["flops_per_iter"] > 0
+        assert training[side]["tflops_per_s"] > 0
+        assert training[side]["peak_memory_mib"] is None  # no CUDA memory on the CPU
+        assert training[side]["peak_fraction"] is None  # no peak given on the CPU
+        assert "aten::" in training[side]["profile"]
+    # Same models, same shapes, same losses: the same matmuls and convolutions (within a few small extras).
+    assert training["mnseg"]["flops_per_iter"] == pytest.approx(training["plain"]["flops_per_iter"], rel=0.05)
+    assert training["speedup"] > 0
+    b = tiny_result["batch"]
+    assert b["b_l"] + b["b_u"] == b["B"] == PRESETS["tiny"].batch_size
+
+
+def test_inference_matches_monai(tiny_result):
+    inference = tiny_result["inference"]
+    assert inference["mnseg"]["volumes_per_s"] > 0 and inference["monai"]["volumes_per_s"] > 0
+    assert inference["foreground_fraction"] > 0  # the Dice below compares non-empty masks
+    assert inference["mask_dice"] > 0.99
+
+
+def test_loader_rate(tiny_result):
+    loader = tiny_result["loader"]
+    assert loader["samples_per_s"] > 0
+    assert loader["training_samples_per_s"] > 0
+    assert loader["keeps_up"] == (loader["samples_per_s"] >= loader["training_samples_per_s"])
+
+
+def test_both_sides_compute_the_same_first_loss(one_thread):
+    """The plain side is the same recipe: from the same weights its first (3D) loss equals mnseg's in fp32."""
+    preset, device = PRESETS["tiny"], torch.device("cpu")
+    masters = build_master_models(preset, seed=1)
+    batch = make_batch(preset, device, seed=1)
+    mnseg, plain = MnsegSide(preset, masters, device), PlainSide(preset, masters, device)
+    before = {r: [p.detach().clone() for p in m.parameters() if p.requires_grad] for r, m in mnseg.models.items()}
+    mnseg.step(batch)
+    plain.step(batch)
+    assert float(mnseg.losses[0]) == pytest.approx(plain.losses[0], rel=1e-4)
+    for role, model in mnseg.models.items():  # each role's optimiser stepped once
+        after = [p for p in model.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(after, before[role]))
+    for role in masters:  # the sides trained their own copies; the masters are untouched
+        assert all(p.device.type == "cpu" for p in masters[role].parameters())
+        assert not any(p is q for p, q in zip(masters[role].parameters(), mnseg.models[role].parameters()))
+
+
+def test_mask_dice():
+    a = torch.zeros(4, 4, 4, dtype=torch.int64)
+    a[:2] = 1
+    b = a.clone()
+    assert _mean_foreground_dice(a, b, 3) == 1.0  # class 2 absent from both counts as 1
+    b[:1] = 0  # class 1 in 16 of a's 32 voxels
+    assert _mean_foreground_dice(a, b, 2) == pytest.approx(2 * 16 / (32 + 16))
+
+
+def test_script_errors_are_clear(capsys):
+    script = _script()
+    with pytest.raises(SystemExit):
+        script.main(["--preset", "huge"])
+    if not torch.cuda.is_available():
+        assert script.main(["--device", "cuda", "--preset", "tiny"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
