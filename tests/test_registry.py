@@ -30,3 +30,10 @@ def test_unknown_method_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="known"):
         method_class("nope")
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_every_preset_loads_and_names_its_methods_roles(preset):
+    cfg = load_config(preset)
+    assert set(cfg.models) == set(method_class(cfg.method.name).default_models)
+    assert len(cfg.data.patch_size) == 3 and cfg.train.epochs > 0
