@@ -119,3 +119,14 @@ def test_predict_lands_in_original_geometry(toy_dataset, tmp_path, capsys):
     assert rc == 1
     assert (out2 / "odd.nii.gz").exists() and not (out2 / "bad.nii.gz").exists()
     assert "bad_0000.nii.gz" in capsys.readouterr().err
+
+    # Probabilities go to a subfolder (so `mnseg evaluate OUT` sees only masks), channels last, rows sum to 1.
+    (inp / "bad_0000.nii.gz").unlink()
+    out3 = tmp_path / "out3"
+    assert main(["predict", "-i", str(inp), "-o", str(out3), "-m", str(tmp_path / "run"), "--no-progress",
+                 "--save-probabilities"]) == 0
+    assert sorted(p.name for p in out3.glob("*.nii.gz")) == ["odd.nii.gz"]
+    probs = nib.load(str(out3 / "probabilities" / "odd.nii.gz"))
+    assert probs.shape == (40, 36, 30, 2)
+    np.testing.assert_allclose(probs.affine, affine)
+    np.testing.assert_allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=1e-4)

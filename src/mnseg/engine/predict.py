@@ -175,7 +175,7 @@ def predict_folder(
                 save_nifti(
                     np.moveaxis(probs, 0, -1).astype(np.float32),
                     source.affine,
-                    out_dir / f"{case_id}_probabilities{ending}",
+                    out_dir / "probabilities" / f"{case_id}{ending}",  # beside, not among, the masks
                 )
         except MnsegError as exc:
             failures.append((case_id, str(exc)))
