@@ -20,7 +20,9 @@ def add_arguments(p):
         "--predict-with", default=None, help="which of the run's models predicts, e.g. M&N: 3d (default), 2d, average"
     )
     p.add_argument("--device", default="auto")
-    p.add_argument("--save-probabilities", action="store_true", help="also write probabilities/CASE.nii.gz (channels last)")
+    p.add_argument(
+        "--save-probabilities", action="store_true", help="also write probabilities/CASE.nii.gz (channels last)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing predictions")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
     p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (lower it if out of GPU memory)")
@@ -45,8 +47,9 @@ def run(args) -> int:
         run.cfg.infer.blend = "gaussian"
     if args.sw_batch_size:
         run.cfg.infer.sw_batch_size = args.sw_batch_size
-    check_writable(args.output, estimated_output_bytes(Path(args.input), args.save_probabilities, run.plans),
-                   what="output folder")
+    check_writable(
+        args.output, estimated_output_bytes(Path(args.input), args.save_probabilities, run.plans), what="output folder"
+    )
     try:
         failures = predict_folder(
             run,
