@@ -13,8 +13,9 @@ from torch import nn
 import mnseg.methods
 from mnseg.cli import main
 from mnseg.config import Config
+from mnseg.engine.schedules import sigmoid_rampup
 from mnseg.methods.base import Batch, MethodContext
-from mnseg.methods.cps import CPS, sigmoid_rampup
+from mnseg.methods.cps import CPS
 from mnseg.models import create_model
 
 REGISTRY_LINE = ("mnseg.methods.cps", "CPS")

@@ -120,15 +120,18 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Build a config from a YAML file or preset name, then apply ``key.sub=value`` overrides."""
-    data: dict = {}
-    if path:
-        data = read_yaml(resolve_preset(path))
+    data: dict = read_yaml(resolve_preset(path)) if path else {}
+    return Config.from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple) -> dict:
+    """Set each ``key.sub=value`` (value parsed as YAML) in a config dict, in place; returns it."""
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         _set_path(data, key.strip().split("."), yaml.safe_load(value) if value.strip() else None)
-    return Config.from_dict(data)
+    return data
 
 
 def resolve_preset(name_or_path: str | Path) -> Path:

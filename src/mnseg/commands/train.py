@@ -38,7 +38,7 @@ def add_arguments(p):
 
 
 def build_config(args):
-    from mnseg.config import PRESET_DIR, Config, load_config, read_yaml
+    from mnseg.config import PRESET_DIR, Config, apply_overrides, load_config, read_yaml
     from mnseg.errors import ConfigError
 
     overrides = list(args.overrides or [])
@@ -55,7 +55,7 @@ def build_config(args):
         if not cfg_path.exists():
             raise ConfigError(f"{args.resume}: not a run directory (no config.yaml)")
         cfg = Config.from_dict(read_yaml(cfg_path))
-        return Config.from_dict(_apply(cfg.to_dict(), overrides)) if overrides else cfg
+        return Config.from_dict(apply_overrides(cfg.to_dict(), overrides)) if overrides else cfg
     source = args.config
     if source is None:
         name = args.method or "supervised"
@@ -82,21 +82,10 @@ def build_config(args):
     ]:
         if getattr(args, flag) is not None:
             d["train"][key] = getattr(args, flag)
-    cfg = Config.from_dict(_apply(d, overrides))
+    cfg = Config.from_dict(apply_overrides(d, overrides))
     if not cfg.data.dataset:
         raise ConfigError("no dataset given: mnseg train DATASET ...")
     return cfg
-
-
-def _apply(d: dict, overrides: list[str]) -> dict:
-    import yaml
-
-    from mnseg.config import _set_path
-
-    for item in overrides:
-        key, _, value = item.partition("=")
-        _set_path(d, key.strip().split("."), yaml.safe_load(value) if value.strip() else None)
-    return d
 
 
 def default_run_dir(cfg) -> str:

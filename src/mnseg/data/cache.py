@@ -84,8 +84,7 @@ class PreprocessCache:
         cached = self._load(case_id, fp, label_path is not None, mmap_mode="r" if self.mmap else None)
         if cached is not None:
             return cached
-        case = preprocess_case(case_id, image_paths, label_path, settings, modality, target_spacing)
-        self._store(case, fp)
+        case = self.build(case_id, image_paths, label_path, settings, modality, target_spacing)
         if self.mmap:
             return self._load(case_id, fp, label_path is not None, mmap_mode="r") or case
         return case

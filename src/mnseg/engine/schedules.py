@@ -53,6 +53,17 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
+def sigmoid_rampup(step: float, length: float) -> float:
+    """Laine & Aila's ramp exp(-5 (1 - t/L)^2) for t in [0, L], 1 after; 1 when L <= 0 (no ramp).
+
+    The weight schedule of consistency terms (mean teacher, UA-MT, CPS, ...), in whatever unit step and length share.
+    """
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - min(max(step, 0.0), length) / length
+    return math.exp(-5.0 * phase * phase)
+
+
 def lr_guided_unlabeled_count(lr_now: float, lr_init: float, lr_final: float, batch_size: int) -> int:
     """M&N's LR-guided sampling: b_u = floor((lr_init - lr_now) / (lr_init - lr_final) * B), clipped to [0, B]."""
     if lr_init == lr_final:

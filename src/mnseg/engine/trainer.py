@@ -334,23 +334,18 @@ class Trainer:
         cfg = self.cfg
         predictor = self.method.predictor(cfg.infer.model)
         # The bare modules: a DDP wrapper's forward on rank 0 alone must not wait for the other ranks.
+        # (The window loop puts each model in eval mode for the call and restores its mode.)
         models = [unwrap(m) for m in (predictor if isinstance(predictor, list) else [predictor])]
-        modes = [m.training for m in models]
-        for m in models:
-            m.eval()
         scores = []
         for i, case in enumerate(self.data.val):
             probs = predict_probabilities(models, torch.from_numpy(case.image), cfg, self.device)
             pred = probs.argmax(0).cpu().numpy()
             ref = case.label
-            classes = [c for c in range(1, self.ctx.num_classes)]
-            for c in classes:
-                valid = ref != (self.ctx.ignore_index if self.ctx.ignore_index is not None else -1)
-                scores.append(dice((pred == c) & valid, (ref == c) & valid))
+            scored = pred if self.ctx.ignore_index is None else np.where(ref == self.ctx.ignore_index, 0, pred)
+            for c in range(1, self.ctx.num_classes):  # unannotated voxels count for nothing
+                scores.append(dice(scored == c, ref == c))
             if i == 0 and self.tb is not None:
                 self._log_overlay(case, pred, epoch)
-        for m, mode in zip(models, modes):
-            m.train(mode)
         return float(np.mean(scores)) if scores else float("nan")
 
     def _log_overlay(self, case, pred, epoch: int) -> None:

@@ -18,24 +18,15 @@ Both networks see the same augmented patches, so their predictions are aligned v
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from mnseg.engine.schedules import sigmoid_rampup
 from mnseg.errors import ConfigError
 from mnseg.losses import hard_pseudo_label_ce, supervised_loss
 from mnseg.methods.base import Batch, Method, StepOutput
 
 ROLES = ("net_a", "net_b")
-
-
-def sigmoid_rampup(step: float, rampup_steps: float) -> float:
-    """exp(-5 (1 - t/T)^2) for t < T, else 1 (Laine & Aila's ramp, used by CPS's medical re-implementations)."""
-    if rampup_steps <= 0:
-        return 1.0
-    phase = 1.0 - min(max(step / rampup_steps, 0.0), 1.0)
-    return float(math.exp(-5.0 * phase * phase))
 
 
 def parameters_equal(a: nn.Module, b: nn.Module) -> bool:

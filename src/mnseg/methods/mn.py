@@ -132,14 +132,11 @@ class MN(Method):
         from mnseg.data.sampling import foreground_coords
         from mnseg.engine.predict import predict_probabilities
 
-        model = self.generators.get("net3d", self.models["net3d"])
-        was_training = model.training
-        model.eval()
+        model = self.generators.get("net3d", self.models["net3d"])  # the window loop sets eval mode and restores it
         coords = {}
         for case in self.batcher.unlabeled:
             probs = predict_probabilities(model, torch.from_numpy(case.image), self.cfg, self.ctx.device)
             coords[case.case_id] = foreground_coords(probs.argmax(0).cpu().numpy(), rng=self._rng)
-        model.train(was_training)
         self.batcher.set_unlabeled_foreground(coords)
         self._unlabeled_fg = coords  # kept in checkpoints so a resumed run crops exactly as before
 

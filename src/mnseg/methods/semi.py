@@ -11,22 +11,14 @@ B labelled and B unlabelled patches (UA-MT/SSL4MIS: labelled_bs = unlabelled_bs)
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 from torch import Tensor
 
+from mnseg.engine.schedules import sigmoid_rampup
 from mnseg.errors import ConfigError
 from mnseg.losses import supervised_loss
 from mnseg.methods.base import Method
-
-
-def sigmoid_rampup(step: float, length: float) -> float:
-    """exp(-5 (1 - t/L)^2) for t in [0, L], 1 after; 1 when L <= 0 (no ramp)."""
-    if length <= 0:
-        return 1.0
-    phase = 1.0 - min(max(step, 0.0), length) / length
-    return math.exp(-5.0 * phase * phase)
 
 
 class SemiSupervised(Method):

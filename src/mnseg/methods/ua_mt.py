@@ -19,9 +19,9 @@ import math
 import torch
 from torch import Tensor
 
+from mnseg.engine.schedules import sigmoid_rampup
 from mnseg.errors import ConfigError
 from mnseg.methods.mean_teacher import MeanTeacher
-from mnseg.methods.semi import sigmoid_rampup
 
 
 class UAMT(MeanTeacher):
