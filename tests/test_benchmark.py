@@ -226,3 +226,24 @@ def test_changed_settings_are_refused_not_mixed(toy_dataset, tmp_path):
 
     with pytest.raises(MnsegError, match="other settings"):
         run_benchmark(spec, progress=False, log=lambda *a: None)
+
+
+@pytest.mark.slow
+def test_parallel_jobs_give_the_sequential_grid(toy_dataset, tmp_path):
+    """--jobs 2 trains the cells in worker processes; the table matches the one-at-a-time grid."""
+    cache = tmp_path / "cache"
+
+    def dice_by_run(out):
+        with open(out / "results.csv", newline="") as fh:
+            return {(r["method"], r["seed"], r["class"]): float(r["dice"]) for r in csv.DictReader(fh)}
+
+    common = ["benchmark", str(toy_dataset), "--methods", "supervised,entropy_min", "--num-labeled", "2",
+              "--seeds", "0", "--no-upper-bound", "--no-progress", "--set", f"data.cache_dir={cache}", *TINY]
+    assert main([*common, "-o", str(tmp_path / "seq")]) == 0
+    assert main([*common, "-o", str(tmp_path / "par"), "--jobs", "2"]) == 0
+    seq, par = dice_by_run(tmp_path / "seq"), dice_by_run(tmp_path / "par")
+    assert sorted(par) == sorted(seq) and len(seq) >= 2
+    for key in seq:
+        assert par[key] == pytest.approx(seq[key], abs=0.02), key
+    assert "2 at a time" in (tmp_path / "par" / "results.md").read_text()
+    assert main([*common, "-o", str(tmp_path / "bad"), "--jobs", "0"]) == 2

@@ -60,6 +60,7 @@ class BenchmarkSpec:
     preset: str | None = None  # PREFIX: method m uses preset PREFIX_m (default: preset m)
     upper_bound: bool = True
     device: str | None = None
+    jobs: int = 1  # runs trained at the same time on the one device (small runs leave a GPU mostly idle)
 
 
 @dataclass
@@ -108,6 +109,8 @@ def check_spec(spec: BenchmarkSpec) -> None:
         raise ConfigError(f"unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}")
     if not spec.methods or not spec.num_labeled or not spec.seeds:
         raise ConfigError("the grid is empty: give --methods, --num-labeled and --seeds")
+    if spec.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {spec.jobs}")
     bad = [n for n in spec.num_labeled if n < 1]
     if bad:
         raise ConfigError(f"--num-labeled values must be >= 1, got {bad}")
@@ -252,32 +255,75 @@ def run_benchmark(spec: BenchmarkSpec, max_runs: int | None = None, progress: bo
             f"use another output folder (-o) for a benchmark with new settings"
         )
     atomic_write_json(spec.out / "benchmark.json", _spec_record(spec, cells))
-    failures: list[dict] = []
     not_run: list[Cell] = []
-    trained = 0
+    todo: list[tuple[int, Cell]] = []
     for i, cell in enumerate(cells, 1):
-        run_dir = cell.run_dir(spec.out)
-        state = cell_state(run_dir)
-        if state == "done":
+        if cell_state(cell.run_dir(spec.out)) == "done":
             log(f"[{i}/{len(cells)}] {cell.name}: done before, kept")
-            continue
-        if max_runs is not None and trained >= max_runs:
+        elif max_runs is not None and len(todo) >= max_runs:
             not_run.append(cell)
-            continue
-        trained += 1
-        log(f"[{i}/{len(cells)}] {cell.name}: {'resuming' if state == 'resume' else 'training'}")
-        try:
-            train_cell(cell_config(spec, cell), run_dir, progress=progress, log=log)
-            predict_and_score(run_dir, spec.dataset, spec.device, progress=progress)
-        except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the grid; it is reported
-            failures.append({"method": cell.label, "num_labeled": cell.num_labeled, "seed": cell.seed,
-                             "run_dir": str(run_dir), "error": f"{type(exc).__name__}: {exc}",
-                             "traceback": traceback.format_exc()})
-            log(f"[{i}/{len(cells)}] {cell.name}: FAILED: {type(exc).__name__}: {exc}")
+        else:
+            todo.append((i, cell))
+    if spec.jobs > 1 and len(todo) > 1:
+        failures = _run_parallel(spec, todo, len(cells), log)
+    else:
+        failures = [f for i, cell in todo if (f := _run_cell(spec, cell, f"[{i}/{len(cells)}]", progress, log))]
     atomic_write_json(spec.out / "failures.json", failures)
     done = [c for c in cells if cell_state(c.run_dir(spec.out)) == "done"]
     files = write_results(spec, cells, done, failures, not_run)
     return BenchmarkOutcome(cells, done, failures, not_run, files)
+
+
+def _run_cell(spec: BenchmarkSpec, cell: Cell, tag: str, progress: bool = True, log=print) -> dict | None:
+    """Train and score one cell; a failure is returned as a record (one failed cell must not stop the grid)."""
+    run_dir = cell.run_dir(spec.out)
+    log(f"{tag} {cell.name}: {'resuming' if cell_state(run_dir) == 'resume' else 'training'}")
+    try:
+        train_cell(cell_config(spec, cell), run_dir, progress=progress, log=log)
+        predict_and_score(run_dir, spec.dataset, spec.device, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - reported in failures.json and results.md
+        log(f"{tag} {cell.name}: FAILED: {type(exc).__name__}: {exc}")
+        return _failure(spec, cell, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    log(f"{tag} {cell.name}: done")
+    return None
+
+
+def _failure(spec: BenchmarkSpec, cell: Cell, error: str, trace: str) -> dict:
+    return {"method": cell.label, "num_labeled": cell.num_labeled, "seed": cell.seed,
+            "run_dir": str(cell.run_dir(spec.out)), "error": error, "traceback": trace}
+
+
+def _run_cell_quietly(spec: BenchmarkSpec, cell: Cell, tag: str) -> dict | None:
+    """A worker process's cell: no progress bars (they would interleave); log lines carry the cell's tag;
+    the CPU threads are shared out between the workers instead of each taking them all."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.jobs))
+    return _run_cell(spec, cell, tag, progress=False, log=lambda *a: print(*a, flush=True))
+
+
+def _run_parallel(spec: BenchmarkSpec, todo: list[tuple[int, Cell]], total: int, log=print) -> list[dict]:
+    """Train up to spec.jobs cells at once, each in its own process (spawned: CUDA cannot be forked)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    log(f"training {len(todo)} run(s), {spec.jobs} at a time")
+    failures = []
+    with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_cell_quietly, spec, cell, f"[{i}/{total}]"): cell for i, cell in todo}
+        for future in as_completed(futures):
+            cell = futures[future]
+            try:
+                failure = future.result()
+            except Exception as exc:  # noqa: BLE001 - the worker process itself died (killed, out of memory)
+                failure = _failure(spec, cell, f"worker process died: {type(exc).__name__}: {exc}",
+                                   traceback.format_exc())
+                log(f"{cell.name}: FAILED: {failure['error']}")
+            if failure:
+                failures.append(failure)
+    return failures
 
 
 def _spec_record(spec: BenchmarkSpec, cells: list[Cell]) -> dict:
@@ -319,6 +365,8 @@ def write_results(spec: BenchmarkSpec, cells: list[Cell], done: list[Cell], fail
         "Presets: " + ", ".join(f"{m}={p}" for m, p in presets.items()),
         "Overrides: " + (" ".join(spec.overrides) or "none")
         + "".join(f"; {m}: {' '.join(o)}" for m, o in spec.method_overrides.items() if o),
+        *([f"Runs trained {spec.jobs} at a time on one device: wall-clock and iterations/s are per run while "
+            "sharing it"] if spec.jobs > 1 else []),
         f"Runs finished: {len(done)} of {len(cells)}"
         + (f"; failed: {len(failures)}" if failures else "")
         + (f"; not run yet: {len(not_run)}" if not_run else ""),

@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
     parser.add_argument("--max-runs", type=int, metavar="K",
                         help="train at most K runs in this invocation (run again to continue)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="J",
+                        help="train J runs at the same time on the device (default 1); small runs leave a GPU "
+                        "mostly idle, so J > 1 finishes a grid sooner. Per-run timings then share the device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
 
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset,
         upper_bound=not args.no_upper_bound,
         device=args.device,
+        jobs=args.jobs,
     )
     outcome = run_benchmark(spec, max_runs=args.max_runs, progress=not args.no_progress)
     print(f"{len(outcome.done)} of {len(outcome.cells)} runs finished; wrote "
