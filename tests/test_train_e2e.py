@@ -130,3 +130,15 @@ def test_predict_lands_in_original_geometry(toy_dataset, tmp_path, capsys):
     assert probs.shape == (40, 36, 30, 2)
     np.testing.assert_allclose(probs.affine, affine)
     np.testing.assert_allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda(toy_dataset, tmp_path):
+    """A checkpoint loaded onto the GPU carries its RNG states as CUDA tensors; resuming must still work."""
+    run = tmp_path / "run"
+    assert _train(toy_dataset, run, tmp_path / "cache", *TINY_3D, "--device", "cuda", epochs=2, iters=2) == 0
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    ckpt["epoch"] = 1  # as if the process died after its first epoch
+    torch.save(ckpt, run / "checkpoints" / "last.pt")
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 2
