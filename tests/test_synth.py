@@ -203,7 +203,7 @@ def test_refuses_non_empty_folder_reuses_and_overwrites(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"spacing": 0.5}, {"n_labeled": 0}, {"sparse_every": 1},
-                                 {"thick_slice_fraction": 1.5}])
+                                 {"thick_slice_fraction": 1.5}, {"variation": "extreme"}])
 def test_bad_options_raise_clear_errors(tmp_path, bad):
     with pytest.raises(MnsegError):
         synth.synthesize_dataset(tmp_path / "x", **{"progress": False, "spacing": SPACING, **bad})
@@ -222,3 +222,36 @@ def test_cli_writes_dataset_and_prints_summary(tmp_path, capsys):
     assert len(list((out / "imagesUnlabeled").glob("*.nii.gz"))) == 1
     assert main(["synth", str(out), "--spacing", str(SPACING)]) == 2  # not empty, no --overwrite
     assert "not empty" in capsys.readouterr().err
+
+
+def _mean_white_matter_overlap_with_template(variation: str, seeds=range(4)) -> float:
+    tpl = synth.load_template(SPACING)
+    template_wm = synth.tissue_labels(tpl.wm, tpl.gm) == synth.WM
+    dice = []
+    for seed in seeds:
+        wm = synth.synthesize_subject(seed, SPACING, variation=variation)[1] == synth.WM
+        dice.append(2 * (wm & template_wm).sum() / (wm.sum() + template_wm.sum()))
+    return float(np.mean(dice))
+
+
+def test_strong_variation_strays_further_from_the_template():
+    """Same seed: "strong" is another subject, warped further from the template than "standard" (so a
+    model sees more new anatomy per subject), and T1 order and label values still hold."""
+    assert _mean_white_matter_overlap_with_template("strong") < _mean_white_matter_overlap_with_template(
+        "standard") - 0.1
+    image, label, _ = synth.synthesize_subject(3, SPACING, thick_slice_fraction=0.0, variation="strong")
+    assert image.tobytes() != synth.synthesize_subject(3, SPACING, thick_slice_fraction=0.0)[0].tobytes()
+    assert set(np.unique(label)) <= {0, 1, 2, 3}
+    assert np.median(image[label == synth.WM]) > np.median(image[label == synth.GM]) > np.median(image[label == 0])
+
+
+def test_variation_is_recorded_only_when_not_standard(tmp_path):
+    kwargs = {"n_labeled": 1, "n_unlabeled": 0, "n_test": 0, "spacing": SPACING, "progress": False}
+    std = synth.synthesize_dataset(tmp_path / "std", **kwargs)
+    strong = synth.synthesize_dataset(tmp_path / "strong", variation="strong", **kwargs)
+    settings = {name: json.loads((p / "dataset.json").read_text())["synthetic"]["settings"]
+                for name, p in (("std", std), ("strong", strong))}
+    assert "variation" not in settings["std"]  # datasets written before variations existed are still reused
+    assert settings["strong"]["variation"] == "strong"
+    with pytest.raises(MnsegError, match="not empty"):  # other settings: never reused, never overwritten
+        synth.synthesize_dataset(tmp_path / "std", reuse=True, variation="strong", **kwargs)

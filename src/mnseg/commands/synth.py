@@ -34,6 +34,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sparse-every", type=int, default=None, metavar="K",
                         help="label only every K-th axial slice of the labelled subjects; "
                              "the rest is 'ignore'")
+    parser.add_argument("--variation", choices=["standard", "strong"], default="standard",
+                        help="how far subjects stray from the template: standard (the demo's) or strong (larger "
+                        "warps, per-subject grey/white contrast, fainter lesions, more noise: leaves room for "
+                        "label-efficiency comparisons)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the dataset sub-folders and dataset.json of a non-empty OUT_DIR")
 
@@ -52,6 +56,7 @@ def run(args) -> int:
         seed=args.seed,
         sparse_every=args.sparse_every,
         overwrite=args.overwrite,
+        variation=args.variation,
     )
     meta = json.loads((out / "dataset.json").read_text())
     info = meta["synthetic"]

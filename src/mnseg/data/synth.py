@@ -46,6 +46,35 @@ GROUPS = {  # name: (spawn key, image folder, label folder or None, case prefix)
     "test": (2, "imagesTs", "labelsTs", "mni_test"),
 }
 DATASET_SUBFOLDERS = ("imagesTr", "labelsTr", "imagesUnlabeled", "imagesTs", "labelsTs")
+
+
+@dataclass(frozen=True)
+class Variation:
+    """How far subjects stray from the template. "standard" is the demo's; "strong" leaves a segmenter more to
+    learn from extra subjects (larger warps, per-subject grey/white contrast, fainter and smaller lesions,
+    more noise), so label-efficiency benchmarks have room between few and all labels."""
+
+    max_rotation_deg: float = 6.0
+    scale_range: tuple[float, float] = (0.94, 1.06)
+    max_axis_scale: float = 0.03
+    max_translation_mm: float = 4.0
+    elastic_std_mm: tuple[float, float] = (1.5, 3.5)
+    lesion_count: tuple[int, int] = (3, 10)
+    lesion_radius_mm: tuple[float, float] = (3.0, 9.0)
+    lesion_intensity: tuple[float, float] = (1.25, 1.6)  # relative to white matter (~1)
+    grey_contrast: tuple[float, float] | None = None  # grey matter intensity factor, drawn per subject
+    gamma_range: tuple[float, float] = (0.75, 1.35)
+    max_blur_vox: float = 0.5
+    noise_sigma: tuple[float, float] = (0.02, 0.06)
+
+
+VARIATIONS = {
+    "standard": Variation(),
+    "strong": Variation(max_rotation_deg=15.0, scale_range=(0.85, 1.15), max_axis_scale=0.08,
+                        max_translation_mm=8.0, elastic_std_mm=(3.0, 7.0), lesion_count=(1, 12),
+                        lesion_radius_mm=(2.0, 8.0), lesion_intensity=(1.08, 1.5), grey_contrast=(0.8, 1.35),
+                        gamma_range=(0.6, 1.6), max_blur_vox=0.9, noise_sigma=(0.03, 0.10)),
+}
 MIN_SPACING, MAX_SPACING = 1.0, 8.0
 
 
@@ -183,35 +212,42 @@ def random_lesions(
     return weight * wm
 
 
-def _generate(seed: int, spacing: float, thick_slice_fraction: float) -> tuple[np.ndarray, np.ndarray, dict]:
+def _generate(seed: int, spacing: float, thick_slice_fraction: float,
+              variation: str = "standard") -> tuple[np.ndarray, np.ndarray, dict]:
     """One subject on the template grid: (image, dense label, facts worth recording)."""
+    var = VARIATIONS[variation]
     tpl = load_template(spacing)
     rng = np.random.default_rng(seed)
-    coords = random_deformation(tpl.shape, spacing, rng)
+    coords = random_deformation(tpl.shape, spacing, rng, max_translation_mm=var.max_translation_mm,
+                                elastic_std_mm=var.elastic_std_mm, max_rotation_deg=var.max_rotation_deg,
+                                scale_range=var.scale_range, max_axis_scale=var.max_axis_scale)
     t1, wm, gm = (warp(v, coords, order=1) for v in (tpl.t1, tpl.wm, tpl.gm))
     label = tissue_labels(wm, gm)
 
-    lesion = random_lesions(rng, wm, spacing)
+    lesion = random_lesions(rng, wm, spacing, count_range=var.lesion_count, radius_mm=var.lesion_radius_mm)
     label[lesion > 0.5] = LESION
-    image = t1 * (1.0 - lesion) + rng.uniform(1.25, 1.6) * lesion  # hyperintense relative to WM (~1)
+    image = t1 * (1.0 - lesion) + rng.uniform(*var.lesion_intensity) * lesion  # hyperintense relative to WM
 
-    image = random_gamma(image, rng)
+    if var.grey_contrast is not None:  # drawn only here, so "standard" subjects keep their bytes
+        image = image * (1.0 + (rng.uniform(*var.grey_contrast) - 1.0) * gm)
+    image = random_gamma(image, rng, var.gamma_range)
     image = image * bias_field(rng, tpl.shape, spacing)
-    image = random_blur(image, rng)
+    image = random_blur(image, rng, var.max_blur_vox)
     thick_mm = rng.uniform(5.0, 7.0)  # a clinical 5-7 mm axial acquisition, at least twice the grid spacing
     thick = max(2, round(thick_mm / spacing)) if rng.random() < thick_slice_fraction else 1
     image = thick_slices(image, thick, axis=2)
-    image = rician_noise(image, rng, sigma=rng.uniform(0.02, 0.06))
+    image = rician_noise(image, rng, sigma=rng.uniform(*var.noise_sigma))
     image = image * rng.uniform(300.0, 1200.0)  # arbitrary scanner units, so intensity normalisation matters
     return image.astype(np.float32), label, {"slice_thickness_factor": thick}
 
 
 def synthesize_subject(
-    seed: int, spacing: float = 3.0, thick_slice_fraction: float = 0.25
+    seed: int, spacing: float = 3.0, thick_slice_fraction: float = 0.25, variation: str = "standard"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One pseudo-subject: (image float32, dense label uint8, 4x4 world affine). Same seed, same bytes."""
     _check_spacing(spacing)
-    image, label, _ = _generate(int(seed), float(spacing), float(thick_slice_fraction))
+    _check_variation(variation)
+    image, label, _ = _generate(int(seed), float(spacing), float(thick_slice_fraction), variation)
     return image, label, load_template(spacing).affine.copy()
 
 
@@ -247,6 +283,7 @@ def synthesize_dataset(
     progress: bool = True,
     overwrite: bool = False,
     reuse: bool = False,
+    variation: str = "standard",
 ) -> Path:
     """Write a dataset folder of pseudo-subjects and return its path.
 
@@ -259,7 +296,8 @@ def synthesize_dataset(
     from mnseg.data.io import save_nifti
     from mnseg.utils.atomic import atomic_write_json
 
-    settings = _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick_slice_fraction)
+    settings = _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick_slice_fraction,
+                         variation)
     out = Path(out_dir)
     if reuse and is_complete(out, settings):
         return out
@@ -275,7 +313,7 @@ def synthesize_dataset(
             for index in range(count):
                 case = f"{prefix}_{index:03d}"
                 case_seed = subject_seed(seed, group, index)
-                image, label, facts = _generate(case_seed, settings["spacing"], thick_slice_fraction)
+                image, label, facts = _generate(case_seed, settings["spacing"], thick_slice_fraction, variation)
                 class_voxels += np.bincount(label.ravel(), minlength=len(LABELS))[: len(LABELS)]
                 save_nifti(image, tpl.affine, out / image_dir / f"{case}_0000.nii.gz", dtype=np.float32)
                 if label_dir is not None:
@@ -333,7 +371,8 @@ def is_complete(out: Path, settings: dict) -> bool:
     return True
 
 
-def _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick_slice_fraction) -> dict:
+def _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick_slice_fraction,
+              variation="standard") -> dict:
     """Validate the options and return them as the record compared by ``reuse``."""
     counts = (("n_labeled", n_labeled, 1), ("n_unlabeled", n_unlabeled, 0), ("n_test", n_test, 0))
     for name, value, least in counts:
@@ -345,6 +384,9 @@ def _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick
                           f"got {sparse_every}")
     if not 0.0 <= thick_slice_fraction <= 1.0:
         raise ConfigError(f"thick_slice_fraction must lie in [0, 1], got {thick_slice_fraction}")
+    _check_variation(variation)
+    # "standard" is left out of the record so datasets written before variations existed are still reused.
+    extra = {} if variation == "standard" else {"variation": variation}
     return {
         "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
@@ -354,7 +396,13 @@ def _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick
         "n_test": int(n_test),
         "sparse_every": int(sparse_every) if sparse_every else None,
         "thick_slice_fraction": float(thick_slice_fraction),
+        **extra,
     }
+
+
+def _check_variation(variation: str) -> None:
+    if variation not in VARIATIONS:
+        raise ConfigError(f"variation must be one of {', '.join(VARIATIONS)}, got {variation!r}")
 
 
 def _check_spacing(spacing: float) -> None:
