@@ -77,6 +77,7 @@ def test_unknown_option_lists_accepted_options():
         ("segformer", dict(size="b9")),
         ("effunet", dict(variant="lite9")),
         ("effunet", dict(decoder_channels=(8, 8))),
+        ("effunet", dict(input_scale=0.5)),
     ],
 )
 def test_bad_option_values_raise_config_error(name, kwargs):
@@ -116,6 +117,23 @@ def test_multichannel_input_is_mixed_to_rgb_by_a_trainable_layer():
     model = create_model("effunet", in_channels=2, num_classes=2, pretrained=False)
     assert model.input_map.mix is not None and model.input_map.mix.weight.requires_grad
     assert model(torch.randn(2, 2, 32, 32)).shape == (2, 2, 32, 32)
+
+
+def test_effunet_input_scale_runs_on_enlarged_slices_and_answers_on_the_input_grid():
+    torch.manual_seed(0)
+    plain = create_model("effunet", pretrained=False).eval()
+    scaled = create_model("effunet", pretrained=False, input_scale=2).eval()
+    scaled.load_state_dict(plain.state_dict())
+    seen = []
+    hook = scaled.encoder._conv_stem.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
+    x = torch.randn(2, 1, 40, 24, requires_grad=True)
+    out = scaled(x)
+    hook.remove()
+    assert out.shape == (2, 2, 40, 24) and seen == [(96, 64)]  # 80x48 enlarged, padded to multiples of 32
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert not torch.allclose(scaled(x), plain(x))  # another function of the input, same weights
 
 
 def test_grey_input_is_repeated_and_imagenet_normalised():

@@ -138,9 +138,13 @@ class EffUNet(torch.nn.Module):
         decoder_channels=(256, 128, 64, 32, 16),
         decoder_norm: str = "batch",
         drop_connect_rate: float = 0.2,
+        input_scale: float = 1.0,
     ):
         super().__init__()
         check_choice("effunet", "variant", variant, VARIANTS)
+        if not isinstance(input_scale, int | float) or not 1.0 <= input_scale <= 8.0:
+            raise ConfigError(f"model 'effunet': input_scale must be a number in [1, 8], got {input_scale!r}")
+        self.input_scale = float(input_scale)
         check_choice("effunet", "decoder_norm", decoder_norm, ("batch", "instance"))
         decoder_channels = tuple(decoder_channels)
         if len(decoder_channels) != 5 or any(not isinstance(c, int) or c < 1 for c in decoder_channels):
@@ -175,6 +179,16 @@ class EffUNet(torch.nn.Module):
         return features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale == 1.0:
+            return self._forward(x)
+        # Small crops (64 px) leave a stride-32 ImageNet encoder a 2x2 bottleneck and objects far smaller than
+        # the ones it was pretrained on; enlarging the slices first and shrinking the logits back keeps the
+        # output on the input grid.
+        size = tuple(x.shape[-2:])
+        big = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
+        return F.interpolate(self._forward(big), size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         padded, size = pad_to_multiple(x, self.size_divisor, 2)
         rgb = self.input_map(padded)
         *skips, y = self.encode(rgb)
@@ -193,6 +207,9 @@ def effunet(
     decoder_channels=(256, 128, 64, 32, 16),
     decoder_norm: str = "batch",
     drop_connect_rate: float = 0.2,
+    input_scale: float = 1.0,
 ) -> EffUNet:
-    """UNet with an EfficientNet-Lite (lite0|lite1|lite2) ImageNet encoder; 2D, any input size."""
-    return EffUNet(in_channels, num_classes, variant, pretrained, decoder_channels, decoder_norm, drop_connect_rate)
+    """UNet with an EfficientNet-Lite (lite0|lite1|lite2) ImageNet encoder; 2D, any input size.
+    ``input_scale`` > 1 runs the network on enlarged slices (for crops much smaller than ImageNet images)."""
+    return EffUNet(in_channels, num_classes, variant, pretrained, decoder_channels, decoder_norm, drop_connect_rate,
+                   input_scale)
