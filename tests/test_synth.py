@@ -255,3 +255,15 @@ def test_variation_is_recorded_only_when_not_standard(tmp_path):
     assert settings["strong"]["variation"] == "strong"
     with pytest.raises(MnsegError, match="not empty"):  # other settings: never reused, never overwritten
         synth.synthesize_dataset(tmp_path / "std", reuse=True, variation="strong", **kwargs)
+
+
+def test_parallel_workers_write_the_same_files(tmp_path):
+    kwargs = {"n_labeled": 2, "n_unlabeled": 1, "n_test": 1, "spacing": 8.0, "progress": False, "seed": 5}
+    one = synth.synthesize_dataset(tmp_path / "one", workers=1, **kwargs)
+    two = synth.synthesize_dataset(tmp_path / "two", workers=2, **kwargs)
+    files = sorted(p.relative_to(one) for p in one.rglob("*.nii.gz"))
+    assert len(files) == 2 * 2 + 1 + 2
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*.nii.gz"))
+    for rel in files:
+        assert load_nifti(one / rel).data.tobytes() == load_nifti(two / rel).data.tobytes(), rel
+    assert (one / "dataset.json").read_text() == (two / "dataset.json").read_text()

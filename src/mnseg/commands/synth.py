@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
                         help="how far subjects stray from the template: standard (the demo's) or strong (larger "
                         "warps, per-subject grey/white contrast, fainter lesions, more noise: leaves room for "
                         "label-efficiency comparisons)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes building subjects at once (default: one per CPU core); any number gives "
+                        "the same files")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the dataset sub-folders and dataset.json of a non-empty OUT_DIR")
 
@@ -57,6 +60,7 @@ def run(args) -> int:
         sparse_every=args.sparse_every,
         overwrite=args.overwrite,
         variation=args.variation,
+        workers=args.workers,
     )
     meta = json.loads((out / "dataset.json").read_text())
     info = meta["synthetic"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,16 +285,17 @@ def synthesize_dataset(
     overwrite: bool = False,
     reuse: bool = False,
     variation: str = "standard",
+    workers: int | None = None,
 ) -> Path:
     """Write a dataset folder of pseudo-subjects and return its path.
 
     Refuses a non-empty folder unless ``overwrite`` (which replaces only the
     dataset sub-folders and dataset.json). With ``reuse``, a complete dataset
-    written earlier with the same settings is returned untouched.
+    written earlier with the same settings is returned untouched. ``workers``
+    processes build subjects at once (default: one per CPU core).
     """
     from tqdm import tqdm
 
-    from mnseg.data.io import save_nifti
     from mnseg.utils.atomic import atomic_write_json
 
     settings = _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick_slice_fraction,
@@ -305,23 +307,28 @@ def synthesize_dataset(
 
     tpl = load_template(settings["spacing"])
     counts = {"labeled": n_labeled, "unlabeled": n_unlabeled, "test": n_test}
+    jobs = [(out, group, index, subject_seed(seed, group, index), settings["spacing"], thick_slice_fraction,
+             variation, sparse_every) for group, count in counts.items() for index in range(count)]
+    workers = max(1, min(int(workers or os.cpu_count() or 1), len(jobs)))
     class_voxels = np.zeros(len(LABELS), dtype=np.int64)
     subjects = {}
-    with tqdm(total=sum(counts.values()), desc="mnseg synth", unit="subject", disable=not progress) as bar:
-        for group, count in counts.items():
-            _, image_dir, label_dir, prefix = GROUPS[group]
-            for index in range(count):
-                case = f"{prefix}_{index:03d}"
-                case_seed = subject_seed(seed, group, index)
-                image, label, facts = _generate(case_seed, settings["spacing"], thick_slice_fraction, variation)
-                class_voxels += np.bincount(label.ravel(), minlength=len(LABELS))[: len(LABELS)]
-                save_nifti(image, tpl.affine, out / image_dir / f"{case}_0000.nii.gz", dtype=np.float32)
-                if label_dir is not None:
-                    if group == "labeled" and sparse_every:
-                        label = sparsify(label, sparse_every)
-                    save_nifti(label, tpl.affine, out / label_dir / f"{case}.nii.gz", dtype=np.uint8)
-                subjects[case] = {"group": group, "index": index, "seed": case_seed, **facts}
+    with tqdm(total=len(jobs), desc="mnseg synth", unit="subject", disable=not progress) as bar:
+        if workers == 1:
+            results = map(_write_subject, jobs)
+        else:  # subjects are independent and seeded, so the files are the same for any number of workers
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            results = pool.map(_write_subject, jobs)
+        try:
+            for case, info, voxels in results:
+                subjects[case] = info
+                class_voxels += voxels
                 bar.update(1)
+        finally:
+            if workers > 1:
+                pool.shutdown(cancel_futures=True)
 
     labels = dict(LABELS, **({"ignore": IGNORE} if sparse_every else {}))
     fractions = class_voxels / max(int(class_voxels.sum()), 1)
@@ -351,6 +358,24 @@ def synthesize_dataset(
     }
     atomic_write_json(out / "dataset.json", meta)  # written last: its presence marks a complete dataset
     return out
+
+
+def _write_subject(job: tuple) -> tuple[str, dict, np.ndarray]:
+    """Build one subject and write its files; returns (case, facts for dataset.json, class voxel counts)."""
+    from mnseg.data.io import save_nifti
+
+    out, group, index, case_seed, spacing, thick_slice_fraction, variation, sparse_every = job
+    _, image_dir, label_dir, prefix = GROUPS[group]
+    case = f"{prefix}_{index:03d}"
+    image, label, facts = _generate(case_seed, spacing, thick_slice_fraction, variation)
+    voxels = np.bincount(label.ravel(), minlength=len(LABELS))[: len(LABELS)]
+    affine = load_template(spacing).affine
+    save_nifti(image, affine, out / image_dir / f"{case}_0000.nii.gz", dtype=np.float32)
+    if label_dir is not None:
+        if group == "labeled" and sparse_every:
+            label = sparsify(label, sparse_every)
+        save_nifti(label, affine, out / label_dir / f"{case}.nii.gz", dtype=np.uint8)
+    return case, {"group": group, "index": index, "seed": case_seed, **facts}, voxels
 
 
 def is_complete(out: Path, settings: dict) -> bool:
