@@ -230,3 +230,51 @@ def test_case_is_hashable_value():
 
     a = Case("x", (Path("x_0000.nii.gz"),))
     assert a == Case("x", (Path("x_0000.nii.gz"),)) and len({a, a}) == 1
+
+
+# --------------------------------------------------------------------- label files only where the split reads them
+
+
+def _strip_labels(root, case_ids):
+    for case_id in case_ids:
+        (root / "labelsTr" / f"{case_id}.nii.gz").unlink()
+
+
+def test_unlabelled_pool_cases_may_lack_labels_and_the_split_stays_the_same(tmp_path):
+    root = make_toy_dataset(tmp_path / "D", n_train=8, n_unlabeled=1, n_test=1, shape=(8, 8, 8))
+    full = make_split(DatasetFolder(root), num_labeled=3, seed=7, num_val=1)
+    pool_from_train = [c.case_id for c in full.unlabeled if c.case_id.startswith("toytr")]
+    assert len(pool_from_train) == 4
+
+    _strip_labels(root, pool_from_train)
+    stripped = make_split(DatasetFolder(root), num_labeled=3, seed=7, num_val=1)
+
+    assert stripped.to_json_dict() == full.to_json_dict()
+    assert all(c.label is not None and c.label.exists() for c in stripped.labeled + stripped.val)
+    saved = json.loads(json.dumps(stripped.to_json_dict()))
+    assert Split.from_json_dict(saved, DatasetFolder(root)) == stripped  # resuming works too
+    with pytest.raises(DatasetError, match="image without label"):  # the plain listing still wants every label
+        DatasetFolder(root).training_cases()
+
+
+@pytest.mark.parametrize("which", ["labeled", "val"])
+def test_labelled_or_validation_case_without_label_is_a_clear_error(tmp_path, which):
+    root = make_toy_dataset(tmp_path / "D", n_train=6, n_unlabeled=1, n_test=1, shape=(8, 8, 8))
+    split = make_split(DatasetFolder(root), num_labeled=2, seed=3, num_val=1)
+    victim = getattr(split, which)[0].case_id
+    _strip_labels(root, [victim])
+
+    with pytest.raises(DatasetError) as info:
+        make_split(DatasetFolder(root), num_labeled=2, seed=3, num_val=1)
+    message = str(info.value)
+    assert f"{victim}_0000.nii.gz" in message and f"labelsTr/{victim}.nii.gz" in message
+    assert ("validation" if which == "val" else "drawn as labelled") in message
+    with pytest.raises(DatasetError, match=victim):  # a saved split that needs the label fails as clearly
+        Split.from_json_dict(split.to_json_dict(), DatasetFolder(root))
+
+
+def test_without_num_labeled_every_training_case_needs_its_label(toy_dataset):
+    _strip_labels(toy_dataset, ["toytr_001"])
+    with pytest.raises(DatasetError, match="toytr_001") as info:
+        make_split(DatasetFolder(toy_dataset))
+    assert "image without label" in str(info.value) and "num_labeled" in str(info.value)

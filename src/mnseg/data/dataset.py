@@ -24,6 +24,7 @@ IGNORE_LABEL_NAME = "ignore"
 GROUPS = ("imagesTr", "imagesUnlabeled", "imagesTs")
 _LABEL_DIRS = {"imagesTr": "labelsTr", "imagesTs": "labelsTs"}
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+MISSING_LABEL_MESSAGE = "image without label"  # how scan_group reports an imagesTr case with no labelsTr file
 
 
 @dataclass(frozen=True)
@@ -237,12 +238,14 @@ class GroupScan:
     num_case_ids: int
 
 
-def scan_group(root: str | Path, group: str, spec: DatasetSpec) -> GroupScan:
+def scan_group(root: str | Path, group: str, spec: DatasetSpec, require_labels: bool = True) -> GroupScan:
     """List the cases of one group (``imagesTr``, ``imagesUnlabeled``, ``imagesTs``) from file names.
 
     Cases missing a channel (or, in ``imagesTr``, a label) are left out of
     ``cases`` and reported in ``problems``; a missing folder yields no cases
     and no problems (callers decide whether the group is required).
+    ``require_labels=False`` keeps ``imagesTr`` cases without a label (``label`` None, no problem): the
+    split decides whether each one needs it.
     """
     root = Path(root)
     image_dir = root / group
@@ -274,15 +277,15 @@ def scan_group(root: str | Path, group: str, spec: DatasetSpec) -> GroupScan:
         complete[case_id] = tuple(files[c] for c in range(spec.num_channels))
 
     labels = _label_files(root, group, spec, problems)
-    label_required = group == "imagesTr"
+    label_required = group == "imagesTr" and require_labels
     cases: list[Case] = []
     for case_id, images in complete.items():
         label = labels.get(case_id)
         if label is None and label_required:
-            problems.append(Problem(images[0], f"image without label: expected {_LABEL_DIRS[group]}/"
+            problems.append(Problem(images[0], f"{MISSING_LABEL_MESSAGE}: expected {_LABEL_DIRS[group]}/"
                                                f"{case_id}{spec.file_ending}"))
             continue
-        if label is None and group in _LABEL_DIRS and labels:
+        if label is None and group == "imagesTs" and labels:
             problems.append(Problem(images[0], f"test case {case_id!r} has no label in {_LABEL_DIRS[group]}; "
                                                "it cannot be scored", "warning"))
         cases.append(Case(case_id, images, label))
@@ -347,12 +350,16 @@ class DatasetFolder:
     def __repr__(self) -> str:
         return f"DatasetFolder({str(self.root)!r})"
 
-    def training_cases(self) -> list[Case]:
-        """Labelled cases of ``imagesTr`` + ``labelsTr``; the folder must exist and hold at least one."""
+    def training_cases(self, require_labels: bool = True) -> list[Case]:
+        """Cases of ``imagesTr`` + ``labelsTr``; the folder must exist and hold at least one.
+
+        ``require_labels=False`` also lists cases without a label file (``label`` None), for the split: a
+        case that ``--num-labeled`` sends to the unlabelled pool never needs one.
+        """
         if not (self.root / "imagesTr").is_dir():
             raise DatasetError(f"{self.root / 'imagesTr'}: folder not found "
                                "(labelled training images go here)")
-        cases = self._cases("imagesTr")
+        cases = self._cases("imagesTr", require_labels)
         if not cases:
             raise DatasetError(f"{self.root / 'imagesTr'}: no training cases "
                                f"(expected CASE_0000{self.spec.file_ending})")
@@ -366,8 +373,8 @@ class DatasetFolder:
         """Cases of ``imagesTs``, with their ``labelsTs`` file when there is one."""
         return self._cases("imagesTs")
 
-    def _cases(self, group: str) -> list[Case]:
-        scan = scan_group(self.root, group, self.spec)
+    def _cases(self, group: str, require_labels: bool = True) -> list[Case]:
+        scan = scan_group(self.root, group, self.spec, require_labels)
         errors = [p for p in scan.problems if p.severity == "error"]
         if errors:
             lines = "\n".join(f"  {p.path}: {p.message}" for p in errors)
@@ -413,7 +420,7 @@ class Split:
         missing = [k for k in required if k not in d]
         if missing:
             raise ConfigError(f"saved split is missing key(s) {missing}")
-        train = {c.case_id: c for c in folder.training_cases()}
+        train = {c.case_id: c for c in folder.training_cases(require_labels=False)}
         by_group = {
             "imagesTr": {k: Case(c.case_id, c.images) for k, c in train.items()},
             "imagesUnlabeled": {c.case_id: c for c in folder.unlabeled_cases()},
@@ -435,10 +442,13 @@ class Split:
             raise ConfigError(f"saved split: 'unlabeled' must map {list(GROUPS)} to case ids, "
                               f"found {unlabeled_ids!r}")
         unlabeled = [c for g in GROUPS for c in pick(by_group[g], unlabeled_ids.get(g, []), g)]
+        labeled, val = pick(train, d["labeled"], "imagesTr"), pick(train, d["val"], "imagesTr")
+        _require_labels(folder, labeled, "labelled in the saved split")
+        _require_labels(folder, val, "a validation case in the saved split")
         return cls(
-            labeled=pick(train, d["labeled"], "imagesTr"),
+            labeled=labeled,
             unlabeled=unlabeled,
-            val=pick(train, d["val"], "imagesTr"),
+            val=val,
             test=pick(test, d["test"], "imagesTs"),
             seed=int(d["seed"]),
             num_labeled=d["num_labeled"],
@@ -461,8 +471,12 @@ def make_split(
     them when ``num_labeled`` is None). Remaining ``imagesTr`` cases join the
     unlabelled pool with their label dropped, followed by ``imagesUnlabeled``
     and, only if ``transductive``, ``imagesTs`` (labels dropped too).
+
+    The draw depends on the ``imagesTr`` case ids only, never on which label files exist: a case sent to the
+    unlabelled pool may lack its label file (its label is never read), and leaving such files out gives the
+    same split as keeping them. A validation or labelled case without a label is a ``DatasetError``.
     """
-    train = folder.training_cases()
+    train = folder.training_cases(require_labels=False)
     if isinstance(num_val, bool) or not isinstance(num_val, (int, np.integer)) or num_val < 0:
         raise ConfigError(f"num_val must be a non-negative integer, found {num_val!r}")
     if num_val >= len(train):
@@ -481,15 +495,33 @@ def make_split(
         if num_labeled < 1 or num_labeled > len(pool):
             held = f" after holding out {num_val} for validation" if num_val else ""
             raise ConfigError(f"num_labeled={num_labeled} must be between 1 and {len(pool)}: "
-                              f"{folder.root / 'imagesTr'} has {len(pool)} labelled case(s){held}")
+                              f"{folder.root / 'imagesTr'} has {len(pool)} training case(s){held}")
         chosen = set(rng.permutation(len(pool))[:num_labeled].tolist())
         labeled = [c for i, c in enumerate(pool) if i in chosen]
         rest = [c for i, c in enumerate(pool) if i not in chosen]
         num_labeled = int(num_labeled)
 
+    _require_labels(folder, val, f"drawn for validation (seed {seed})")
+    if num_labeled is None:
+        _require_labels(folder, labeled, "labelled (without num_labeled every imagesTr case keeps its label)")
+    else:
+        _require_labels(folder, labeled, f"drawn as labelled (num_labeled={num_labeled}, seed {seed})")
     test = folder.test_cases()
     unlabeled = [Case(c.case_id, c.images) for c in rest] + folder.unlabeled_cases()
     if transductive:
         unlabeled += [Case(c.case_id, c.images) for c in test]
     return Split(labeled=labeled, unlabeled=unlabeled, val=val, test=test, seed=int(seed),
                  num_labeled=num_labeled, transductive=bool(transductive))
+
+
+def _require_labels(folder: DatasetFolder, cases: Sequence[Case], role: str) -> None:
+    """The clear error for cases whose labels the run reads but which have no label file."""
+    missing = [c for c in cases if c.label is None]
+    if missing:
+        ending = folder.spec.file_ending
+        lines = "\n".join(f"  {c.images[0]}: {MISSING_LABEL_MESSAGE}: expected labelsTr/{c.case_id}{ending}"
+                           for c in missing)
+        raise DatasetError(
+            f"{folder.root / 'labelsTr'}: {len(missing)} case(s) {role} have no label:\n{lines}\n"
+            f"Add the label file(s); only cases that go to the unlabelled pool may lack one."
+        )

@@ -63,7 +63,10 @@ def prepare_data(
     from mnseg.data.validate import validate_dataset
 
     folder = DatasetFolder(cfg.data.dataset)
-    validate_dataset(folder.root).raise_if_invalid()
+    report = validate_dataset(folder.root)
+    unlabelled_ok = _missing_training_labels(report, folder)
+    report.problems = [p for p in report.problems if p not in unlabelled_ok]
+    report.raise_if_invalid()
     if split_dict is not None:
         split = Split.from_json_dict(split_dict, folder)
     else:
@@ -76,9 +79,36 @@ def prepare_data(
 
     def run(cases, with_labels):
         items = [(c.case_id, list(c.images), c.label if with_labels else None) for c in cases]
-        cache.prepare(items, settings, plans["modality"], target, progress=progress, workers=cfg.data.num_workers)
-        return [cache.get(cid, imgs, lab, settings, plans["modality"], target) for cid, imgs, lab in items]
+        return load_cases(cache, items, settings, plans["modality"], target, progress, cfg.data.num_workers)
 
     return PreparedData(
         folder, split, plans, run(split.labeled, True), run(split.unlabeled, False), run(split.val, True)
     )
+
+
+def load_cases(cache, items: list, settings, modality, target, progress: bool = True, workers: int = 0) -> list:
+    """Each (case_id, image_paths, label_path) from the cache, checked and read (or built) once.
+
+    ``cache.get`` already verifies the fingerprint and the arrays before trusting an entry and keeps a freshly
+    built case in memory, so a separate ``prepare`` pass would only repeat the checks and re-read what was just
+    written. With ``workers > 0`` missing entries are first built in parallel (finding them reads only each
+    entry's metadata and array headers), then every case is read once.
+    """
+    from tqdm.auto import tqdm
+
+    if workers and workers > 0 and len(items) > 1:
+        cache.prepare(items, settings, modality, target, progress=progress, workers=workers)
+        progress = False
+    cases = []
+    for case_id, images, label in tqdm(items, desc="preprocess", disable=not progress):
+        cases.append(cache.get(case_id, images, label, settings, modality, target))
+    return cases
+
+
+def _missing_training_labels(report, folder) -> list:
+    """The check's "image without label" errors for imagesTr cases: the split allows them for cases it sends
+    to the unlabelled pool and raises its own error, naming the file, for a labelled or validation case."""
+    from mnseg.data.dataset import MISSING_LABEL_MESSAGE
+
+    image_dir = folder.root / "imagesTr"
+    return [p for p in report.errors if p.path.parent == image_dir and p.message.startswith(MISSING_LABEL_MESSAGE)]
