@@ -2,11 +2,17 @@
 against plain fp32 eager PyTorch / MONAI on the same models and shapes (logic in ``mnseg.speed``).
 
     python benchmarks/speed.py --device cuda --preset paper [--compile] [--profile] [--peak-tflops 989]
+                               [--variants base,channels_last,frozen_bf16,compile,all] [--compile-mode MODE]
                                [--json speed.json]
 
 Presets: paper (SegFormer-B2-sized + LoRA and the M&N 3D UNet, crops 160x160x64, B=5), small, tiny
 (seconds on a CPU; a smoke check only). Targets (H100): training >= 3x faster at <= half the peak memory,
 inference >= 2x with the same masks, loader faster than training consumes.
+
+Variants time mnseg's speed options (all off by default in training) against the same plain baseline, measured
+once, in one process: base, channels_last (train.channels_last), frozen_bf16 (frozen_dtype=bfloat16 on the LoRA
+model), compile (torch.compile), all (the three together). One variant prints the classic report; several print
+one row per variant.
 """
 
 from __future__ import annotations
@@ -16,12 +22,21 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mnseg.speed import H100_BF16_DENSE_TFLOPS, PRESETS
+    from mnseg.speed import COMPILE_MODES, H100_BF16_DENSE_TFLOPS, PRESETS, VARIANTS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the mnseg side's models")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the mnseg side's models (every variant)")
+    parser.add_argument(
+        "--variants",
+        default="base",
+        help=f"comma-separated mnseg variants to time, each against the same plain run ({', '.join(VARIANTS)}; "
+        "default: base)",
+    )
+    parser.add_argument(
+        "--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile mode of compiled variants"
+    )
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of both sides")
     parser.add_argument(
         "--peak-tflops",
@@ -40,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from mnseg.engine.build import resolve_device
     from mnseg.errors import MnsegError
-    from mnseg.speed import format_report, run_benchmark
+    from mnseg.speed import format_report, parse_variants, run_benchmark
     from mnseg.utils.atomic import atomic_write_json
 
     if args.warmup < 0 or args.iters < 1 or args.inference_repeats < 1 or args.loader_batches < 1:
         parser.error("--warmup must be >= 0 and --iters, --inference-repeats, --loader-batches >= 1")
     try:
+        variants = parse_variants(args.variants)
         device = resolve_device(args.device)
         result = run_benchmark(
             args.preset,
@@ -58,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             inference_repeats=args.inference_repeats,
             loader_batches=args.loader_batches,
             seed=args.seed,
+            variants=variants,
+            compile_mode=args.compile_mode,
         )
     except MnsegError as error:
         print(f"error: {error}", file=sys.stderr)

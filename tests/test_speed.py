@@ -9,7 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnseg.speed import PRESETS, MnsegSide, PlainSide, _mean_foreground_dice, build_master_models, make_batch
+from mnseg.errors import ConfigError
+from mnseg.speed import (
+    PRESETS,
+    VARIANTS,
+    MnsegSide,
+    PlainSide,
+    _guarded,
+    _mean_foreground_dice,
+    build_master_models,
+    make_batch,
+    make_config,
+    parse_variants,
+)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
@@ -54,6 +66,56 @@ def tiny_result(tmp_path_factory, one_thread):
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def variants_run(tmp_path_factory, one_thread):
+    """``--variants base,channels_last`` in one process: (JSON result, printed report)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("speed") / "variants.json"
+    argv = ["--device", "cpu", "--preset", "tiny", "--warmup", "0", "--iters", "1", "--inference-repeats", "1",
+            "--loader-batches", "2", "--variants", "base,channels_last", "--json", str(out)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert _script().main(argv) == 0
+    return json.loads(out.read_text()), printed.getvalue()
+
+
+def test_each_variant_gets_a_row_against_one_plain_run(variants_run):
+    result, printed = variants_run
+    assert list(result["variants"]) == ["base", "channels_last"]
+    plain = result["training"]["plain"]
+    for name, variant in result["variants"].items():
+        assert "error" not in variant["training"] and "error" not in variant["inference"], variant
+        training = variant["training"]
+        assert training["mnseg"]["ms_per_iter"] > 0
+        assert training["speedup"] == pytest.approx(plain["ms_per_iter"] / training["mnseg"]["ms_per_iter"])
+        # a memory layout changes no FLOPs and no mask
+        assert training["mnseg"]["flops_per_iter"] == pytest.approx(plain["flops_per_iter"], rel=0.05)
+        assert variant["inference"]["mask_dice"] > 0.99 and variant["inference"]["foreground_fraction"] > 0
+        assert variant["options"]["channels_last"] == (name == "channels_last")
+        row = next(line for line in printed.splitlines() if line.strip().startswith(name))
+        assert "x" in row and "failed" not in row
+    assert result["variants"]["base"]["training"]["mnseg"] == result["training"]["mnseg"]  # first = top level
+    assert sum(line.strip().startswith("plain fp32") for line in printed.splitlines()) == 1
+
+
+def test_variant_names_are_checked():
+    assert [v.name for v in parse_variants("base, all")] == ["base", "all"]
+    for bad in ("", "base,fast", "base,base"):
+        with pytest.raises(ConfigError):
+            parse_variants(bad)
+    assert _script().main(["--device", "cpu", "--preset", "tiny", "--variants", "turbo"]) == 2
+
+
+def test_frozen_bf16_variant_sets_frozen_dtype_only_where_weights_are_frozen():
+    paper = make_config(PRESETS["paper"], VARIANTS["frozen_bf16"])
+    assert paper.models["net2d"].frozen_dtype == "bfloat16"  # SegFormer + LoRA
+    assert paper.models["net3d"].frozen_dtype is None  # trains every weight
+    assert make_config(PRESETS["paper"]).models["net2d"].frozen_dtype is None
+    assert make_config(PRESETS["tiny"], VARIANTS["all"]).train.channels_last
+
+
 def test_training_sides_are_timed_and_counted(tiny_result):
     training = tiny_result["training"]
     for side in ("mnseg", "plain"):
@@ -84,12 +146,14 @@ def test_loader_rate(tiny_result):
     assert loader["keeps_up"] == (loader["samples_per_s"] >= loader["training_samples_per_s"])
 
 
-def test_both_sides_compute_the_same_first_loss(one_thread):
-    """The plain side is the same recipe: from the same weights its first (3D) loss equals mnseg's in fp32."""
+@pytest.mark.parametrize("variant", ["base", "channels_last"])
+def test_both_sides_compute_the_same_first_loss(one_thread, variant):
+    """The plain side is the same recipe: from the same weights its first (3D) loss equals mnseg's in fp32
+    (under every variant that runs on a CPU: a memory layout changes no numbers)."""
     preset, device = PRESETS["tiny"], torch.device("cpu")
     masters = build_master_models(preset, seed=1)
     batch = make_batch(preset, device, seed=1)
-    mnseg, plain = MnsegSide(preset, masters, device), PlainSide(preset, masters, device)
+    mnseg, plain = MnsegSide(preset, masters, device, VARIANTS[variant]), PlainSide(preset, masters, device)
     before = {r: [p.detach().clone() for p in m.parameters() if p.requires_grad] for r, m in mnseg.models.items()}
     mnseg.step(batch)
     plain.step(batch)
@@ -100,6 +164,15 @@ def test_both_sides_compute_the_same_first_loss(one_thread):
     for role in masters:  # the sides trained their own copies; the masters are untouched
         assert all(p.device.type == "cpu" for p in masters[role].parameters())
         assert not any(p is q for p, q in zip(masters[role].parameters(), mnseg.models[role].parameters()))
+
+
+def test_a_failing_variant_is_recorded_when_others_should_still_run():
+    def fail():
+        raise RuntimeError("compiler missing")
+
+    assert _guarded(fail, True, torch.device("cpu")) == {"error": "RuntimeError: compiler missing"}
+    with pytest.raises(RuntimeError):
+        _guarded(fail, False, torch.device("cpu"))  # a single variant fails loudly
 
 
 def test_mask_dice():

@@ -47,6 +47,9 @@ class ModelConfig:
     lora_dropout: float = 0.0
     slice_axis: int = -1  # 2D models run slice by slice along this axis of (X, Y, Z)
     slice_batch: int | None = None
+    # "bfloat16": frozen pretrained Linear/Conv weights (LoRA / decoder fine-tuning) stored in bf16, so autocast
+    # stops casting them on every call; applied only under bf16 autocast (CUDA with train.amp), ignored otherwise.
+    frozen_dtype: str | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
 
@@ -81,7 +84,8 @@ class TrainConfig:
     overlay_every: int = 0  # TensorBoard prediction pictures every N epochs (0: at validation only)
     on_nan: str = "stop"  # stop | skip
     check_every: int = 1  # NaN check (a host sync) every N steps; >1 keeps the GPU queue full (stop mode only)
-    compile: bool = False
+    compile: bool = False  # not supported by the trainer yet (refused): see benchmarks/speed.py --compile
+    channels_last: bool = False  # models and input batches in channels-last(-3d) memory format (a CUDA speed option)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from mnseg.errors import ConfigError
 
 BLEND_MODES = ("constant", "gaussian")
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by window batch rank (2D / 3D patches)
 
 
 @torch.no_grad()
@@ -40,6 +41,7 @@ def sliding_window_probabilities(
     amp: bool = False,
     device: torch.device | str | None = None,
     num_classes: int | None = None,
+    channels_last: bool = False,
 ) -> Tensor:
     """Softmax probabilities of ``model`` over a whole volume, averaged over overlapping windows.
 
@@ -48,7 +50,9 @@ def sliding_window_probabilities(
     result cropped back. ``mirror_tta`` also averages over flips of every subset of spatial axes
     (8 passes for 3D). ``amp`` runs the model under bf16 autocast on CUDA (ignored on CPU).
     ``device`` defaults to the model's device (the image's if the model has no parameters).
-    The model is put in eval mode for the call and restored afterwards.
+    The model is put in eval mode for the call and restored afterwards. ``channels_last`` hands the model its
+    window batches in channels-last(-3d) memory format (for a model whose weights are, see
+    ``mnseg.engine.build.to_channels_last``); the probabilities are the same.
     """
     patch = _check_arguments(image, patch_size, overlap, blend, sw_batch_size)
     unbatched = image.ndim == len(patch) + 1
@@ -63,6 +67,7 @@ def sliding_window_probabilities(
         for starts in itertools.product(*(_window_starts(s, p, overlap) for s, p in zip(padded, patch)))
     ]
     importance = _importance_map(patch, blend, device)
+    weigh = blend != "constant"  # constant weights are ones: multiplying each window by them changes nothing
     normaliser = torch.zeros(padded, device=device, dtype=torch.float32)
     for window in windows:
         normaliser[window] += importance
@@ -79,13 +84,15 @@ def sliding_window_probabilities(
         for first in range(0, len(jobs), sw_batch_size):
             chunk = jobs[first : first + sw_batch_size]
             inputs = torch.stack([volume[(b, slice(None)) + window] for b, window in chunk])
+            if channels_last and inputs.ndim in _CHANNELS_LAST:
+                inputs = inputs.contiguous(memory_format=_CHANNELS_LAST[inputs.ndim])
             probabilities = _window_probabilities(model, inputs, mirror_tta, amp, device)
             _check_output(probabilities, inputs, num_classes)
             if accumulator is None:
                 accumulator = torch.zeros(
                     (batch_size, probabilities.shape[1], *padded), device=device, dtype=torch.float32
                 )
-            weighted = probabilities * importance
+            weighted = probabilities * importance if weigh else probabilities
             for i, (b, window) in enumerate(chunk):
                 accumulator[(b, slice(None)) + window] += weighted[i]
     finally:
@@ -206,7 +213,8 @@ def _window_probabilities(
             logits = model(inputs.flip(dims) if dims else inputs)
         if isinstance(logits, (list, tuple)):  # deep-supervision models: the full-resolution head comes first
             logits = logits[0]
-        probabilities = torch.softmax(logits.float(), dim=1)
+        # dtype= makes the softmax read bf16 logits and compute in fp32 in one kernel (no fp32 copy of the logits)
+        probabilities = torch.softmax(logits, dim=1, dtype=torch.float32)
         if dims:
             probabilities = probabilities.flip(dims)
         total = probabilities if total is None else total + probabilities

@@ -11,6 +11,10 @@ published code does. Inference: ``sliding_window_probabilities`` (bf16 on CUDA) 
 ``sliding_window_inference`` in fp32 with the same model, patch and 50% overlap, on a volume whose size makes
 both window grids coincide, so the two masks differ only by precision.
 
+Variants (issue 8's speed options, all off by default in the trainer) time the mnseg side with
+``train.channels_last``, ``frozen_dtype: bfloat16`` on the roles with frozen weights, ``torch.compile`` or all
+of them, each against the same plain baseline (measured once), in one process, so one GPU call compares them.
+
 Timings use CUDA events with a synchronise around the timed region (``perf_counter`` on CPU); peak memory is
 measured per side after a reset, with the other side's models freed. The CLI is ``benchmarks/speed.py``.
 """
@@ -83,16 +87,60 @@ def batch_split(batch_size: int) -> tuple[int, int]:
     return b_l, batch_size - b_l
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One set of mnseg speed options to time (each against the same plain baseline)."""
+
+    name: str
+    channels_last: bool = False  # train.channels_last: models and batches in channels-last(-3d) memory format
+    frozen_bf16: bool = False  # frozen_dtype=bfloat16 on every role with frozen weights (LoRA / decoder tuning)
+    compile: bool = False  # torch.compile both roles (and the inference model)
+
+
+VARIANTS = {
+    "base": Variant("base"),
+    "channels_last": Variant("channels_last", channels_last=True),
+    "frozen_bf16": Variant("frozen_bf16", frozen_bf16=True),
+    "compile": Variant("compile", compile=True),
+    "all": Variant("all", channels_last=True, frozen_bf16=True, compile=True),
+}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """``"base,channels_last"`` -> variants in that order; ConfigError for unknown, repeated or no names."""
+    from mnseg.errors import ConfigError
+
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if not names or unknown:
+        raise ConfigError(f"unknown speed variant(s) {unknown or [text]}; choose from {', '.join(VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"speed variants repeat a name: {text}")
+    return [VARIANTS[n] for n in names]
+
+
 # ------------------------------------------------------------------ set-up
-def make_config(preset: Preset):
-    """An M&N run configuration with the preset's models (stage 1 lasts one epoch, co-training two)."""
+def make_config(preset: Preset, variant: Variant = VARIANTS["base"]):
+    """An M&N run configuration with the preset's models (stage 1 lasts one epoch, co-training two) and the
+    variant's options (``frozen_dtype`` only on roles that freeze weights: elsewhere it is a config error)."""
     from mnseg.config import Config
 
+    models = {"net2d": dict(preset.net2d), "net3d": dict(preset.net3d)}
+    if variant.frozen_bf16:
+        for role, fields in models.items():
+            if fields.get("finetune") in ("lora", "decoder"):
+                models[role] = {**fields, "frozen_dtype": "bfloat16"}
     return Config.from_dict(
         {
             "method": {"name": "mn", "params": {"sup_epochs": 1}},
-            "models": {"net2d": dict(preset.net2d), "net3d": dict(preset.net3d)},
-            "train": {"epochs": 3, "iters_per_epoch": 1, "batch_size": preset.batch_size},
+            "models": models,
+            "train": {
+                "epochs": 3,
+                "iters_per_epoch": 1,
+                "batch_size": preset.batch_size,
+                "channels_last": variant.channels_last,
+            },
             "data": {"patch_size": list(preset.crop)},
         }
     )
@@ -127,17 +175,31 @@ def _copy_to(models: dict, device: torch.device) -> dict[str, torch.nn.Module]:
 
 
 class MnsegSide:
-    """The real ``MN`` method, engine-built optimisers, bf16 autocast on CUDA; ``step`` = one co-training pair."""
+    """The real ``MN`` method, engine-built optimisers, bf16 autocast on CUDA; ``step`` = one co-training pair.
+
+    Models are placed as the trainer places them (``place_model``: the variant's channels-last and bf16 frozen
+    weights), and each step's batch is converted as the trainer converts it."""
 
     name = "mnseg"
 
-    def __init__(self, preset: Preset, masters: dict, device: torch.device):
-        from mnseg.engine.build import build_optimizer
+    def __init__(
+        self,
+        preset: Preset,
+        masters: dict,
+        device: torch.device,
+        variant: Variant = VARIANTS["base"],
+        compile_mode: str | None = None,
+    ):
+        from mnseg.engine.build import build_optimizer, place_model
         from mnseg.methods.base import MethodContext
         from mnseg.methods.mn import MN
 
-        self.cfg, self.device = make_config(preset), device
-        self.models = _copy_to(masters, device)
+        self.cfg, self.device = make_config(preset, variant), device
+        self.variant, self.compile_mode = variant, compile_mode
+        self.models = {
+            role: place_model(copy.deepcopy(m), self.cfg.models[role], self.cfg.train, device)
+            for role, m in masters.items()
+        }
         self.optimizers = {r: build_optimizer(m, self.cfg.models[r].optim, device) for r, m in self.models.items()}
         b_l, b_u = batch_split(preset.batch_size)
         ctx = MethodContext(
@@ -159,7 +221,21 @@ class MnsegSide:
 
     def compile(self) -> None:
         """torch.compile both roles (optional: measure whether it helps)."""
-        self.method.models = {r: torch.compile(m) for r, m in self.models.items()}
+        mode = None if self.compile_mode in (None, "default") else self.compile_mode
+        self.method.models = {r: torch.compile(m, mode=mode) for r, m in self.models.items()}
+
+    def bf16_frozen_tensors(self) -> dict[str, int]:
+        """Per role, how many parameters are stored in bf16 (non-zero only where frozen_bf16 took effect)."""
+        return {r: sum(p.dtype == torch.bfloat16 for p in m.parameters()) for r, m in self.models.items()}
+
+    def _adapt(self, batch):
+        """The batch as the trainer hands it to the method under this variant."""
+        if not self.cfg.train.channels_last:
+            return batch
+        from mnseg.engine.build import to_channels_last
+        from mnseg.methods.base import Batch
+
+        return Batch(to_channels_last(batch.image_l), batch.label_l, to_channels_last(batch.image_u))
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -168,6 +244,7 @@ class MnsegSide:
 
     def step(self, batch) -> None:
         torch.backends.cudnn.benchmark = True
+        batch = self._adapt(batch)
         for epoch in self.epochs:
             role = self.method.trained_role(epoch)
             for r, model in self.models.items():
@@ -283,7 +360,9 @@ def profile_table(fn: Callable[[], object], device: torch.device, calls: int = 2
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
-def _free(device: torch.device) -> None:
+def _free(device: torch.device, compiled: bool = False) -> None:
+    if compiled:  # compiled graphs (and CUDA-graph pools) hold memory until dynamo forgets them
+        torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -294,7 +373,8 @@ def measure_side(side, batch, device: torch.device, warmup: int, iters: int, com
     flops = count_flops(lambda: side.step(batch))
     if compile:
         side.compile()
-    for _ in range(max(warmup, 1 if compile else 0)):  # compilation never falls in the timed region
+    # Compilation never falls in the timed region (CUDA graphs record over the first calls, hence 3).
+    for _ in range(max(warmup, 3 if compile else 0)):
         side.step(batch)
     synchronize(device)
     if device.type == "cuda":
@@ -312,6 +392,25 @@ def measure_side(side, batch, device: torch.device, warmup: int, iters: int, com
     return result
 
 
+def _against_plain(mnseg: dict, plain: dict) -> dict:
+    """One variant's training entry: its mnseg side, speed-up and memory ratio over the plain side."""
+    ratio = None
+    if mnseg["peak_memory_mib"] and plain["peak_memory_mib"]:
+        ratio = mnseg["peak_memory_mib"] / plain["peak_memory_mib"]
+    return {"mnseg": mnseg, "speedup": plain["ms_per_iter"] / mnseg["ms_per_iter"], "memory_ratio": ratio}
+
+
+def _guarded(run: Callable[[], dict], keep_going: bool, device: torch.device) -> dict:
+    """``run()``, or with ``keep_going`` its failure as ``{"error": ...}`` so the other variants still run."""
+    if not keep_going:
+        return run()
+    try:
+        return run()
+    except Exception as error:  # noqa: BLE001 - one variant failing (compile, OOM) must not lose the others
+        _free(device, compiled=True)
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def bench_training(
     preset: Preset,
     device: torch.device,
@@ -321,22 +420,37 @@ def bench_training(
     compile: bool = False,
     profile: bool = False,
     seed: int = 0,
+    variants: list[Variant] | None = None,
+    compile_mode: str | None = None,
+    keep_going: bool = False,
 ) -> dict:
-    """ms per co-training iteration, peak memory and achieved TFLOP/s of both sides, run one after the other."""
+    """ms per co-training iteration, peak memory and achieved TFLOP/s of the plain side (once) and the mnseg side
+    under each variant (``compile`` compiles every variant), one after the other with memory freed in between.
+
+    Returns ``{"plain": ..., "variants": {name: {"mnseg", "speedup", "memory_ratio", "bf16_frozen_tensors"}}}``
+    plus, for the first variant, the single-variant keys ``mnseg``, ``speedup``, ``memory_ratio``.
+    """
     masters = masters if masters is not None else build_master_models(preset, seed)
+    variants = variants or [VARIANTS["base"]]
     batch = make_batch(preset, device, seed)
-    result = {}
-    for cls in (MnsegSide, PlainSide):
-        side = cls(preset, masters, device)
-        result[cls.name] = measure_side(side, batch, device, warmup, iters, compile and cls is MnsegSide, profile)
-        del side
-        _free(device)
-    mnseg, plain = result["mnseg"], result["plain"]
-    result["speedup"] = plain["ms_per_iter"] / mnseg["ms_per_iter"]
-    if mnseg["peak_memory_mib"] and plain["peak_memory_mib"]:
-        result["memory_ratio"] = mnseg["peak_memory_mib"] / plain["peak_memory_mib"]
-    else:
-        result["memory_ratio"] = None
+    plain = PlainSide(preset, masters, device)
+    result = {"plain": measure_side(plain, batch, device, warmup, iters, False, profile), "variants": {}}
+    del plain
+    _free(device)
+    for variant in variants:
+        compiled = compile or variant.compile
+
+        def run(variant=variant, compiled=compiled) -> dict:
+            side = MnsegSide(preset, masters, device, variant, compile_mode)
+            entry = _against_plain(measure_side(side, batch, device, warmup, iters, compiled, profile), result["plain"])
+            entry["bf16_frozen_tensors"] = side.bf16_frozen_tensors()
+            return entry
+
+        result["variants"][variant.name] = _guarded(run, keep_going, device)
+        _free(device, compiled)
+    first = result["variants"][variants[0].name]
+    if "error" not in first:
+        result.update(mnseg=first["mnseg"], speedup=first["speedup"], memory_ratio=first["memory_ratio"])
     return result
 
 
@@ -357,50 +471,91 @@ def bench_inference(
     warmup: int = 1,
     repeats: int = 3,
     seed: int = 0,
+    variants: list[Variant] | None = None,
+    compile: bool = False,
+    compile_mode: str | None = None,
+    keep_going: bool = False,
 ) -> dict:
-    """Volumes/s of mnseg's sliding window (bf16 on CUDA) and MONAI's (fp32), and the Dice between their masks."""
+    """Volumes/s of mnseg's sliding window (bf16 on CUDA) under each variant and of MONAI's (fp32, once), and the
+    Dice between their masks. The inference model is the 3D role (no frozen weights: frozen_bf16 changes
+    nothing here); channels_last and compile apply to it. The first variant's figures also sit at the top level
+    (``mnseg``, ``speedup``, ``mask_dice``, ``foreground_fraction``) as for a single variant."""
     from monai.inferers import sliding_window_inference
 
+    from mnseg.engine.build import to_channels_last
     from mnseg.inference import sliding_window_probabilities
 
     masters = masters if masters is not None else build_master_models(preset, seed)
-    model = copy.deepcopy(masters["net3d"]).to(device).eval()
+    variants = variants or [VARIANTS["base"]]
     gen = torch.Generator().manual_seed(seed + 1)
     image = torch.randn((1, *preset.volume), generator=gen).to(device)
     amp = device.type == "cuda"
 
-    def run_mnseg():
-        return sliding_window_probabilities(
-            model, image, preset.crop, overlap=0.5, sw_batch_size=preset.sw_batch_size, amp=amp, device=device
-        )
-
-    @torch.no_grad()
-    def run_monai():
-        torch.backends.cudnn.benchmark = False
-        probs = sliding_window_inference(
-            image[None],
-            preset.crop,
-            preset.sw_batch_size,
-            lambda x: torch.softmax(model(x), dim=1),
-            overlap=0.5,
-            mode="constant",
-        )
-        return probs[0]
-
-    def run_mnseg_tuned():
-        torch.backends.cudnn.benchmark = True
-        return run_mnseg()
-
-    result = {"volume": list(preset.volume)}
-    masks = {}
-    for name, fn in (("mnseg", run_mnseg_tuned), ("monai", run_monai)):
+    def timed(fn) -> tuple[dict, torch.Tensor]:
+        mask = None
         for _ in range(warmup):
-            masks[name] = fn().argmax(0)
+            mask = fn().argmax(0)
         seconds = time_calls(fn, repeats, device)
-        result[name] = {"seconds_per_volume": seconds, "volumes_per_s": 1.0 / seconds}
-    result["speedup"] = result["monai"]["seconds_per_volume"] / result["mnseg"]["seconds_per_volume"]
-    result["mask_dice"] = _mean_foreground_dice(masks["mnseg"], masks["monai"], preset.num_classes)
-    result["foreground_fraction"] = float((masks["mnseg"] > 0).float().mean())  # a Dice of empty masks says little
+        return {"seconds_per_volume": seconds, "volumes_per_s": 1.0 / seconds}, mask
+
+    def monai_baseline() -> tuple[dict, torch.Tensor]:
+        model = copy.deepcopy(masters["net3d"]).to(device).eval()
+
+        @torch.no_grad()
+        def run_monai():
+            torch.backends.cudnn.benchmark = False
+            probs = sliding_window_inference(
+                image[None],
+                preset.crop,
+                preset.sw_batch_size,
+                lambda x: torch.softmax(model(x), dim=1),
+                overlap=0.5,
+                mode="constant",
+            )
+            return probs[0]
+
+        return timed(run_monai)
+
+    monai_timing, monai_mask = monai_baseline()
+    _free(device)
+    result = {"volume": list(preset.volume), "monai": monai_timing, "variants": {}}
+    for variant in variants:
+        compiled = compile or variant.compile
+
+        def run(variant=variant, compiled=compiled) -> dict:
+            model = copy.deepcopy(masters["net3d"]).to(device).eval()
+            if variant.channels_last:
+                to_channels_last(model)
+            if compiled:
+                model = torch.compile(model, mode=None if compile_mode in (None, "default") else compile_mode)
+
+            def run_mnseg():
+                torch.backends.cudnn.benchmark = True
+                return sliding_window_probabilities(
+                    model,
+                    image,
+                    preset.crop,
+                    overlap=0.5,
+                    sw_batch_size=preset.sw_batch_size,
+                    amp=amp,
+                    device=device,
+                    channels_last=variant.channels_last,
+                )
+
+            timing, mask = timed(run_mnseg)
+            return {
+                "mnseg": timing,
+                "speedup": monai_timing["seconds_per_volume"] / timing["seconds_per_volume"],
+                "mask_dice": _mean_foreground_dice(mask, monai_mask, preset.num_classes),
+                # a Dice of empty masks says little
+                "foreground_fraction": float((mask > 0).float().mean()),
+            }
+
+        result["variants"][variant.name] = _guarded(run, keep_going, device)
+        _free(device, compiled)
+    first = result["variants"][variants[0].name]
+    if "error" not in first:
+        result.update({k: first[k] for k in ("mnseg", "speedup", "mask_dice", "foreground_fraction")})
     return result
 
 
@@ -450,38 +605,64 @@ def run_benchmark(
     inference_repeats: int = 3,
     loader_batches: int = 20,
     seed: int = 0,
+    variants: list[Variant] | str | None = None,
+    compile_mode: str | None = None,
 ) -> dict:
-    """Every measurement of issue 8 for one preset; a JSON-ready dict."""
+    """Every measurement of issue 8 for one preset and each variant (plain and MONAI measured once); JSON-ready.
+
+    With several variants a failing one (e.g. a compile error) is recorded as ``{"error": ...}`` and the others
+    still run, so one GPU call measures them all. ``result["variants"][name]`` holds each variant's options,
+    training and inference entries; the top-level ``training``/``inference`` keys describe the first variant.
+    """
     from mnseg.errors import ConfigError
 
     if preset_name not in PRESETS:
         raise ConfigError(f"unknown speed preset '{preset_name}' (choose one of {', '.join(PRESETS)})")
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"unknown compile mode '{compile_mode}' (choose one of {', '.join(COMPILE_MODES)})")
+    variants = parse_variants(variants) if isinstance(variants, str) else (variants or [VARIANTS["base"]])
     preset = PRESETS[preset_name]
     device = torch.device(device)
     if peak_tflops is None and device.type == "cuda":
         peak_tflops = H100_BF16_DENSE_TFLOPS
     masters = build_master_models(preset, seed)
     b_l, b_u = batch_split(preset.batch_size)
+    keep_going = len(variants) > 1
     result = {
         "preset": asdict(preset),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "compile": compile,
+        "compile_mode": compile_mode or "default",
         "batch": {"B": preset.batch_size, "b_l": b_l, "b_u": b_u},
         "peak_tflops": peak_tflops,
     }
-    result["training"] = bench_training(preset, device, masters, warmup, iters, compile, profile, seed)
-    for side in ("mnseg", "plain"):
-        side_result = result["training"][side]
+    training = bench_training(
+        preset, device, masters, warmup, iters, compile, profile, seed, variants, compile_mode, keep_going
+    )
+    for side_result in [training["plain"]] + [v["mnseg"] for v in training["variants"].values() if "mnseg" in v]:
         side_result["peak_fraction"] = side_result["tflops_per_s"] / peak_tflops if peak_tflops else None
-    result["inference"] = bench_inference(preset, device, masters, 1, inference_repeats, seed)
+    inference = bench_inference(
+        preset, device, masters, 1, inference_repeats, seed, variants, compile, compile_mode, keep_going
+    )
+    result["variants"] = {
+        v.name: {
+            "options": {**asdict(v), "compile": compile or v.compile},
+            "training": training["variants"][v.name],
+            "inference": inference["variants"][v.name],
+        }
+        for v in variants
+    }
+    result["training"] = {k: v for k, v in training.items() if k != "variants"}
+    result["inference"] = {k: v for k, v in inference.items() if k != "variants"}
     _free(device)
     result["loader"] = bench_loader(preset, device, loader_batches, seed)
-    # Each co-training iteration consumes two batches of B (one per step).
-    needed = 2 * preset.batch_size / (result["training"]["mnseg"]["ms_per_iter"] / 1000.0)
+    # Each co-training iteration consumes two batches of B (one per step); the fastest variant sets the pace.
+    timed = [v["mnseg"]["ms_per_iter"] for v in training["variants"].values() if "mnseg" in v]
+    needed = 2 * preset.batch_size / (min(timed) / 1000.0) if timed else float("nan")
     result["loader"]["training_samples_per_s"] = needed
-    result["loader"]["keeps_up"] = result["loader"]["samples_per_s"] >= needed
+    result["loader"]["keeps_up"] = bool(result["loader"]["samples_per_s"] >= needed)
     return result
 
 
@@ -492,7 +673,9 @@ def _fmt(value, spec: str, unit: str = "") -> str:
 
 
 def format_report(result: dict) -> str:
-    """A readable table of ``run_benchmark``'s result."""
+    """A readable table of ``run_benchmark``'s result (one row per variant when several were timed)."""
+    if len(result.get("variants", {})) > 1:
+        return _format_variants(result)
     t, inf, load = result["training"], result["inference"], result["loader"]
     p = result["preset"]
     lines = [
@@ -518,10 +701,72 @@ def format_report(result: dict) -> str:
         f"speed-up {inf['speedup']:.2f}x (target >= 2x)",
         f"  Dice of the argmax masks {inf['mask_dice']:.5f} ({inf['foreground_fraction']:.1%} of voxels foreground)",
         "",
-        f"loader: {load['samples_per_s']:.1f} samples/s; training consumes {load['training_samples_per_s']:.1f} "
-        f"samples/s -> {'keeps up' if load['keeps_up'] else 'BOTTLENECK'}",
+        _loader_line(load),
     ]
     for side in ("mnseg", "plain"):
         if "profile" in t[side]:
             lines += ["", f"profile ({side}, top ops by self time over 2 iterations)", t[side]["profile"]]
+    return "\n".join(lines)
+
+
+def _loader_line(load: dict) -> str:
+    return (
+        f"loader: {load['samples_per_s']:.1f} samples/s; training consumes "
+        f"{_fmt(load['training_samples_per_s'], '.1f')} samples/s -> {'keeps up' if load['keeps_up'] else 'BOTTLENECK'}"
+    )
+
+
+def _format_variants(result: dict) -> str:
+    """One training row and one inference row per variant, the plain / MONAI baseline (measured once) on top."""
+    p, t, inf = result["preset"], result["training"], result["inference"]
+    lines = [
+        f"preset {p['name']}: crop {tuple(p['crop'])}, B={result['batch']['B']} "
+        f"(b_l={result['batch']['b_l']}, b_u={result['batch']['b_u']}), {p['num_classes']} classes, "
+        f"device {result['device']}, torch {result['torch']}, compile mode {result['compile_mode']}",
+        "",
+        "training (one co-training iteration = 3D step + 2D step; targets on H100: speed-up >= 3x, memory <= 0.5)",
+        f"  {'variant':<14} {'ms/iter':>9} {'speed-up':>9} {'peak MiB':>9} {'mem ratio':>9} {'GFLOP/iter':>11} "
+        f"{'TFLOP/s':>9} {'of peak':>8}",
+    ]
+
+    def row(name: str, s: dict, speedup, ratio) -> str:
+        return (
+            f"  {name:<14} {s['ms_per_iter']:9.1f} {_fmt(speedup, '.2f', 'x'):>9} "
+            f"{_fmt(s['peak_memory_mib'], '.0f'):>9} {_fmt(ratio, '.2f'):>9} {s['flops_per_iter'] / 1e9:11.2f} "
+            f"{s['tflops_per_s']:9.3f} {_fmt(s['peak_fraction'], '.1%'):>8}"
+        )
+
+    lines.append(row("plain fp32", t["plain"], 1.0, 1.0 if t["plain"]["peak_memory_mib"] else None))
+    for name, v in result["variants"].items():
+        tv = v["training"]
+        lines.append(
+            f"  {name:<14} failed: {tv['error']}"
+            if "error" in tv
+            else row(name, tv["mnseg"], tv["speedup"], tv["memory_ratio"])
+        )
+    lines += [
+        "",
+        f"inference (volume {tuple(inf['volume'])}, patch {tuple(p['crop'])}, overlap 0.5; target >= 2x)",
+        f"  {'variant':<14} {'vol/s':>9} {'speed-up':>9} {'mask Dice':>10} {'foreground':>10}",
+        f"  {'MONAI fp32':<14} {inf['monai']['volumes_per_s']:9.3f} {'1.00x':>9}",
+    ]
+    for name, v in result["variants"].items():
+        iv = v["inference"]
+        if "error" in iv:
+            lines.append(f"  {name:<14} failed: {iv['error']}")
+            continue
+        lines.append(
+            f"  {name:<14} {iv['mnseg']['volumes_per_s']:9.3f} {iv['speedup']:8.2f}x {iv['mask_dice']:10.5f} "
+            f"{iv['foreground_fraction']:10.1%}"
+        )
+    lines += ["", _loader_line(result["loader"]) + " (at the fastest variant's pace)"]
+    if "profile" in t["plain"]:
+        lines += ["", "profile (plain, top ops by self time over 2 iterations)", t["plain"]["profile"]]
+    for name, v in result["variants"].items():
+        if "profile" in v["training"].get("mnseg", {}):
+            lines += [
+                "",
+                f"profile (mnseg {name}, top ops by self time over 2 iterations)",
+                v["training"]["mnseg"]["profile"],
+            ]
     return "\n".join(lines)

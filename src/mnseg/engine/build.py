@@ -1,27 +1,95 @@
-"""Turn configuration into objects: models (with fine-tuning and slice-wise wrapping), optimisers, augmenters."""
+"""Turn configuration into objects: models (with fine-tuning and slice-wise wrapping), optimisers, augmenters;
+and place models on their device with the run's speed options (channels-last memory, bf16 frozen weights)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from mnseg.config import ModelConfig, OptimConfig
+from mnseg.config import ModelConfig, OptimConfig, TrainConfig
 from mnseg.errors import ConfigError
+
+FROZEN_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def build_model(mcfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     """A model whose forward takes (B, C, X, Y, Z) patches: 2D models are wrapped slice by slice."""
     from mnseg.models import create_model
-    from mnseg.models.finetune import apply_finetuning
+    from mnseg.models.finetune import apply_finetuning, has_frozen_parameters
     from mnseg.models.slicewise import SliceWise
 
+    frozen_dtype(mcfg)  # a bad value fails before the model is built
     model = create_model(mcfg.name, in_channels=in_channels, num_classes=num_classes, **dict(mcfg.kwargs))
     if mcfg.finetune:
         model = apply_finetuning(
             model, mcfg.finetune, rank=mcfg.lora_rank, alpha=mcfg.lora_alpha, dropout=mcfg.lora_dropout
         )
+    if mcfg.frozen_dtype and not has_frozen_parameters(model):
+        raise ConfigError(
+            f"model '{mcfg.name}': frozen_dtype={mcfg.frozen_dtype!r} needs frozen parameters, but finetune="
+            f"{mcfg.finetune!r} trains them all (use finetune lora or decoder, or drop frozen_dtype)"
+        )
     if getattr(model, "spatial_dims", 3) == 2:
         model = SliceWise(model, axis=mcfg.slice_axis, slice_batch=mcfg.slice_batch)
+    return model
+
+
+def frozen_dtype(mcfg: ModelConfig) -> torch.dtype | None:
+    """The dtype of ``mcfg.frozen_dtype`` (None when unset); ConfigError for anything but bfloat16."""
+    if mcfg.frozen_dtype is None:
+        return None
+    if mcfg.frozen_dtype not in FROZEN_DTYPES:
+        raise ConfigError(
+            f"model '{mcfg.name}': frozen_dtype={mcfg.frozen_dtype!r} is not supported; use 'bfloat16' (the "
+            "autocast dtype) or leave it unset"
+        )
+    return FROZEN_DTYPES[mcfg.frozen_dtype]
+
+
+def uses_bf16_autocast(tcfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the trainer runs forwards under bf16 autocast (CUDA with ``train.amp``)."""
+    return device.type == "cuda" and tcfg.amp
+
+
+def to_channels_last(obj):
+    """A tensor, or every 4D/5D parameter and buffer of a module (in place), in channels-last memory format:
+    ``channels_last_3d`` for 5D tensors (3D convolutions), ``channels_last`` for 4D ones (2D convolutions), so a
+    slice-wise 2D model and a 3D model each get their own. cuDNN then skips its NCDHW->NDHWC conversions.
+    Other tensors are returned unchanged. Values are unchanged; only strides differ."""
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 5:
+            return t.contiguous(memory_format=torch.channels_last_3d)
+        if t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    if isinstance(obj, nn.Module):
+        return obj._apply(convert)
+    return convert(obj)
+
+
+def place_model(model: nn.Module, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device) -> nn.Module:
+    """Move a built model to ``device`` and apply the run's speed options (all off by default).
+
+    ``train.channels_last``: weights in channels-last memory format. ``mcfg.frozen_dtype``: frozen Linear/Conv
+    weights stored in bf16, only where forwards run under bf16 autocast (CUDA with ``train.amp``); elsewhere
+    (CPU, amp off) the option is ignored, as ``train.amp`` is on the CPU, because fp32 inputs cannot meet bf16
+    weights without autocast. Checkpoints load either way (``load_state_dict`` copies into each parameter's dtype).
+    """
+    from mnseg.models.finetune import cast_frozen_weights
+
+    if tcfg.compile:
+        # Refused rather than ignored: EMA teachers and M&N's pseudo-mask generators are deep copies of trained
+        # models, and copying a compiled module is not yet checked to keep its weights apart.
+        raise ConfigError("train.compile is not supported by the trainer yet; leave it false "
+                          "(benchmarks/speed.py --compile measures what torch.compile would give)")
+    model = model.to(device)
+    if tcfg.channels_last:
+        to_channels_last(model)
+    dtype = frozen_dtype(mcfg)
+    if dtype is not None and uses_bf16_autocast(tcfg, device):
+        cast_frozen_weights(model, dtype)
     return model
 
 

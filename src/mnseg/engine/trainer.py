@@ -25,7 +25,14 @@ import torch
 
 from mnseg.config import Config
 from mnseg.engine import distributed
-from mnseg.engine.build import build_augmenter, build_model, build_optimizer, resolve_device
+from mnseg.engine.build import (
+    build_augmenter,
+    build_model,
+    build_optimizer,
+    place_model,
+    resolve_device,
+    to_channels_last,
+)
 from mnseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from mnseg.engine.run_dir import RunDir
 from mnseg.engine.schedules import current_lr, make_scheduler
@@ -137,7 +144,12 @@ class Trainer:
         )
         self.method = cls(cfg, self.ctx)
         self.models = {
-            role: build_model(cfg.models[role], plans["in_channels"], plans["num_classes"]).to(self.device)
+            role: place_model(
+                build_model(cfg.models[role], plans["in_channels"], plans["num_classes"]),
+                cfg.models[role],
+                cfg.train,
+                self.device,
+            )
             for role in cls.default_models
         }
         self.optimizers, self.schedulers = {}, {}
@@ -235,6 +247,8 @@ class Trainer:
             arrays = shard_batch(self.batcher.next_batch(b_l, b_u), self.dist.rank, self.dist.world_size)
             t = batch_to_device(arrays, self.device)
             batch = Batch(t["image_l"], t["label_l"], t["image_u"])
+            if cfg.train.channels_last:
+                batch = Batch(to_channels_last(batch.image_l), batch.label_l, to_channels_last(batch.image_u))
             for role in active:
                 self.optimizers[role].zero_grad(set_to_none=True)
             with self._autocast():

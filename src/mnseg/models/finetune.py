@@ -87,3 +87,39 @@ def _set_trainable(model, encoder: tuple[str, ...], train_encoder) -> None:
     for param_name, param in model.named_parameters():
         inside = any(param_name.startswith(p) for p in prefixes)
         param.requires_grad_(train_encoder(param_name) if inside else True)
+
+
+# Layers whose weights autocast lowers to bf16 on every call (and, for frozen weights, never caches the cast).
+_AUTOCAST_LOWERED = (
+    torch.nn.Linear,
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.Conv3d,
+    torch.nn.ConvTranspose1d,
+    torch.nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d,
+)
+
+
+def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Store the frozen (``requires_grad=False``) weights and biases of Linear/Conv layers in ``dtype``, in place;
+    returns how many tensors were cast.
+
+    Why: under bf16 autocast every call re-casts fp32 weights (autocast caches casts only of trainable leaves),
+    so a frozen backbone run over many slices pays a cast per layer per call, and keeps an fp32 copy it never
+    updates. Trainable parameters (LoRA adapters, decoder) and norm layers (autocast runs norms in fp32) keep
+    their dtype. The model then needs autocast for its forward: fp32 inputs cannot meet bf16 weights.
+    """
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, _AUTOCAST_LOWERED):
+            continue
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad and param.dtype != dtype and param.is_floating_point():
+                param.data = param.data.to(dtype)
+                cast += 1
+    return cast
+
+
+def has_frozen_parameters(model: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
