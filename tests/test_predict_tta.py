@@ -51,6 +51,17 @@ def test_frozen_teacher_gets_the_flips_of_the_trained_roles():
     assert training_flip_axes(cfg, "teacher") == ()
 
 
+def test_a_network_fed_another_roles_augmented_batch_gets_that_roles_flips():
+    from mnseg.methods import method_class
+
+    cfg = Config.from_dict({"models": {"net_a": {"augment": {"preset": "strong_2d"}},
+                                       "net_b": {"augment": {"preset": "none"}}}})
+    for name in ("cps", "dual_contrast"):  # both networks train on net_a's augmented batch
+        augmented_as = method_class(name).augmented_as
+        assert training_flip_axes(cfg, "net_b", augmented_as=augmented_as) == (0, 1)
+    assert training_flip_axes(cfg, "net_b") == ()
+
+
 def test_tta_axes_follow_the_run_config(runs):
     run = load_run(runs["flip02"], device="cpu")
     assert run.roles == ["net"] and run.mirror_axes == [()]  # off until asked for

@@ -87,19 +87,24 @@ class LoadedRun:
     mirror_axes: list = field(default_factory=list)  # per model: spatial axes mirrored at test time (() = none)
 
 
-def training_flip_axes(cfg: Config, role: str, frozen_roles: Sequence[str] = ()) -> tuple[int, ...]:
+def training_flip_axes(
+    cfg: Config, role: str, frozen_roles: Sequence[str] = (), augmented_as: dict[str, str] | None = None
+) -> tuple[int, ...]:
     """Spatial axes the model of ``role`` saw flipped in training (its augment preset plus overrides).
 
     A frozen role (an EMA teacher) is never augmented itself: its weights average the trained roles', so it
-    gets the flips every trained role had.
+    gets the flips every trained role had. ``augmented_as`` maps a role to the role whose augmentation its
+    inputs got (CPS: both networks see net_a's augmented batch).
     """
+    augmented_as = augmented_as or {}
     if role not in cfg.models:  # not one of the run's configured models: nothing known about its training
         return ()
     if role in frozen_roles:
         trained = [r for r in cfg.models if r not in frozen_roles]
-        sets = [set(training_flip_axes(cfg, r)) for r in trained]
+        sets = [set(training_flip_axes(cfg, r, (), augmented_as)) for r in trained]
         return tuple(sorted(set.intersection(*sets))) if sets else ()
-    return tuple(sorted(set(build_augmenter(cfg.models[role]).config.flip_axes)))
+    source = augmented_as.get(role, role)
+    return tuple(sorted(set(build_augmenter(cfg.models[source]).config.flip_axes)))
 
 
 def configure_tta(
@@ -120,7 +125,8 @@ def configure_tta(
         run.mirror_axes = [chosen] * len(run.models)
         return run.mirror_axes
     frozen = tuple(getattr(run.method, "frozen_roles", ()))
-    run.mirror_axes = [training_flip_axes(run.cfg, role, frozen) for role in run.roles]
+    augmented_as = dict(getattr(run.method, "augmented_as", {}))
+    run.mirror_axes = [training_flip_axes(run.cfg, role, frozen, augmented_as) for role in run.roles]
     for role, chosen in zip(run.roles, run.mirror_axes):
         if not chosen:
             preset = run.cfg.models[role].augment.preset if role in run.cfg.models else "unknown"

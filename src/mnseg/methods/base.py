@@ -67,6 +67,9 @@ class Method:
     paper: ClassVar[str] = ""
     default_models: ClassVar[dict[str, dict]] = {"net": {"name": "unet3d"}}
     frozen_roles: ClassVar[tuple[str, ...]] = ()
+    # role -> the role whose augmentation settings its training inputs get (when one batch feeds several models);
+    # prediction's mirror TTA reads the flips from there.
+    augmented_as: ClassVar[dict[str, str]] = {}
     predict_role: ClassVar[str] = "net"
 
     def __init__(self, cfg: Config, ctx: MethodContext):

@@ -50,6 +50,7 @@ class CPS(Method):
 
     name = "cps"
     paper = "Chen et al., Semi-Supervised Semantic Segmentation with Cross Pseudo Supervision, CVPR 2021"
+    augmented_as = {"net_b": "net_a"}  # one augmented batch feeds both networks
     default_models = {"net_a": {"name": "unet3d"}, "net_b": {"name": "unet3d"}}
     predict_role = "net_a"
 

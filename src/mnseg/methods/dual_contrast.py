@@ -192,6 +192,7 @@ class DualContrast(Method):
 
     name = "dual_contrast"
     paper = "Lu, Wu, Kateb & Chaddad, Semi-Supervised Medical Image Segmentation via Dual Networks, 2025"
+    augmented_as = {"net_b": "net_a"}  # one augmented batch feeds both networks
     default_models = {
         "net_a": {"name": "unet3d"},
         "net_b": {"name": "unet3d", "kwargs": {"depth": 4, "base_filters": 24}},
