@@ -204,6 +204,8 @@ def test_trainer_with_channels_last_trains_validates_and_predicts(toy_dataset, t
     assert row["epoch"] == 0 and torch.isfinite(torch.tensor(row["loss"])) and 0.0 <= row["val_dice"] <= 1.0
 
     run = load_run(tmp_path / "run", device="cpu")
+    loaded = [p for p in run.models[0].parameters() if p.dim() == 5]
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in loaded)  # as trained
     probs = predict_probabilities(run.models, torch.from_numpy(trainer.data.val[0].image), run.cfg, run.device)
     torch.testing.assert_close(probs.sum(0), torch.ones_like(probs[0]))
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mnseg.config import Config, read_yaml
-from mnseg.engine.build import build_augmenter, build_model, resolve_device
+from mnseg.engine.build import build_augmenter, build_model, place_model, resolve_device
 from mnseg.engine.checkpoint import load_checkpoint
 from mnseg.errors import ConfigError, InputFileError, MnsegError
 
@@ -45,6 +45,7 @@ def predict_probabilities(
             sw_batch_size=cfg.infer.sw_batch_size,
             amp=cfg.train.amp and device.type == "cuda",
             device=device,
+            channels_last=cfg.train.channels_last,
         )
         for m in models
     ]
@@ -172,7 +173,7 @@ def load_run(
     method.attach(models, {}, {})  # before loading weights, so a method's setup() cannot overwrite them
     for role, m in models.items():
         m.load_state_dict(ckpt["models"][role])
-        m.to(dev).eval()
+        place_model(m, cfg.models[role], cfg.train, dev).eval()  # the run's speed options, as in training
     method.load_extra_state(ckpt.get("method", {}))
     predictor = method.predictor(model or cfg.infer.model)
     predictors = predictor if isinstance(predictor, list) else [predictor]
