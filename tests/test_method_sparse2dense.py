@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from numpy_reference import SMOOTH, np_softmax
 
 import mnseg.methods
 from mnseg.config import Config, ModelConfig
@@ -19,7 +20,6 @@ from mnseg.methods.sparse2dense import Sparse2Dense, soft_edge_labels
 from mnseg.models.slicewise import SliceWise
 
 IGNORE = 2  # two classes (background, fg) + the ignore label
-SMOOTH = 1e-5  # soft Dice smoothing used by mnseg.losses
 
 
 @pytest.fixture(autouse=True)
@@ -62,11 +62,6 @@ def sparse_batch(b_l=1, b_u=1, shape=(4, 5, 6), seed=0, annotated=(1, 4)):
 
 
 # --- independent numpy reference losses -------------------------------------------------------------------
-def np_softmax(logits):  # (N, K, ...) -> softmax over K
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def conv1x1(weight, bias, image):
     """Logits of a 1x1(x1) conv with one input channel: (N, 1, ...) -> (N, K, ...)."""
     w = weight.detach().numpy().reshape(-1)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from numpy_reference import np_softmax, np_supervised
 
 import mnseg.methods
 import mnseg.methods.transform_consistency as tc
@@ -20,7 +21,6 @@ TINY_RUN = "--num-labeled 2 --epochs 2 --iters-per-epoch 2 --batch-size 2 --patc
 TINY_NET = ["models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 4}"]
 
 IGNORE = 2
-SMOOTH = 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -55,29 +55,11 @@ def make_batch(b_l=2, b_u=2, shape=(4, 4, 3), seed=0):
     return Batch(torch.randn(b_l, 1, *shape, generator=g), label, torch.randn(b_u, 1, *shape, generator=g))
 
 
-def np_softmax(logits):
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def np_transform(x, flips, turns):
     """numpy reference of ExactTransform on one item (C, X, Y, Z)."""
     for axis in flips:
         x = np.flip(x, axis + 1)
     return np.rot90(x, turns, axes=(1, 2))
-
-
-def np_supervised(logits, label):
-    p = np_softmax(logits)
-    valid = label != IGNORE
-    onehot = np.stack([(label == c) for c in range(2)], axis=1).astype(float)
-    ce = -(np.log(p) * onehot).sum(axis=1)[valid].mean()
-    v = valid.astype(float)
-    dice = [
-        (2 * (p[:, c] * onehot[:, c] * v).sum() + SMOOTH) / ((p[:, c] * v).sum() + (onehot[:, c] * v).sum() + SMOOTH)
-        for c in range(2)
-    ]
-    return 0.5 * ce + 0.5 * (1 - np.mean(dice))
 
 
 # --- the transformations ------------------------------------------------------------------------------------
@@ -114,7 +96,7 @@ def test_loss_matches_hand_computation(monkeypatch):
     target = np.stack([np_transform(p_u[i], t.flips, t.quarter_turns) for i, t in enumerate(chosen)])
     consistency = ((q - target) ** 2).mean()
     weight = 0.4 * math.exp(-5 * (1 - 2 / 5) ** 2)
-    expected = np_supervised(logits_l, batch.label_l.numpy()) + weight * consistency
+    expected = np_supervised(logits_l, batch.label_l.numpy(), IGNORE) + weight * consistency
     assert consistency > 1e-6  # a 3x3x3 conv is not equivariant: the term is not trivially zero
     assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
 
@@ -131,7 +113,7 @@ def test_no_unlabelled_items_gives_the_supervised_loss():
     batch = make_batch(b_u=0)
     out = method.training_step(batch, 0, 0)
     with torch.no_grad():
-        expected = np_supervised(method.models["net"](batch.image_l).numpy(), batch.label_l.numpy())
+        expected = np_supervised(method.models["net"](batch.image_l).numpy(), batch.label_l.numpy(), IGNORE)
     assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
     assert "loss_u" not in out.logs
 
