@@ -149,13 +149,14 @@ def _min_median_max(rows: list[tuple]) -> dict[str, list[float]]:
 
 
 def validate_dataset(
-    root: str | os.PathLike, check_voxels: bool = True, progress: bool = False
+    root: str | os.PathLike, check_voxels: bool = True, progress: bool = False, require_training_labels: bool = True
 ) -> ValidationReport:
     """Check a dataset folder's layout, dataset.json and (unless ``check_voxels=False``) every voxel.
 
     Without voxel checks only file names and NIfTI headers are read: shapes,
     dimensionality and affines are still compared, but truncated data, label
-    values and NaN/Inf go unnoticed.
+    values and NaN/Inf go unnoticed. ``require_training_labels=False`` accepts
+    imagesTr cases without a label (training decides, per split, which must have one).
     """
     root = Path(root)
     report = ValidationReport(root=root, voxels_checked=check_voxels)
@@ -173,7 +174,7 @@ def validate_dataset(
 
     groups: dict[str, list[Case]] = {}
     for group in GROUPS:
-        scan = scan_group(root, group, spec)
+        scan = scan_group(root, group, spec, require_labels=require_training_labels)
         report.problems += scan.problems
         groups[group] = scan.cases
         report.case_counts[group] = len(scan.cases)

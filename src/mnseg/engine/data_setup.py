@@ -63,10 +63,9 @@ def prepare_data(
     from mnseg.data.validate import validate_dataset
 
     folder = DatasetFolder(cfg.data.dataset)
-    report = validate_dataset(folder.root)
-    unlabelled_ok = _missing_training_labels(report, folder)
-    report.problems = [p for p in report.problems if p not in unlabelled_ok]
-    report.raise_if_invalid()
+    # imagesTr cases without a label are fine in the unlabelled pool; the split raises, naming the file, for a
+    # labelled or validation case without one.
+    validate_dataset(folder.root, require_training_labels=False).raise_if_invalid()
     if split_dict is not None:
         split = Split.from_json_dict(split_dict, folder)
     else:
@@ -104,11 +103,3 @@ def load_cases(cache, items: list, settings, modality, target, progress: bool = 
         cases.append(cache.get(case_id, images, label, settings, modality, target))
     return cases
 
-
-def _missing_training_labels(report, folder) -> list:
-    """The check's "image without label" errors for imagesTr cases: the split allows them for cases it sends
-    to the unlabelled pool and raises its own error, naming the file, for a labelled or validation case."""
-    from mnseg.data.dataset import MISSING_LABEL_MESSAGE
-
-    image_dir = folder.root / "imagesTr"
-    return [p for p in report.errors if p.path.parent == image_dir and p.message.startswith(MISSING_LABEL_MESSAGE)]
