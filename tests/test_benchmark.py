@@ -118,6 +118,7 @@ def test_bad_grids_fail_before_training(toy_dataset, tmp_path):
     shutil.rmtree(toy_dataset / "labelsTs")
     with pytest.raises(MnsegError, match="labelsTs"):
         check_spec(_spec(toy_dataset, tmp_path))
+    check_spec(_spec(toy_dataset, tmp_path), need_dataset=False)  # --report-only tabulates without the data
     assert main(["benchmark", str(toy_dataset), "--methods", "supervised", "--num-labeled", "2", "-o",
                  str(tmp_path / "b")]) == 2
 
@@ -147,14 +148,30 @@ def test_grid_interrupt_fail_resume_and_tables_match_runs(toy_dataset, tmp_path,
     assert sorted(first) == ["runs/entropy_min/n2_seed0/checkpoints/last.pt",
                              "runs/supervised/n2_seed0/checkpoints/last.pt"]
 
-    # 2) continue; one cell fails after training (its checkpoint stays, its summary is never written)
+    assert "not finished yet: 2" in (out / "results.md").read_text()  # of 4 cells
+
+    # 1b) killed (Ctrl-C, a time limit) while scoring the fourth cell: the third one's result is in the table
     real = bench.predict_and_score
+
+    def killed(run_dir, *a, **k):
+        if "entropy_min/n2_seed1" in str(run_dir).replace("\\", "/"):
+            raise KeyboardInterrupt
+        return real(run_dir, *a, **k)
+
+    monkeypatch.setattr(bench, "predict_and_score", killed)
+    assert _bench(toy_dataset, out, cache) == 130
+    with open(out / "results.csv", newline="") as fh:
+        assert {(r["method"], r["seed"]) for r in csv.DictReader(fh)} == {
+            ("supervised", "0"), ("entropy_min", "0"), ("supervised", "1")}
+
+    # 2) continue; one cell fails after training (its checkpoint stays, its summary is never written)
 
     def flaky(run_dir, *a, **k):
         if "entropy_min/n2_seed1" in str(run_dir).replace("\\", "/"):
             raise RuntimeError("simulated crash during prediction")
         return real(run_dir, *a, **k)
 
+    killed_mtime = _mtimes(out)["runs/entropy_min/n2_seed1/checkpoints/last.pt"]
     monkeypatch.setattr(bench, "predict_and_score", flaky)
     assert _bench(toy_dataset, out, cache) == 1
     failures = json.loads((out / "failures.json").read_text())
@@ -164,6 +181,7 @@ def test_grid_interrupt_fail_resume_and_tables_match_runs(toy_dataset, tmp_path,
     second = _mtimes(out)
     assert {k: second[k] for k in first} == first  # finished cells were not retrained
     assert len(second) == 4
+    assert second["runs/entropy_min/n2_seed1/checkpoints/last.pt"] == killed_mtime  # resumed, not retrained
 
     # 3) run again: the failed cell resumes from its checkpoint (no new training) and gets scored
     monkeypatch.setattr(bench, "predict_and_score", real)
@@ -212,6 +230,13 @@ def test_grid_interrupt_fail_resume_and_tables_match_runs(toy_dataset, tmp_path,
     assert ("n/a" if math.isnan(p) else f"{p:.3g}") in line
     for png in ("dice_vs_labeled.png", "dice_per_class.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+    # --report-only re-makes the same tables from the run folders alone, training nothing
+    before = (out / "results.csv").read_text()
+    for name in ("results.csv", "results.md"):
+        (out / name).unlink()
+    assert _bench(toy_dataset, out, cache, "--report-only") == 0
+    assert (out / "results.csv").read_text() == before and _mtimes(out) == second
 
 
 def test_changed_settings_are_refused_not_mixed(toy_dataset, tmp_path):

@@ -10,6 +10,8 @@ A cell is done when its ``test_predictions/summary.json`` exists; a cell with ``
 but no summary resumes; anything else starts (again). So an interrupted grid, or one with failed
 cells, continues where it stopped when the same command is run again. Every method at a given seed
 gets the same split (``make_split`` depends only on the folder, N, seed, num_val and transductive).
+The tables are rewritten after every finished run, so a grid killed half-way (a time limit) still leaves
+a table of what finished; ``report_only`` re-makes them from OUT alone (run folders copied from elsewhere).
 """
 
 from __future__ import annotations
@@ -98,9 +100,9 @@ def preset_for(method: str, prefix: str | None) -> str:
     return name
 
 
-def check_spec(spec: BenchmarkSpec) -> None:
+def check_spec(spec: BenchmarkSpec, need_dataset: bool = True) -> None:
     """Fail before training anything: unknown methods, bad counts/seeds, overrides of grid settings,
-    a dataset without labelled test cases, missing presets."""
+    a dataset without labelled test cases (unless only tabulating), missing presets."""
     from mnseg.data.dataset import DatasetFolder
     from mnseg.methods import METHODS
 
@@ -125,6 +127,8 @@ def check_spec(spec: BenchmarkSpec) -> None:
             raise ConfigError(f"override '{item}': {key} is set by the benchmark grid (use its options instead)")
     for method in {c.method for c in plan_cells(spec)}:
         preset_for(method, spec.preset)
+    if not need_dataset:
+        return
     root = DatasetFolder(spec.dataset).root
     for sub in ("imagesTs", "labelsTs"):
         if not (root / sub).is_dir():
@@ -243,10 +247,12 @@ def predict_and_score(run_dir: Path, dataset: Path, device: str | None, progress
 
 
 def run_benchmark(spec: BenchmarkSpec, max_runs: int | None = None, progress: bool = True,
-                  log=print) -> BenchmarkOutcome:
-    """Run (or continue) the grid, then write the tables and plots from every finished run."""
+                  log=print, report_only: bool = False) -> BenchmarkOutcome:
+    """Run (or continue) the grid, then write the tables and plots from every finished run.
+
+    ``report_only``: train nothing and need no dataset; tabulate the finished runs already in OUT."""
     spec.out = Path(spec.out)
-    check_spec(spec)
+    check_spec(spec, need_dataset=not report_only)
     cells = plan_cells(spec)
     changed = _changed_cells(spec, cells)
     if changed:
@@ -254,6 +260,10 @@ def run_benchmark(spec: BenchmarkSpec, max_runs: int | None = None, progress: bo
             f"{spec.out}: these runs were made with other settings than now: {', '.join(changed)}; "
             f"use another output folder (-o) for a benchmark with new settings"
         )
+    if report_only:
+        done = [c for c in cells if cell_state(c.run_dir(spec.out)) == "done"]
+        not_run = [c for c in cells if c not in done]
+        return BenchmarkOutcome(cells, done, [], not_run, write_results(spec, cells, done, [], not_run))
     atomic_write_json(spec.out / "benchmark.json", _spec_record(spec, cells))
     not_run: list[Cell] = []
     todo: list[tuple[int, Cell]] = []
@@ -264,10 +274,23 @@ def run_benchmark(spec: BenchmarkSpec, max_runs: int | None = None, progress: bo
             not_run.append(cell)
         else:
             todo.append((i, cell))
+    failures: list[dict] = []
+
+    def finished(failure: dict | None) -> None:
+        """Record a cell's end and rewrite the tables (cells still training count as not run yet)."""
+        if failure:
+            failures.append(failure)
+        atomic_write_json(spec.out / "failures.json", failures)
+        done = [c for c in cells if cell_state(c.run_dir(spec.out)) == "done"]
+        failed = {f["run_dir"] for f in failures}
+        pending = [c for c in cells if c not in done and str(c.run_dir(spec.out)) not in failed]
+        write_results(spec, cells, done, failures, pending)
+
     if spec.jobs > 1 and len(todo) > 1:
-        failures = _run_parallel(spec, todo, len(cells), log)
+        _run_parallel(spec, todo, len(cells), log, on_finished=finished)
     else:
-        failures = [f for i, cell in todo if (f := _run_cell(spec, cell, f"[{i}/{len(cells)}]", progress, log))]
+        for i, cell in todo:
+            finished(_run_cell(spec, cell, f"[{i}/{len(cells)}]", progress, log))
     atomic_write_json(spec.out / "failures.json", failures)
     done = [c for c in cells if cell_state(c.run_dir(spec.out)) == "done"]
     files = write_results(spec, cells, done, failures, not_run)
@@ -304,13 +327,14 @@ def _run_cell_quietly(spec: BenchmarkSpec, cell: Cell, tag: str) -> dict | None:
     return _run_cell(spec, cell, tag, progress=False, log=lambda *a: print(*a, flush=True))
 
 
-def _run_parallel(spec: BenchmarkSpec, todo: list[tuple[int, Cell]], total: int, log=print) -> list[dict]:
-    """Train up to spec.jobs cells at once, each in its own process (spawned: CUDA cannot be forked)."""
+def _run_parallel(spec: BenchmarkSpec, todo: list[tuple[int, Cell]], total: int, log=print,
+                  on_finished=lambda failure: None) -> None:
+    """Train up to spec.jobs cells at once, each in its own process (spawned: CUDA cannot be forked);
+    ``on_finished(failure or None)`` after each."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     log(f"training {len(todo)} run(s), {spec.jobs} at a time")
-    failures = []
     with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_run_cell_quietly, spec, cell, f"[{i}/{total}]"): cell for i, cell in todo}
         for future in as_completed(futures):
@@ -321,9 +345,7 @@ def _run_parallel(spec: BenchmarkSpec, todo: list[tuple[int, Cell]], total: int,
                 failure = _failure(spec, cell, f"worker process died: {type(exc).__name__}: {exc}",
                                    traceback.format_exc())
                 log(f"{cell.name}: FAILED: {failure['error']}")
-            if failure:
-                failures.append(failure)
-    return failures
+            on_finished(failure)
 
 
 def _spec_record(spec: BenchmarkSpec, cells: list[Cell]) -> dict:
@@ -369,7 +391,7 @@ def write_results(spec: BenchmarkSpec, cells: list[Cell], done: list[Cell], fail
             "sharing it"] if spec.jobs > 1 else []),
         f"Runs finished: {len(done)} of {len(cells)}"
         + (f"; failed: {len(failures)}" if failures else "")
-        + (f"; not run yet: {len(not_run)}" if not_run else ""),
+        + (f"; not finished yet: {len(not_run)}" if not_run else ""),
     ]
     units = runs[0].summary.get("units", "voxel") if runs else "voxel"
     text = markdown_report("Label-efficiency benchmark", notes, agg, paired_comparisons(runs), failures, units)

@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train J runs at the same time on the device (default 1); small runs leave a GPU "
                         "mostly idle, so J > 1 finishes a grid sooner. Per-run timings then share the device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: re-make results.csv, results.md and the plots from the finished runs "
+                        "in OUT (e.g. run folders gathered from several machines); the dataset need not be here")
 
 
 def _method_overrides(items: list[str]) -> dict[str, list[str]]:
@@ -108,11 +111,13 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         jobs=args.jobs,
     )
-    outcome = run_benchmark(spec, max_runs=args.max_runs, progress=not args.no_progress)
+    outcome = run_benchmark(spec, max_runs=args.max_runs, progress=not args.no_progress,
+                            report_only=args.report_only)
     print(f"{len(outcome.done)} of {len(outcome.cells)} runs finished; wrote "
           + ", ".join(str(p) for p in outcome.files))
     if outcome.not_run:
-        print(f"{len(outcome.not_run)} runs not started (--max-runs); run the same command again to continue")
+        why = "--report-only" if args.report_only else "--max-runs"
+        print(f"{len(outcome.not_run)} runs not finished ({why}); run the same command again to continue")
     if outcome.failures:
         print(f"{len(outcome.failures)} run(s) failed (details in {Path(out) / 'failures.json'}):", file=sys.stderr)
         for f in outcome.failures:
