@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from method_scaffold import attach_with_sgd, tiny_context
 from numpy_reference import conv1x1, np_softmax, np_supervised
 
 import mnseg.methods
 from mnseg.cli import main
 from mnseg.config import Config
-from mnseg.methods.base import Batch, MethodContext
+from mnseg.methods.base import Batch
 from mnseg.methods.entropy_min import EntropyMin
 from mnseg.models import create_model
 
@@ -30,21 +31,9 @@ def _registered(monkeypatch):
 
 def make_method(params=None, model=None, n_unlabeled=2):
     cfg = Config.from_dict({"method": {"name": "entropy_min", "params": params or {}}, "models": {"net": {}}})
-    ctx = MethodContext(
-        num_classes=K,
-        in_channels=1,
-        ignore_index=IGNORE,
-        batch_size=2,
-        epochs=2,
-        iters_per_epoch=5,
-        n_labeled=2,
-        n_unlabeled=n_unlabeled,
-    )
-    method = EntropyMin(cfg, ctx)
+    method = EntropyMin(cfg, tiny_context(num_classes=K, ignore_index=IGNORE, n_unlabeled=n_unlabeled))
     torch.manual_seed(0)
-    model = model if model is not None else torch.nn.Conv3d(1, K, 1)
-    method.attach({"net": model}, {}, {"net": torch.optim.SGD(model.parameters(), lr=0.1)})
-    return method
+    return attach_with_sgd(method, {"net": model if model is not None else torch.nn.Conv3d(1, K, 1)})
 
 
 def make_batch(b_l=2, b_u=2, shape=(3, 4, 5), seed=0):

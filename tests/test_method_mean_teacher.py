@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+from method_scaffold import attach_with_sgd, tiny_context
 from numpy_reference import conv1x1, np_softmax, np_supervised
 
 import mnseg.methods
 from mnseg.cli import main
 from mnseg.config import Config
 from mnseg.errors import ConfigError
-from mnseg.methods.base import Batch, MethodContext
+from mnseg.methods.base import Batch
 from mnseg.methods.mean_teacher import MeanTeacher
 from mnseg.models import create_model
 
@@ -33,23 +34,13 @@ def make_method(params=None, models=None, n_unlabeled=2, epochs=2, iters=5):
             "models": {"student": {}, "teacher": {}},
         }
     )
-    ctx = MethodContext(
-        num_classes=2,
-        in_channels=1,
-        ignore_index=IGNORE,
-        batch_size=2,
-        epochs=epochs,
-        iters_per_epoch=iters,
-        n_labeled=2,
-        n_unlabeled=n_unlabeled,
-    )
+    ctx = tiny_context(ignore_index=IGNORE, epochs=epochs, iters_per_epoch=iters, n_unlabeled=n_unlabeled)
     method = MeanTeacher(cfg, ctx)
     if models is None:
         torch.manual_seed(0)
         models = {"student": torch.nn.Conv3d(1, 2, 1), "teacher": torch.nn.Conv3d(1, 2, 1)}
     models["teacher"].requires_grad_(False)
-    method.attach(models, {}, {"student": torch.optim.SGD(models["student"].parameters(), lr=0.1)})
-    return method
+    return attach_with_sgd(method, models, trained=["student"])
 
 
 def make_batch(b_l=2, b_u=2, shape=(4, 5, 3), seed=0):

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from method_scaffold import attach_with_sgd, tiny_context
 from numpy_reference import SMOOTH, np_softmax
 
 import mnseg.methods
@@ -15,7 +16,7 @@ from mnseg.config import Config, ModelConfig
 from mnseg.engine.build import build_model
 from mnseg.engine.schedules import lr_at
 from mnseg.errors import ConfigError
-from mnseg.methods.base import Batch, MethodContext
+from mnseg.methods.base import Batch
 from mnseg.methods.sparse2dense import Sparse2Dense, soft_edge_labels
 from mnseg.models.slicewise import SliceWise
 
@@ -38,17 +39,13 @@ def make_method(params=None, batch_size=2, epochs=4, n_unlabeled=2, ignore_index
             "train": {"epochs": epochs, "iters_per_epoch": 3, "batch_size": batch_size},
         }
     )
-    ctx = MethodContext(
-        num_classes=2, in_channels=1, ignore_index=ignore_index, batch_size=batch_size, epochs=epochs,
-        iters_per_epoch=3, n_labeled=2, n_unlabeled=n_unlabeled,
-    )
+    ctx = tiny_context(ignore_index=ignore_index, batch_size=batch_size, epochs=epochs, iters_per_epoch=3,
+                       n_unlabeled=n_unlabeled)
     method = Sparse2Dense(cfg, ctx)
     if models is None:
         torch.manual_seed(0)
         models = {"teacher": SliceWise(torch.nn.Conv2d(1, 2, 1), axis=-1), "student": torch.nn.Conv3d(1, 2, 1)}
-    optims = {r: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for r, m in models.items()}
-    method.attach(models, {}, optims)
-    return method
+    return attach_with_sgd(method, models)
 
 
 def sparse_batch(b_l=1, b_u=1, shape=(4, 5, 6), seed=0, annotated=(1, 4)):

@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from method_scaffold import attach_with_sgd, tiny_context
 from numpy_reference import np_softmax, np_supervised
 
 import mnseg.methods
 import mnseg.methods.transform_consistency as tc
 from mnseg.cli import main
 from mnseg.config import Config
-from mnseg.methods.base import Batch, MethodContext
+from mnseg.methods.base import Batch
 from mnseg.methods.transform_consistency import ExactTransform, TransformConsistency, sample_transforms
 from mnseg.models import create_model
 
@@ -32,21 +33,9 @@ def _registered(monkeypatch):
 
 def make_method(params=None, model=None, n_unlabeled=2):
     cfg = Config.from_dict({"method": {"name": "transform_consistency", "params": params or {}}, "models": {"net": {}}})
-    ctx = MethodContext(
-        num_classes=2,
-        in_channels=1,
-        ignore_index=IGNORE,
-        batch_size=2,
-        epochs=2,
-        iters_per_epoch=5,
-        n_labeled=2,
-        n_unlabeled=n_unlabeled,
-    )
-    method = TransformConsistency(cfg, ctx)
+    method = TransformConsistency(cfg, tiny_context(ignore_index=IGNORE, n_unlabeled=n_unlabeled))
     torch.manual_seed(0)
-    model = model if model is not None else torch.nn.Conv3d(1, 2, 3, padding=1)
-    method.attach({"net": model}, {}, {"net": torch.optim.SGD(model.parameters(), lr=0.1)})
-    return method
+    return attach_with_sgd(method, {"net": model if model is not None else torch.nn.Conv3d(1, 2, 3, padding=1)})
 
 
 def make_batch(b_l=2, b_u=2, shape=(4, 4, 3), seed=0):

@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from method_scaffold import attach_with_sgd, tiny_context
 from numpy_reference import np_softmax
 
 import mnseg.methods
 from mnseg.cli import main
 from mnseg.config import Config
 from mnseg.losses import softmax_mse_loss
-from mnseg.methods.base import Batch, MethodContext
+from mnseg.methods.base import Batch
 from mnseg.methods.ua_mt import UAMT
 from mnseg.models import create_model
 
@@ -53,17 +54,7 @@ def make_method(teacher=None, params=None, epochs=2, iters=5):
             "models": {"student": {}, "teacher": {}},
         }
     )
-    ctx = MethodContext(
-        num_classes=2,
-        in_channels=1,
-        ignore_index=None,
-        batch_size=2,
-        epochs=epochs,
-        iters_per_epoch=iters,
-        n_labeled=2,
-        n_unlabeled=2,
-    )
-    method = UAMT(cfg, ctx)
+    method = UAMT(cfg, tiny_context(epochs=epochs, iters_per_epoch=iters))
     torch.manual_seed(0)
     method.attach({"student": torch.nn.Conv3d(1, 2, 1), "teacher": torch.nn.Conv3d(1, 2, 1)}, {}, {})
     # then a hand-made teacher (setup() insists on the student's architecture)
@@ -146,18 +137,8 @@ def test_gradient_reaches_student_not_teacher():
     cfg = Config.from_dict(
         {"method": {"name": "ua_mt", "params": {"rampup": 0.0}}, "models": {"student": {}, "teacher": {}}}
     )
-    ctx = MethodContext(
-        num_classes=2,
-        in_channels=1,
-        ignore_index=2,
-        batch_size=1,
-        epochs=1,
-        iters_per_epoch=2,
-        n_labeled=1,
-        n_unlabeled=1,
-    )
-    method = UAMT(cfg, ctx)
-    method.attach({"student": student, "teacher": teacher}, {}, {"student": torch.optim.SGD(student.parameters(), 0.1)})
+    ctx = tiny_context(ignore_index=2, batch_size=1, epochs=1, iters_per_epoch=2, n_labeled=1, n_unlabeled=1)
+    method = attach_with_sgd(UAMT(cfg, ctx), {"student": student, "teacher": teacher}, trained=["student"])
     label = torch.randint(0, 3, (1, 8, 8, 8))
     out = method.training_step(Batch(torch.randn(1, 1, 8, 8, 8), label, torch.randn(1, 1, 8, 8, 8)), 0, 1)
     out.loss.backward()
