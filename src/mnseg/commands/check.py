@@ -9,6 +9,7 @@ HELP = "check a dataset folder (layout, dataset.json, every file) and print its 
 DESCRIPTION = """\
 Check a dataset folder before training: dataset.json, file names, missing labels or
 channels, unreadable files, shape/affine mismatches, undeclared label values, NaN/Inf.
+An imagesTr case without a label is a warning: training can use it only as unlabelled data.
 Prints case counts, spacings, sizes, class frequencies, intensity percentiles and every
 problem with its file. Exit status 0 if there are no errors (warnings allowed), 2 otherwise.
 
@@ -29,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mnseg.data.validate import validate_dataset
 
-    report = validate_dataset(args.dataset, check_voxels=not args.no_voxels, progress=sys.stderr.isatty())
+    # an imagesTr case without a label is a warning here: training can still use it as unlabelled data
+    report = validate_dataset(args.dataset, check_voxels=not args.no_voxels, progress=sys.stderr.isatty(),
+                              require_training_labels=False)
     print(report.to_text())
     if report.errors:
         print(f"mnseg check: {len(report.errors)} error(s) found", file=sys.stderr)
