@@ -102,6 +102,10 @@ def test_loss_weighting_and_no_gradient_to_the_generator(epoch, role):
     assert float(out.loss) == pytest.approx(float(2 / 5 * l_l + 3 / 5 * l_u), rel=1e-5)
     assert float(out.logs["loss_l"]) == pytest.approx(float(l_l), rel=1e-5)
     assert float(out.logs["loss_u"]) == pytest.approx(float(l_u), rel=1e-5)
+    # the class shares of the pseudo-masks and of the labels, for telling a generator that misses a class
+    assert float(out.logs["pseudo_share_1"]) == pytest.approx(float((pseudo.argmax(1) == 1).float().mean()))
+    assert float(out.logs["label_share_1"]) == pytest.approx(float((batch.label_l == 1).float().mean()))
+    assert not any(k.endswith("_share_0") for k in out.logs)
 
 
 def test_fixed_pseudo_masks_come_from_the_stage1_models():
@@ -244,3 +248,11 @@ def test_resume_restores_lr_guided_sampling_state(toy_dataset, tmp_path):
     assert [r["b_u"] for r in rows_a] == [r["b_u"] for r in rows_b]
     assert [r["lr_net3d"] for r in rows_a] == [r["lr_net3d"] for r in rows_b]
     assert [float(r["loss"]) for r in rows_a] == pytest.approx([float(r["loss"]) for r in rows_b], rel=1e-4)
+
+
+def test_class_shares_leave_out_background_and_the_ignore_label():
+    method, _ = _method()
+    shares = method._class_shares("label", torch.tensor([[0, 1, 1, 2, 5]]), 3)  # 5: an ignore label
+    assert sorted(shares) == ["label_share_1", "label_share_2"]
+    assert float(shares["label_share_1"]) == pytest.approx(0.5)
+    assert float(shares["label_share_2"]) == pytest.approx(0.25)

@@ -23,6 +23,7 @@ import copy
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from mnseg.engine.schedules import (
     Segment,
@@ -189,7 +190,18 @@ class MN(Method):
             loss_u = pseudo_label_loss(logits[b_l:], pseudo, w_kl=self.weights["w_kl"], w_dice=self.weights["w_dice"])
             loss = loss + b_u / (b_l + b_u) * loss_u
             logs["loss_u"] = loss_u.detach()
+            logs.update(self._class_shares("pseudo", pseudo.argmax(dim=1), pseudo.shape[1]))
+            if b_l:
+                logs.update(self._class_shares("label", label, pseudo.shape[1]))
         return StepOutput(loss, logs)
+
+    def _class_shares(self, prefix: str, labels: Tensor, num_classes: int) -> dict[str, Tensor]:
+        """Share of each foreground class among the (annotated) voxels, ``<prefix>_share_<class>``. Side by side,
+        pseudo_share and label_share show whether the generating model still predicts a rare class (a lesion)
+        that the trained model then learns to miss. Device tensors: no host sync."""
+        counts = torch.stack([(labels == c).sum() for c in range(num_classes)]).float()  # ignore label left out
+        share = counts / counts.sum().clamp_min(1.0)
+        return {f"{prefix}_share_{c}": share[c] for c in range(1, num_classes)}
 
     # --- inference and state ------------------------------------------------------------------------------
     def predictor(self, which: str | None = None):
