@@ -271,4 +271,8 @@ def test_parallel_jobs_give_the_sequential_grid(toy_dataset, tmp_path):
     for key in seq:
         assert par[key] == pytest.approx(seq[key], abs=0.02), key
     assert "2 at a time" in (tmp_path / "par" / "results.md").read_text()
+    # the runs remember that their timings were shared, so a table re-made without --jobs still says so
+    assert main([*common, "-o", str(tmp_path / "par"), "--report-only"]) == 0
+    assert "2 at a time" in (tmp_path / "par" / "results.md").read_text()
+    assert "at a time" not in (tmp_path / "seq" / "results.md").read_text()
     assert main([*common, "-o", str(tmp_path / "bad"), "--jobs", "0"]) == 2

@@ -179,7 +179,7 @@ def cell_state(run_dir: Path) -> str:
     return "new"
 
 
-def train_cell(cfg, run_dir: Path, progress: bool = True, log=print) -> None:
+def train_cell(cfg, run_dir: Path, progress: bool = True, log=print, sharing: int = 1) -> None:
     """Train (or resume) one run, adding its wall-clock, iterations and peak GPU memory to timing.json
     after every epoch, so an interrupted run's earlier sessions still count."""
     from mnseg.engine.trainer import Trainer
@@ -206,11 +206,12 @@ def train_cell(cfg, run_dir: Path, progress: bool = True, log=print) -> None:
                 "iterations_per_second": round(iterations / seconds, 4) if seconds > 0 else None,
                 "peak_gpu_memory_mb": None if peak is None else round(peak, 1),
                 "device": str(self.device),
+                "runs_sharing_device": max(before["runs_sharing_device"], sharing),  # timings are shared ones
             })
 
     # A folder without last.pt holds nothing worth keeping (a run that died before its first checkpoint).
     trainer = TimedTrainer(cfg, run_dir, resume=resume, overwrite=not resume, progress=progress, log=log)
-    before = {"train_seconds": 0.0, "iterations": 0, "peak_gpu_memory_mb": None}
+    before = {"train_seconds": 0.0, "iterations": 0, "peak_gpu_memory_mb": None, "runs_sharing_device": 1}
     if resume and timing_path.exists():
         import json
 
@@ -277,7 +278,7 @@ def run_benchmark(spec: BenchmarkSpec, max_runs: int | None = None, progress: bo
     failures: list[dict] = []
 
     def finished(failure: dict | None) -> None:
-        """Record a cell's end and rewrite the tables (cells still training count as not run yet)."""
+        """Record a cell's end and rewrite the tables (cells still training count as not finished)."""
         if failure:
             failures.append(failure)
         atomic_write_json(spec.out / "failures.json", failures)
@@ -302,7 +303,7 @@ def _run_cell(spec: BenchmarkSpec, cell: Cell, tag: str, progress: bool = True, 
     run_dir = cell.run_dir(spec.out)
     log(f"{tag} {cell.name}: {'resuming' if cell_state(run_dir) == 'resume' else 'training'}")
     try:
-        train_cell(cell_config(spec, cell), run_dir, progress=progress, log=log)
+        train_cell(cell_config(spec, cell), run_dir, progress=progress, log=log, sharing=spec.jobs)
         predict_and_score(run_dir, spec.dataset, spec.device, progress=progress)
     except Exception as exc:  # noqa: BLE001 - reported in failures.json and results.md
         log(f"{tag} {cell.name}: FAILED: {type(exc).__name__}: {exc}")
@@ -376,6 +377,7 @@ def write_results(spec: BenchmarkSpec, cells: list[Cell], done: list[Cell], fail
     runs = [read_run_result(c.run_dir(out), c.label) for c in done]
     agg = aggregate(runs)
     atomic_write_text(out / "results.csv", results_csv(result_rows(runs)))
+    shared = max([spec.jobs] + [int(r.timing.get("runs_sharing_device") or 1) for r in runs])
     mode = ("transductive: imagesTs joined the unlabelled pool (its labels never used in training)"
             if spec.transductive else "inductive: test cases never in the unlabelled pool")
     presets = {m: preset_for(m, spec.preset) for m in dict.fromkeys(c.method for c in cells)}
@@ -387,8 +389,8 @@ def write_results(spec: BenchmarkSpec, cells: list[Cell], done: list[Cell], fail
         "Presets: " + ", ".join(f"{m}={p}" for m, p in presets.items()),
         "Overrides: " + (" ".join(spec.overrides) or "none")
         + "".join(f"; {m}: {' '.join(o)}" for m, o in spec.method_overrides.items() if o),
-        *([f"Runs trained {spec.jobs} at a time on one device: wall-clock and iterations/s are per run while "
-            "sharing it"] if spec.jobs > 1 else []),
+        *([f"Runs trained up to {shared} at a time on one device: wall-clock and iterations/s are per run while "
+            "sharing it"] if shared > 1 else []),
         f"Runs finished: {len(done)} of {len(cells)}"
         + (f"; failed: {len(failures)}" if failures else "")
         + (f"; not finished yet: {len(not_run)}" if not_run else ""),
