@@ -244,8 +244,8 @@ def scan_group(root: str | Path, group: str, spec: DatasetSpec, require_labels: 
     Cases missing a channel (or, in ``imagesTr``, a label) are left out of
     ``cases`` and reported in ``problems``; a missing folder yields no cases
     and no problems (callers decide whether the group is required).
-    ``require_labels=False`` keeps ``imagesTr`` cases without a label (``label`` None, no problem): the
-    split decides whether each one needs it.
+    ``require_labels=False`` keeps ``imagesTr`` cases without a label (``label`` None, reported as a warning):
+    the split decides whether each one needs it.
     """
     root = Path(root)
     image_dir = root / group
@@ -277,14 +277,16 @@ def scan_group(root: str | Path, group: str, spec: DatasetSpec, require_labels: 
         complete[case_id] = tuple(files[c] for c in range(spec.num_channels))
 
     labels = _label_files(root, group, spec, problems)
-    label_required = group == "imagesTr" and require_labels
     cases: list[Case] = []
     for case_id, images in complete.items():
         label = labels.get(case_id)
-        if label is None and label_required:
-            problems.append(Problem(images[0], f"{MISSING_LABEL_MESSAGE}: expected {_LABEL_DIRS[group]}/"
-                                               f"{case_id}{spec.file_ending}"))
-            continue
+        if label is None and group == "imagesTr":
+            expected = _missing_label(case_id, spec)
+            if require_labels:
+                problems.append(Problem(images[0], expected))
+                continue
+            problems.append(Problem(images[0], f"{expected}; usable only as unlabelled data (a run that needs "
+                                               "it labelled stops with an error)", "warning"))
         if label is None and group == "imagesTs" and labels:
             problems.append(Problem(images[0], f"test case {case_id!r} has no label in {_LABEL_DIRS[group]}; "
                                                "it cannot be scored", "warning"))
@@ -293,6 +295,11 @@ def scan_group(root: str | Path, group: str, spec: DatasetSpec, require_labels: 
         if case_id not in channels:
             problems.append(_orphan_label_problem(label, case_id, group, channels, spec))
     return GroupScan(cases=cases, problems=problems, num_case_ids=len(channels))
+
+
+def _missing_label(case_id: str, spec: DatasetSpec) -> str:
+    """What an imagesTr case without its labelsTr file is told, in the scan and in the split's error alike."""
+    return f"{MISSING_LABEL_MESSAGE}: expected labelsTr/{case_id}{spec.file_ending}"
 
 
 def _label_files(root: Path, group: str, spec: DatasetSpec, problems: list[Problem]) -> dict[str, Path]:
@@ -518,9 +525,7 @@ def _require_labels(folder: DatasetFolder, cases: Sequence[Case], role: str) -> 
     """The clear error for cases whose labels the run reads but which have no label file."""
     missing = [c for c in cases if c.label is None]
     if missing:
-        ending = folder.spec.file_ending
-        lines = "\n".join(f"  {c.images[0]}: {MISSING_LABEL_MESSAGE}: expected labelsTr/{c.case_id}{ending}"
-                           for c in missing)
+        lines = "\n".join(f"  {c.images[0]}: {_missing_label(c.case_id, folder.spec)}" for c in missing)
         raise DatasetError(
             f"{folder.root / 'labelsTr'}: {len(missing)} case(s) {role} have no label:\n{lines}\n"
             f"Add the label file(s); only cases that go to the unlabelled pool may lack one."

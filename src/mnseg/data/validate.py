@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mnseg.data.dataset import GROUPS, MISSING_LABEL_MESSAGE, Case, DatasetSpec, Problem, scan_group
+from mnseg.data.dataset import GROUPS, Case, DatasetSpec, Problem, scan_group
 from mnseg.data.io import NIFTI_ENDINGS, check_claimed_size, load_nifti
 from mnseg.errors import DatasetError, InputFileError
 
@@ -180,11 +180,6 @@ def validate_dataset(
         report.case_counts[group] = len(scan.cases)
         if group == "imagesTr":
             _check_training_folder(report, root, spec, scan.num_case_ids)
-            for case in scan.cases:
-                if case.label is None:  # only reachable with require_training_labels=False
-                    report.add(case.images[0], f"{MISSING_LABEL_MESSAGE} (expected labelsTr/{case.case_id}"
-                               f"{spec.file_ending}): usable only as unlabelled data; a run that needs it "
-                               "labelled stops with an error", "warning")
 
     checker = _CaseChecker(report, spec, check_voxels)
     todo = [(g, c) for g in GROUPS for c in groups[g]]
