@@ -261,41 +261,39 @@ def run_benchmark(spec: BenchmarkSpec, max_runs: int | None = None, progress: bo
             f"{spec.out}: these runs were made with other settings than now: {', '.join(changed)}; "
             f"use another output folder (-o) for a benchmark with new settings"
         )
-    if report_only:
+    failures: list[dict] = []
+
+    def tabulate() -> BenchmarkOutcome:
+        """Tables from the runs finished so far; cells neither finished nor failed count as not finished."""
         done = [c for c in cells if cell_state(c.run_dir(spec.out)) == "done"]
-        not_run = [c for c in cells if c not in done]
-        return BenchmarkOutcome(cells, done, [], not_run, write_results(spec, cells, done, [], not_run))
+        failed = {f["run_dir"] for f in failures}
+        pending = [c for c in cells if c not in done and str(c.run_dir(spec.out)) not in failed]
+        return BenchmarkOutcome(cells, done, failures, pending, write_results(spec, cells, done, failures, pending))
+
+    if report_only:
+        return tabulate()
     atomic_write_json(spec.out / "benchmark.json", _spec_record(spec, cells))
-    not_run: list[Cell] = []
     todo: list[tuple[int, Cell]] = []
     for i, cell in enumerate(cells, 1):
         if cell_state(cell.run_dir(spec.out)) == "done":
             log(f"[{i}/{len(cells)}] {cell.name}: done before, kept")
-        elif max_runs is not None and len(todo) >= max_runs:
-            not_run.append(cell)
-        else:
+        elif max_runs is None or len(todo) < max_runs:
             todo.append((i, cell))
-    failures: list[dict] = []
 
     def finished(failure: dict | None) -> None:
-        """Record a cell's end and rewrite the tables (cells still training count as not finished)."""
+        """Record a cell's end and rewrite the tables, so a grid stopped half-way keeps what finished."""
         if failure:
             failures.append(failure)
         atomic_write_json(spec.out / "failures.json", failures)
-        done = [c for c in cells if cell_state(c.run_dir(spec.out)) == "done"]
-        failed = {f["run_dir"] for f in failures}
-        pending = [c for c in cells if c not in done and str(c.run_dir(spec.out)) not in failed]
-        write_results(spec, cells, done, failures, pending)
+        tabulate()
 
     if spec.jobs > 1 and len(todo) > 1:
         _run_parallel(spec, todo, len(cells), log, on_finished=finished)
     else:
         for i, cell in todo:
             finished(_run_cell(spec, cell, f"[{i}/{len(cells)}]", progress, log))
-    atomic_write_json(spec.out / "failures.json", failures)
-    done = [c for c in cells if cell_state(c.run_dir(spec.out)) == "done"]
-    files = write_results(spec, cells, done, failures, not_run)
-    return BenchmarkOutcome(cells, done, failures, not_run, files)
+    atomic_write_json(spec.out / "failures.json", failures)  # also when nothing was left to run
+    return tabulate()  # not finished now: the cells --max-runs left for later
 
 
 def _run_cell(spec: BenchmarkSpec, cell: Cell, tag: str, progress: bool = True, log=print) -> dict | None:
