@@ -31,7 +31,7 @@ date -u
 
 if [ "${SPEED:-0}" = 1 ]; then
   timeout "${SPEED_SECONDS:-420}" python3 benchmarks/speed.py --device cuda --preset paper \
-    --variants "${VARIANTS:-base,channels_last,frozen_bf16,compile,all}" --json "$OUT/speed_variants.json" \
+    --variants "${VARIANTS:-base,checkpoint,memory,channels_last,frozen_bf16,compile,all}" --json "$OUT/speed_variants.json" \
     > "$OUT/speed_variants.log" 2>&1
   echo "speed rc=$?"; tail -30 "$OUT/speed_variants.log"
 fi

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             variants=variants,
             compile_mode=args.compile_mode,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
         )
     except MnsegError as error:
         print(f"error: {error}", file=sys.stderr)

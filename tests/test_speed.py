@@ -68,36 +68,47 @@ def tiny_result(tmp_path_factory, one_thread):
 
 @pytest.fixture(scope="module")
 def variants_run(tmp_path_factory, one_thread):
-    """``--variants base,channels_last`` in one process: (JSON result, printed report)."""
+    """``--variants base,channels_last,checkpoint`` in one process: (JSON result, printed report, progress lines)."""
     import contextlib
     import io
 
     out = tmp_path_factory.mktemp("speed") / "variants.json"
     argv = ["--device", "cpu", "--preset", "tiny", "--warmup", "0", "--iters", "1", "--inference-repeats", "1",
-            "--loader-batches", "2", "--variants", "base,channels_last", "--json", str(out)]
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+            "--loader-batches", "2", "--variants", "base,channels_last,checkpoint", "--json", str(out)]
+    printed, progress = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(progress):
         assert _script().main(argv) == 0
-    return json.loads(out.read_text()), printed.getvalue()
+    return json.loads(out.read_text()), printed.getvalue(), progress.getvalue()
 
 
 def test_each_variant_gets_a_row_against_one_plain_run(variants_run):
-    result, printed = variants_run
-    assert list(result["variants"]) == ["base", "channels_last"]
+    result, printed, progress = variants_run
+    assert list(result["variants"]) == ["base", "channels_last", "checkpoint"]
     plain = result["training"]["plain"]
     for name, variant in result["variants"].items():
         assert "error" not in variant["training"] and "error" not in variant["inference"], variant
         training = variant["training"]
         assert training["mnseg"]["ms_per_iter"] > 0
         assert training["speedup"] == pytest.approx(plain["ms_per_iter"] / training["mnseg"]["ms_per_iter"])
-        # a memory layout changes no FLOPs and no mask
-        assert training["mnseg"]["flops_per_iter"] == pytest.approx(plain["flops_per_iter"], rel=0.05)
+        # a memory layout changes no FLOPs and no mask; checkpointing adds the recomputed forwards
+        if name == "checkpoint":
+            assert training["mnseg"]["flops_per_iter"] > 1.1 * plain["flops_per_iter"]
+        else:
+            assert training["mnseg"]["flops_per_iter"] == pytest.approx(plain["flops_per_iter"], rel=0.05)
         assert variant["inference"]["mask_dice"] > 0.99 and variant["inference"]["foreground_fraction"] > 0
         assert variant["options"]["channels_last"] == (name == "channels_last")
         row = next(line for line in printed.splitlines() if line.strip().startswith(name))
         assert "x" in row and "failed" not in row
     assert result["variants"]["base"]["training"]["mnseg"] == result["training"]["mnseg"]  # first = top level
     assert sum(line.strip().startswith("plain fp32") for line in printed.splitlines()) == 1
+    # checkpointing changes nothing at inference: base's timing is reused, not measured again
+    assert result["variants"]["checkpoint"]["inference"]["same_as"] == "base"
+    assert "not timed again" in printed
+    # a line per measured side as it finishes (a run cut off by a time limit keeps them)
+    for name in ("training plain fp32", "training base", "training checkpoint", "inference MONAI fp32",
+                 "inference channels_last"):
+        assert name in progress
+    assert "inference checkpoint" not in progress
 
 
 def test_variant_names_are_checked():
@@ -114,6 +125,19 @@ def test_frozen_bf16_variant_sets_frozen_dtype_only_where_weights_are_frozen():
     assert paper.models["net3d"].frozen_dtype is None  # trains every weight
     assert make_config(PRESETS["paper"]).models["net2d"].frozen_dtype is None
     assert make_config(PRESETS["tiny"], VARIANTS["all"]).train.channels_last
+
+
+def test_checkpoint_variants_checkpoint_both_roles():
+    preset = PRESETS["tiny"]
+    for name in ("checkpoint", "memory"):
+        cfg = make_config(preset, VARIANTS[name])
+        assert cfg.models["net2d"].activation_checkpoint and cfg.models["net3d"].activation_checkpoint
+        assert cfg.models["net2d"].slice_batch == preset.checkpoint_slice_batch
+    side = MnsegSide(preset, build_master_models(preset), torch.device("cpu"), VARIANTS["checkpoint"])
+    assert side.models["net2d"].checkpoint_chunks
+    assert type(side.models["net3d"].net.bottleneck).__name__.startswith("Checkpointed")
+    base = make_config(preset)
+    assert not (base.models["net2d"].activation_checkpoint or base.models["net3d"].activation_checkpoint)
 
 
 def test_training_sides_are_timed_and_counted(tiny_result):
@@ -146,10 +170,11 @@ def test_loader_rate(tiny_result):
     assert loader["keeps_up"] == (loader["samples_per_s"] >= loader["training_samples_per_s"])
 
 
-@pytest.mark.parametrize("variant", ["base", "channels_last"])
+@pytest.mark.parametrize("variant", ["base", "channels_last", "checkpoint"])
 def test_both_sides_compute_the_same_first_loss(one_thread, variant):
     """The plain side is the same recipe: from the same weights its first (3D) loss equals mnseg's in fp32
-    (under every variant that runs on a CPU: a memory layout changes no numbers)."""
+    (under every variant that runs on a CPU: a memory layout or a recompute changes no numbers; the checkpointed
+    gradients are compared in tests/test_checkpointing.py)."""
     preset, device = PRESETS["tiny"], torch.device("cpu")
     masters = build_master_models(preset, seed=1)
     batch = make_batch(preset, device, seed=1)

@@ -50,6 +50,9 @@ class ModelConfig:
     # "bfloat16": frozen pretrained Linear/Conv weights (LoRA / decoder fine-tuning) stored in bf16, so autocast
     # stops casting them on every call; applied only under bf16 autocast (CUDA with train.amp), ignored otherwise.
     frozen_dtype: str | None = None
+    # Recompute activations in the backward pass instead of storing them (2D models: per slice_batch chunk; plain
+    # UNets: per level): less GPU memory for a second forward. Values and gradients are unchanged.
+    activation_checkpoint: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
 

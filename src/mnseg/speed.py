@@ -14,6 +14,8 @@ both window grids coincide, so the two masks differ only by precision.
 Variants (issue 8's speed options, all off by default in the trainer) time the mnseg side with
 ``train.channels_last``, ``frozen_dtype: bfloat16`` on the roles with frozen weights, ``torch.compile`` or all
 of them, each against the same plain baseline (measured once), in one process, so one GPU call compares them.
+``checkpoint`` (activation checkpointing of both roles) and ``memory`` (it with bf16 frozen weights) trade a
+recompute for memory; their FLOP counts include the recompute, so their TFLOP/s is work done, not useful work.
 
 Timings use CUDA events with a synchronise around the timed region (``perf_counter`` on CPU); peak memory is
 measured per side after a reset, with the other side's models freed. The CLI is ``benchmarks/speed.py``.
@@ -48,6 +50,7 @@ class Preset:
     num_classes: int = 3
     volume: tuple[int, int, int] = (0, 0, 0)  # inference volume: crop + k * crop / 2 so window grids coincide
     sw_batch_size: int = 4
+    checkpoint_slice_batch: int = 32  # slices per recomputed chunk of the 2D model in checkpointing variants
 
 
 PRESETS = {
@@ -77,6 +80,7 @@ PRESETS = {
         2,
         volume=(48, 48, 24),
         sw_batch_size=2,
+        checkpoint_slice_batch=8,
     ),
 }
 
@@ -95,6 +99,7 @@ class Variant:
     channels_last: bool = False  # train.channels_last: models and batches in channels-last(-3d) memory format
     frozen_bf16: bool = False  # frozen_dtype=bfloat16 on every role with frozen weights (LoRA / decoder tuning)
     compile: bool = False  # torch.compile both roles (and the inference model)
+    checkpoint: bool = False  # activation_checkpoint on both roles (the 2D one per checkpoint_slice_batch slices)
 
 
 VARIANTS = {
@@ -103,6 +108,8 @@ VARIANTS = {
     "frozen_bf16": Variant("frozen_bf16", frozen_bf16=True),
     "compile": Variant("compile", compile=True),
     "all": Variant("all", channels_last=True, frozen_bf16=True, compile=True),
+    "checkpoint": Variant("checkpoint", checkpoint=True),
+    "memory": Variant("memory", frozen_bf16=True, checkpoint=True),  # both memory savers, no compile
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
@@ -131,6 +138,10 @@ def make_config(preset: Preset, variant: Variant = VARIANTS["base"]):
         for role, fields in models.items():
             if fields.get("finetune") in ("lora", "decoder"):
                 models[role] = {**fields, "frozen_dtype": "bfloat16"}
+    if variant.checkpoint:
+        models["net2d"] = {**models["net2d"], "activation_checkpoint": True,
+                           "slice_batch": preset.checkpoint_slice_batch}
+        models["net3d"] = {**models["net3d"], "activation_checkpoint": True}
     return Config.from_dict(
         {
             "method": {"name": "mn", "params": {"sup_epochs": 1}},
@@ -177,8 +188,9 @@ def _copy_to(models: dict, device: torch.device) -> dict[str, torch.nn.Module]:
 class MnsegSide:
     """The real ``MN`` method, engine-built optimisers, bf16 autocast on CUDA; ``step`` = one co-training pair.
 
-    Models are placed as the trainer places them (``place_model``: the variant's channels-last and bf16 frozen
-    weights), and each step's batch is converted as the trainer converts it."""
+    Models are built and placed as the trainer does it (``build_model`` with the variant's activation
+    checkpointing, the masters' weights loaded, then ``place_model``: channels-last and bf16 frozen weights), and
+    each step's batch is converted as the trainer converts it."""
 
     name = "mnseg"
 
@@ -197,7 +209,7 @@ class MnsegSide:
         self.cfg, self.device = make_config(preset, variant), device
         self.variant, self.compile_mode = variant, compile_mode
         self.models = {
-            role: place_model(copy.deepcopy(m), self.cfg.models[role], self.cfg.train, device)
+            role: place_model(self._built_like(role, m, preset), self.cfg.models[role], self.cfg.train, device)
             for role, m in masters.items()
         }
         self.optimizers = {r: build_optimizer(m, self.cfg.models[r].optim, device) for r, m in self.models.items()}
@@ -218,6 +230,15 @@ class MnsegSide:
         # 3D trained on 2D pseudo-masks, then 2D trained on 3D pseudo-masks.
         self.epochs = (self.method.sup_epochs, self.method.sup_epochs + 1)
         self.losses: list[torch.Tensor] = []  # kept on the device: reading them would sync
+
+    def _built_like(self, role: str, master: torch.nn.Module, preset: Preset) -> torch.nn.Module:
+        """The role built from this variant's config, holding the master's weights (state-dict names do not
+        depend on the options)."""
+        from mnseg.engine.build import build_model
+
+        model = build_model(self.cfg.models[role], 1, preset.num_classes)
+        model.load_state_dict(master.state_dict())
+        return model
 
     def compile(self) -> None:
         """torch.compile both roles (optional: measure whether it helps)."""
@@ -423,9 +444,11 @@ def bench_training(
     variants: list[Variant] | None = None,
     compile_mode: str | None = None,
     keep_going: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """ms per co-training iteration, peak memory and achieved TFLOP/s of the plain side (once) and the mnseg side
     under each variant (``compile`` compiles every variant), one after the other with memory freed in between.
+    ``log`` gets a line per finished side, so a run cut off by a time limit still leaves what it measured.
 
     Returns ``{"plain": ..., "variants": {name: {"mnseg", "speedup", "memory_ratio", "bf16_frozen_tensors"}}}``
     plus, for the first variant, the single-variant keys ``mnseg``, ``speedup``, ``memory_ratio``.
@@ -435,6 +458,8 @@ def bench_training(
     batch = make_batch(preset, device, seed)
     plain = PlainSide(preset, masters, device)
     result = {"plain": measure_side(plain, batch, device, warmup, iters, False, profile), "variants": {}}
+    log = log or (lambda line: None)
+    log(f"training plain fp32: {_side_line(result['plain'])}")
     del plain
     _free(device)
     for variant in variants:
@@ -446,12 +471,19 @@ def bench_training(
             entry["bf16_frozen_tensors"] = side.bf16_frozen_tensors()
             return entry
 
-        result["variants"][variant.name] = _guarded(run, keep_going, device)
+        entry = result["variants"][variant.name] = _guarded(run, keep_going, device)
+        log(f"training {variant.name}: " + (entry["error"] if "error" in entry else (
+            f"{_side_line(entry['mnseg'])}, speed-up {entry['speedup']:.2f}x, memory ratio "
+            f"{_fmt(entry['memory_ratio'], '.2f')}")))
         _free(device, compiled)
     first = result["variants"][variants[0].name]
     if "error" not in first:
         result.update(mnseg=first["mnseg"], speedup=first["speedup"], memory_ratio=first["memory_ratio"])
     return result
+
+
+def _side_line(side: dict) -> str:
+    return f"{side['ms_per_iter']:.1f} ms/iter, peak {_fmt(side['peak_memory_mib'], '.0f', ' MiB')}"
 
 
 def _mean_foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
@@ -473,11 +505,14 @@ def bench_inference(
     compile: bool = False,
     compile_mode: str | None = None,
     keep_going: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Volumes/s of mnseg's sliding window (bf16 on CUDA) under each variant and of MONAI's (fp32, once), and the
     Dice between their masks. The inference model is the 3D role (no frozen weights: frozen_bf16 changes
-    nothing here); channels_last and compile apply to it. The first variant's figures also sit at the top level
-    (``mnseg``, ``speedup``, ``mask_dice``, ``foreground_fraction``) as for a single variant."""
+    nothing here; activation checkpointing acts only when gradients are recorded); channels_last and compile
+    apply to it, so a variant whose inference equals an earlier one's is not timed again: its entry is a copy
+    marked ``same_as``. The first variant's figures also sit at the top level (``mnseg``, ``speedup``,
+    ``mask_dice``, ``foreground_fraction``) as for a single variant."""
     from monai.inferers import sliding_window_inference
 
     from mnseg.engine.build import to_channels_last
@@ -517,8 +552,16 @@ def bench_inference(
     monai_timing, monai_mask = monai_baseline()
     _free(device)
     result = {"volume": list(preset.volume), "monai": monai_timing, "variants": {}}
+    log = log or (lambda line: None)
+    log(f"inference MONAI fp32: {monai_timing['volumes_per_s']:.3f} vol/s")
+    timed_as: dict[tuple[bool, bool], str] = {}  # the inference settings -> the variant first timed with them
     for variant in variants:
         compiled = compile or variant.compile
+        key = (variant.channels_last, compiled)
+        if key in timed_as:
+            result["variants"][variant.name] = {**result["variants"][timed_as[key]], "same_as": timed_as[key]}
+            continue
+        timed_as[key] = variant.name
 
         def run(variant=variant, compiled=compiled) -> dict:
             model = copy.deepcopy(masters["net3d"]).to(device).eval()
@@ -549,7 +592,10 @@ def bench_inference(
                 "foreground_fraction": float((mask > 0).float().mean()),
             }
 
-        result["variants"][variant.name] = _guarded(run, keep_going, device)
+        entry = result["variants"][variant.name] = _guarded(run, keep_going, device)
+        log(f"inference {variant.name}: " + (entry["error"] if "error" in entry else (
+            f"{entry['mnseg']['volumes_per_s']:.3f} vol/s, speed-up {entry['speedup']:.2f}x, mask Dice "
+            f"{entry['mask_dice']:.5f}")))
         _free(device, compiled)
     first = result["variants"][variants[0].name]
     if "error" not in first:
@@ -605,8 +651,10 @@ def run_benchmark(
     seed: int = 0,
     variants: list[Variant] | str | None = None,
     compile_mode: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Every measurement of issue 8 for one preset and each variant (plain and MONAI measured once); JSON-ready.
+    ``log`` receives a line as each side is measured (the script prints them at once).
 
     With several variants a failing one (e.g. a compile error) is recorded as ``{"error": ...}`` and the others
     still run, so one GPU call measures them all. ``result["variants"][name]`` holds each variant's options,
@@ -626,6 +674,7 @@ def run_benchmark(
     masters = build_master_models(preset, seed)
     b_l, b_u = batch_split(preset.batch_size)
     keep_going = len(variants) > 1
+    log = log or (lambda line: None)
     result = {
         "preset": asdict(preset),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -637,12 +686,12 @@ def run_benchmark(
         "peak_tflops": peak_tflops,
     }
     training = bench_training(
-        preset, device, masters, warmup, iters, compile, profile, seed, variants, compile_mode, keep_going
+        preset, device, masters, warmup, iters, compile, profile, seed, variants, compile_mode, keep_going, log
     )
     for side_result in [training["plain"]] + [v["mnseg"] for v in training["variants"].values() if "mnseg" in v]:
         side_result["peak_fraction"] = side_result["tflops_per_s"] / peak_tflops if peak_tflops else None
     inference = bench_inference(
-        preset, device, masters, 1, inference_repeats, seed, variants, compile, compile_mode, keep_going
+        preset, device, masters, 1, inference_repeats, seed, variants, compile, compile_mode, keep_going, log
     )
     result["variants"] = {
         v.name: {
@@ -755,7 +804,8 @@ def _format_variants(result: dict) -> str:
             continue
         lines.append(
             f"  {name:<14} {iv['mnseg']['volumes_per_s']:9.3f} {iv['speedup']:8.2f}x {iv['mask_dice']:10.5f} "
-            f"{iv['foreground_fraction']:10.1%}"
+            f"{iv['foreground_fraction']:10.1%}" + (f"  (inference as {iv['same_as']}: not timed again)"
+                                                    if "same_as" in iv else "")
         )
     lines += ["", _loader_line(result["loader"]) + " (at the fastest variant's pace)"]
     if "profile" in t["plain"]:

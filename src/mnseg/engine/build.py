@@ -15,6 +15,7 @@ FROZEN_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 def build_model(mcfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     """A model whose forward takes (B, C, X, Y, Z) patches: 2D models are wrapped slice by slice."""
     from mnseg.models import create_model
+    from mnseg.models.checkpointing import enable_activation_checkpointing
     from mnseg.models.finetune import apply_finetuning, has_frozen_parameters
     from mnseg.models.slicewise import SliceWise
 
@@ -31,6 +32,8 @@ def build_model(mcfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Mod
         )
     if getattr(model, "spatial_dims", 3) == 2:
         model = SliceWise(model, axis=mcfg.slice_axis, slice_batch=mcfg.slice_batch)
+    if mcfg.activation_checkpoint:
+        enable_activation_checkpointing(model, mcfg.name)
     return model
 
 

@@ -28,6 +28,7 @@ class SliceWise(torch.nn.Module):
         self.inner = model2d
         self.axis = axis % 5
         self.slice_batch = slice_batch
+        self.checkpoint_chunks = False  # set by enable_activation_checkpointing: recompute each chunk in backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5:
@@ -35,8 +36,15 @@ class SliceWise(torch.nn.Module):
         batch, slices = x.shape[0], x.shape[self.axis]
         stacked = x.movedim(self.axis, 1).flatten(0, 1)  # (B*S, C, H, W)
         if self.slice_batch is None or self.slice_batch >= stacked.shape[0]:
-            out = self.inner(stacked)
+            out = self._run_chunk(stacked)
         else:
-            out = torch.cat([self.inner(chunk) for chunk in stacked.split(self.slice_batch)], dim=0)
+            out = torch.cat([self._run_chunk(chunk) for chunk in stacked.split(self.slice_batch)], dim=0)
         out = out.unflatten(0, (batch, slices))  # (B, S, K, H, W)
         return out.movedim(1, self.axis)
+
+    def _run_chunk(self, chunk: torch.Tensor) -> torch.Tensor:
+        if not self.checkpoint_chunks:
+            return self.inner(chunk)
+        from mnseg.models.checkpointing import checkpointed_call
+
+        return checkpointed_call(self.inner, self.inner, chunk)
