@@ -173,7 +173,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(trained, tmp_
     ds, _, cache = trained
     nan_after(monkeypatch, lambda n: n > 2)  # epoch 1 (2 steps) is fine, epoch 2 goes NaN
     run = tmp_path / "run"
-    rc = main(train_argv(ds, run, cache, "--num-val", "1", "train.val_every=1", epochs=3, iters=2))
+    rc = main(train_argv(ds, run, cache, "--num-val", "1", "train.val_every=1", "train.check_every=1", epochs=3,
+                         iters=2))
     assert rc == 2
     err = capsys.readouterr().err
     assert "loss became nan at epoch 2, iteration 1" in err and "on_nan=skip" in err and "Traceback" not in err
@@ -184,13 +185,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(trained, tmp_
 
 
 def test_nan_loss_with_deferred_checks_still_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypatch, capsys):
-    """train.check_every=2 syncs once per two steps; a NaN in that window still stops before anything is saved."""
+    """The default (train.check_every=10) syncs once per ten steps and at each epoch's end; a NaN in such a window
+    still stops before anything is saved."""
     ds, _, cache = trained
-    nan_after(monkeypatch, lambda n: n > 2)
+    nan_after(monkeypatch, lambda n: n > 3)
     run = tmp_path / "run"
-    rc = main(train_argv(ds, run, cache, "train.check_every=2", epochs=3, iters=2))
+    rc = main(train_argv(ds, run, cache, epochs=3, iters=3))
     assert rc == 2
-    assert "loss became nan at epoch 2, iterations 1-2" in capsys.readouterr().err
+    assert "loss became nan at epoch 2, iterations 1-3" in capsys.readouterr().err
     last = load(run / "checkpoints" / "last.pt")
     assert last["epoch"] == 1 and finite_weights(last)
 

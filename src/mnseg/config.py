@@ -86,7 +86,9 @@ class TrainConfig:
     checkpoint_every: int = 1
     overlay_every: int = 0  # TensorBoard prediction pictures every N epochs (0: at validation only)
     on_nan: str = "stop"  # stop | skip
-    check_every: int = 1  # NaN check (a host sync) every N steps; >1 keeps the GPU queue full (stop mode only)
+    # NaN check (a host sync) every N steps: between checks the CPU prepares the next batch while the GPU still
+    # works. A non-finite loss still stops the run before anything is saved; 1 names the exact step.
+    check_every: int = 10
     compile: bool = False  # not supported by the trainer yet (refused): see benchmarks/speed.py --compile
     channels_last: bool = False  # models and input batches in channels-last(-3d) memory format (a CUDA speed option)
 
