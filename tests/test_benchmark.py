@@ -253,6 +253,24 @@ def test_changed_settings_are_refused_not_mixed(toy_dataset, tmp_path):
         run_benchmark(spec, progress=False, log=lambda *a: None)
 
 
+def test_execution_only_settings_do_not_make_a_finished_run_another_benchmark(toy_dataset, tmp_path):
+    """A cell trained with the NaN check every step on a GPU (as older defaults did) still belongs to a grid run now
+    with other execution settings; a setting that changes what is learnt still makes it another benchmark."""
+    from mnseg.benchmark import _changed_cells
+
+    out, cell = tmp_path / "bench", Cell("supervised", 2, 0)
+    spec = _spec(toy_dataset, out, methods=["supervised"], seeds=[0], upper_bound=False,
+                 overrides=["train.epochs=1", "models.net.activation_checkpoint=true"])
+    old = _spec(toy_dataset, out, overrides=["train.epochs=1", "train.check_every=1", "train.device=cuda",
+                                              "train.checkpoint_every=5"])
+    cell.run_dir(out).mkdir(parents=True)
+    (cell.run_dir(out) / "config.yaml").write_text(cell_config(old, cell).to_yaml())
+    assert _changed_cells(spec, [cell]) == []
+    learnt = _spec(toy_dataset, out, overrides=["train.epochs=2", "train.check_every=1"])
+    (cell.run_dir(out) / "config.yaml").write_text(cell_config(learnt, cell).to_yaml())
+    assert _changed_cells(spec, [cell]) == [cell.name]
+
+
 @pytest.mark.slow
 def test_parallel_jobs_give_the_sequential_grid(toy_dataset, tmp_path):
     """--jobs 2 trains the cells in worker processes; the table matches the one-at-a-time grid."""

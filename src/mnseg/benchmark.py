@@ -151,13 +151,23 @@ def cell_config(spec: BenchmarkSpec, cell: Cell):
     return Config.from_dict(d)
 
 
+# Settings that change how a run executes, not what it learns: where it trains, how often it checks for a
+# non-finite loss, saves or draws pictures, and whether activations are recomputed (same values and gradients).
+EXECUTION_ONLY_TRAIN = ("device", "check_every", "checkpoint_every", "overlay_every")
+EXECUTION_ONLY_MODEL = ("activation_checkpoint",)
+
+
 def _changed_cells(spec: BenchmarkSpec, cells: list[Cell]) -> list[str]:
     """Cells whose existing run was made with other settings (reusing them would mix two benchmarks)."""
     from mnseg.config import Config, read_yaml
 
     def comparable(cfg) -> dict:
         d = cfg.to_dict()
-        d["train"].pop("device")  # where a run trains does not change what it is
+        for key in EXECUTION_ONLY_TRAIN:
+            d["train"].pop(key)
+        for model in d["models"].values():
+            for key in EXECUTION_ONLY_MODEL:
+                model.pop(key)
         return d
 
     changed = []
