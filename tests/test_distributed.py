@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -121,10 +122,14 @@ def test_two_processes_follow_the_one_process_trajectory(toy_dataset, tmp_path, 
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "mnseg", *_argv(method, toy_dataset, tmp_path / "two", cache)]
+           f"--master_port={_free_port()}", "-m", "mnseg", *_argv(method, toy_dataset, tmp_path / "two", cache), "--test"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "x 2 processes" in done.stdout  # it really ran distributed
+    # --test: rank 0 alone predicts imagesTs and scores it, after the process group is gone
+    assert done.stdout.count("done: ") == 1
+    summary = json.loads((tmp_path / "two" / "test_predictions" / "summary.json").read_text())
+    assert summary["n_cases"] == len(list((toy_dataset / "imagesTs").glob("*.nii.gz")))
 
     one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
     assert len(one) == len(two) == 3
