@@ -20,12 +20,7 @@ UNET2D_SLICES = ModelConfig(name="unet2d", kwargs={"depth": 3, "base_filters": 4
 EFFUNET_LORA = ModelConfig(name="effunet", kwargs={"variant": "lite0"}, finetune="lora", lora_rank=4, slice_batch=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train_once(model: torch.nn.Module, x: torch.Tensor):

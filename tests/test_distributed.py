@@ -122,7 +122,8 @@ def test_two_processes_follow_the_one_process_trajectory(toy_dataset, tmp_path, 
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "mnseg", *_argv(method, toy_dataset, tmp_path / "two", cache), "--test"]
+           f"--master_port={_free_port()}", "-m", "mnseg", *_argv(method, toy_dataset, tmp_path / "two", cache),
+           "--test"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "x 2 processes" in done.stdout  # it really ran distributed

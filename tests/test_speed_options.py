@@ -21,12 +21,7 @@ TINY_UNET3D = ModelConfig(name="unet3d", kwargs={"depth": 3, "base_filters": 4})
 SEGFORMER_LORA = ModelConfig(name="segformer", kwargs={"size": "b0"}, finetune="lora", lora_rank=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ channels_last
