@@ -75,8 +75,9 @@ TINY = ["unet3d", "{depth: 3, base_filters: 4}"]
 # comparable step by step; CE is a mean over voxels, and equal item counts make the mean of the
 # per-process means the global mean (docs/distributed.md). No augmentation, no input noise: those draw
 # from per-process random streams by design.
+# supervised also recomputes its UNet's activations in backward (activation checkpointing under DDP).
 CASES = {
-    "supervised": ["method.params.w_dice=0"],
+    "supervised": ["method.params.w_dice=0", "models.net.activation_checkpoint=true"],
     "mean_teacher": [
         "method.params.w_dice=0", "method.params.noise_std=0", "method.params.rampup=0", "method.params.consistency=1",
     ],
