@@ -204,7 +204,3 @@ def test_trainer_with_channels_last_trains_validates_and_predicts(toy_dataset, t
     probs = predict_probabilities(run.models, torch.from_numpy(trainer.data.val[0].image), run.cfg, run.device)
     torch.testing.assert_close(probs.sum(0), torch.ones_like(probs[0]))
 
-
-def test_train_compile_is_refused_not_silently_ignored():
-    with pytest.raises(ConfigError, match="train.compile"):
-        place_model(torch.nn.Linear(2, 2), ModelConfig(name="unet3d"), TrainConfig(compile=True), torch.device("cpu"))

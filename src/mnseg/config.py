@@ -89,7 +89,9 @@ class TrainConfig:
     # NaN check (a host sync) every N steps: between checks the CPU prepares the next batch while the GPU still
     # works. A non-finite loss still stops the run before anything is saved; 1 names the exact step.
     check_every: int = 10
-    compile: bool = False  # not supported by the trainer yet (refused): see benchmarks/speed.py --compile
+    # torch.compile every model's forward while training (compiles at the first steps; prediction stays eager)
+    compile: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune
     channels_last: bool = False  # models and input batches in channels-last(-3d) memory format (a CUDA speed option)
 
 

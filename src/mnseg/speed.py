@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mnseg.models.compiled import COMPILE_MODES  # the modes train.compile_mode accepts
+
 H100_BF16_DENSE_TFLOPS = 989.0
 
 
@@ -111,7 +113,6 @@ VARIANTS = {
     "checkpoint": Variant("checkpoint", checkpoint=True),
     "memory": Variant("memory", frozen_bf16=True, checkpoint=True),  # both memory savers, no compile
 }
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def parse_variants(text: str) -> list[Variant]:
@@ -241,9 +242,11 @@ class MnsegSide:
         return model
 
     def compile(self) -> None:
-        """torch.compile both roles (optional: measure whether it helps)."""
-        mode = None if self.compile_mode in (None, "default") else self.compile_mode
-        self.method.models = {r: torch.compile(m, mode=mode) for r, m in self.models.items()}
+        """torch.compile both roles' forwards as the trainer does with ``train.compile`` (``compile_forward``)."""
+        from mnseg.models.compiled import compile_forward
+
+        for model in self.models.values():
+            compile_forward(model, self.compile_mode or "default")
 
     def bf16_frozen_tensors(self) -> dict[str, int]:
         """Per role, how many parameters are stored in bf16 (non-zero only where frozen_bf16 took effect)."""

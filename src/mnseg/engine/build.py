@@ -75,6 +75,7 @@ def to_channels_last(obj):
 def place_model(model: nn.Module, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device) -> nn.Module:
     """Move a built model to ``device`` and apply the run's speed options (all off by default).
 
+    ``train.compile`` is not applied here but by the trainer (``compile_forward``), so prediction never compiles.
     ``train.channels_last``: weights in channels-last memory format. ``mcfg.frozen_dtype``: frozen Linear/Conv
     weights stored in bf16, only where forwards run under bf16 autocast (CUDA with ``train.amp``); elsewhere
     (CPU, amp off) the option is ignored, as ``train.amp`` is on the CPU, because fp32 inputs cannot meet bf16
@@ -82,11 +83,6 @@ def place_model(model: nn.Module, mcfg: ModelConfig, tcfg: TrainConfig, device: 
     """
     from mnseg.models.finetune import cast_frozen_weights
 
-    if tcfg.compile:
-        # Refused rather than ignored: EMA teachers and M&N's pseudo-mask generators are deep copies of trained
-        # models, and copying a compiled module is not yet checked to keep its weights apart.
-        raise ConfigError("train.compile is not supported by the trainer yet; leave it false "
-                          "(benchmarks/speed.py --compile measures what torch.compile would give)")
     model = model.to(device)
     if tcfg.channels_last:
         to_channels_last(model)

@@ -39,6 +39,7 @@ from mnseg.engine.schedules import current_lr, make_scheduler
 from mnseg.errors import ConfigError, MnsegError
 from mnseg.methods import method_class
 from mnseg.methods.base import Batch, MethodContext
+from mnseg.models.compiled import compile_forward
 from mnseg.utils.atomic import atomic_write_text
 
 
@@ -152,6 +153,9 @@ class Trainer:
             )
             for role in cls.default_models
         }
+        if cfg.train.compile:
+            for model in self.models.values():
+                compile_forward(model, cfg.train.compile_mode)
         self.optimizers, self.schedulers = {}, {}
         for role, model in self.models.items():
             if role in cls.frozen_roles:

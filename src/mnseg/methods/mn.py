@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mnseg.engine.checkpoint import unwrap
 from mnseg.engine.schedules import (
     Segment,
     current_lr,
@@ -116,7 +117,9 @@ class MN(Method):
     def on_epoch_start(self, epoch: int) -> None:
         if epoch == self.sup_epochs and self.fixed_pseudo and not self.generators:
             # Ablation "no iteration": pseudo-masks come from the models as they were after stage 1.
-            self.generators = {r: copy.deepcopy(m).eval().requires_grad_(False) for r, m in self.models.items()}
+            self.generators = {
+                r: copy.deepcopy(unwrap(m)).eval().requires_grad_(False) for r, m in self.models.items()
+            }
         refresh = int(self.param("fg_refresh_every", 2))
         if (
             epoch >= self.sup_epochs
@@ -222,7 +225,7 @@ class MN(Method):
     def load_extra_state(self, state: dict) -> None:
         gens = state.get("generators") or {}
         if gens:
-            self.generators = {r: copy.deepcopy(self.models[r]).eval().requires_grad_(False) for r in gens}
+            self.generators = {r: copy.deepcopy(unwrap(self.models[r])).eval().requires_grad_(False) for r in gens}
             for r, sd in gens.items():
                 self.generators[r].load_state_dict(sd)
         if "rng" in state:
