@@ -260,7 +260,7 @@ def test_execution_only_settings_do_not_make_a_finished_run_another_benchmark(to
 
     out, cell = tmp_path / "bench", Cell("supervised", 2, 0)
     spec = _spec(toy_dataset, out, methods=["supervised"], seeds=[0], upper_bound=False,
-                 overrides=["train.epochs=1", "models.net.activation_checkpoint=true"])
+                 overrides=["train.epochs=1", "models.net.activation_checkpoint=true", "train.compile=true"])
     old = _spec(toy_dataset, out, overrides=["train.epochs=1", "train.check_every=1", "train.device=cuda",
                                               "train.checkpoint_every=5"])
     cell.run_dir(out).mkdir(parents=True)

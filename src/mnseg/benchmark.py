@@ -152,8 +152,11 @@ def cell_config(spec: BenchmarkSpec, cell: Cell):
 
 
 # Settings that change how a run executes, not what it learns: where it trains, how often it checks for a
-# non-finite loss, saves or draws pictures, and whether activations are recomputed (same values and gradients).
-EXECUTION_ONLY_TRAIN = ("device", "check_every", "checkpoint_every", "overlay_every")
+# non-finite loss, saves or draws pictures, whether kernels are compiled or tensors laid out channels-last (the
+# same arithmetic up to rounding order, as on another device), and whether activations are recomputed (same values
+# and gradients).
+EXECUTION_ONLY_TRAIN = ("device", "check_every", "checkpoint_every", "overlay_every", "compile", "compile_mode",
+                        "channels_last")
 EXECUTION_ONLY_MODEL = ("activation_checkpoint",)
 
 
