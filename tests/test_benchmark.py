@@ -294,3 +294,32 @@ def test_parallel_jobs_give_the_sequential_grid(toy_dataset, tmp_path):
     assert "2 at a time" in (tmp_path / "par" / "results.md").read_text()
     assert "at a time" not in (tmp_path / "seq" / "results.md").read_text()
     assert main([*common, "-o", str(tmp_path / "bad"), "--jobs", "0"]) == 2
+
+
+def test_parallel_workers_are_spread_over_the_visible_gpus(monkeypatch):
+    """--jobs J with several GPUs: worker n sees only GPU n mod #GPUs (checked in real spawned processes)."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    from mnseg.benchmark import _pin_worker_to_gpu, runs_per_device, worker_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_gpus("cuda", 4) == worker_gpus(None, 4) == ["0", "1", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6,7")
+    assert worker_gpus("auto", 4) == ["4", "6", "7"]  # the user's own selection is kept
+    for device, jobs in [("cuda:1", 4), ("cpu", 4), ("cuda", 1)]:
+        assert worker_gpus(device, jobs) is None
+    spec = BenchmarkSpec(Path("d"), Path("o"), ["supervised"], [2], [0], device="cuda", jobs=5)
+    assert runs_per_device(spec) == 2  # 5 runs over 3 GPUs: at most 2 share one
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_gpus("cuda", 4) is None and runs_per_device(spec) == 5
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=context, initializer=_pin_worker_to_gpu,
+                             initargs=(context.Value("i", 0), ["5", "9"])) as pool:
+        seen = {pool.submit(os.getenv, "CUDA_VISIBLE_DEVICES").result() for _ in range(6)}
+    assert seen <= {"5", "9"} and seen

@@ -62,7 +62,7 @@ class BenchmarkSpec:
     preset: str | None = None  # PREFIX: method m uses preset PREFIX_m (default: preset m)
     upper_bound: bool = True
     device: str | None = None
-    jobs: int = 1  # runs trained at the same time on the one device (small runs leave a GPU mostly idle)
+    jobs: int = 1  # runs trained at the same time (small runs leave a GPU mostly idle); spread over visible GPUs
 
 
 @dataclass
@@ -314,7 +314,7 @@ def _run_cell(spec: BenchmarkSpec, cell: Cell, tag: str, progress: bool = True, 
     run_dir = cell.run_dir(spec.out)
     log(f"{tag} {cell.name}: {'resuming' if cell_state(run_dir) == 'resume' else 'training'}")
     try:
-        train_cell(cell_config(spec, cell), run_dir, progress=progress, log=log, sharing=spec.jobs)
+        train_cell(cell_config(spec, cell), run_dir, progress=progress, log=log, sharing=runs_per_device(spec))
         predict_and_score(run_dir, spec.dataset, spec.device, progress=progress)
     except Exception as exc:  # noqa: BLE001 - reported in failures.json and results.md
         log(f"{tag} {cell.name}: FAILED: {type(exc).__name__}: {exc}")
@@ -339,6 +339,40 @@ def _run_cell_quietly(spec: BenchmarkSpec, cell: Cell, tag: str) -> dict | None:
     return _run_cell(spec, cell, tag, progress=False, log=lambda *a: print(*a, flush=True))
 
 
+def worker_gpus(device: str | None, jobs: int) -> list[str] | None:
+    """The CUDA devices to spread ``jobs`` worker processes over, as CUDA_VISIBLE_DEVICES entries: every visible GPU
+    when the grid trains on CUDA without naming one (``--device cuda`` or auto) and there are several; else None
+    (all workers share the one device the configuration names)."""
+    import os
+
+    import torch
+
+    if jobs < 2 or (device or "auto") not in ("auto", "cuda"):
+        return None
+    count = torch.cuda.device_count()
+    if count < 2:
+        return None
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return (visible or [str(i) for i in range(count)])[:count]
+
+
+def runs_per_device(spec: BenchmarkSpec) -> int:
+    """How many runs train at once on each device (what their timings share)."""
+    gpus = worker_gpus(spec.device, spec.jobs)
+    return -(-spec.jobs // len(gpus)) if gpus else spec.jobs
+
+
+def _pin_worker_to_gpu(counter, gpus: list[str]) -> None:
+    """Worker process initializer: the n-th worker sees only GPU n mod len(gpus), as its cuda:0 (set before CUDA
+    starts in the fresh spawned process)."""
+    import os
+
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+
+
 def _run_parallel(spec: BenchmarkSpec, todo: list[tuple[int, Cell]], total: int, log=print,
                   on_finished=lambda failure: None) -> None:
     """Train up to spec.jobs cells at once, each in its own process (spawned: CUDA cannot be forked);
@@ -346,8 +380,15 @@ def _run_parallel(spec: BenchmarkSpec, todo: list[tuple[int, Cell]], total: int,
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    log(f"training {len(todo)} run(s), {spec.jobs} at a time")
-    with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    gpus = worker_gpus(spec.device, spec.jobs)
+    pin = {}
+    if gpus:
+        pin = {"initializer": _pin_worker_to_gpu, "initargs": (context.Value("i", 0), gpus)}
+        log(f"training {len(todo)} run(s), {spec.jobs} at a time, spread over GPUs {','.join(gpus)}")
+    else:
+        log(f"training {len(todo)} run(s), {spec.jobs} at a time")
+    with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=context, **pin) as pool:
         futures = {pool.submit(_run_cell_quietly, spec, cell, f"[{i}/{total}]"): cell for i, cell in todo}
         for future in as_completed(futures):
             cell = futures[future]
@@ -388,7 +429,7 @@ def write_results(spec: BenchmarkSpec, cells: list[Cell], done: list[Cell], fail
     runs = [read_run_result(c.run_dir(out), c.label) for c in done]
     agg = aggregate(runs)
     atomic_write_text(out / "results.csv", results_csv(result_rows(runs)))
-    shared = max([spec.jobs] + [int(r.timing.get("runs_sharing_device") or 1) for r in runs])
+    shared = max([runs_per_device(spec)] + [int(r.timing.get("runs_sharing_device") or 1) for r in runs])
     mode = ("transductive: imagesTs joined the unlabelled pool (its labels never used in training)"
             if spec.transductive else "inductive: test cases never in the unlabelled pool")
     presets = {m: preset_for(m, spec.preset) for m in dict.fromkeys(c.method for c in cells)}

@@ -72,8 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-runs", type=int, metavar="K",
                         help="train at most K runs in this invocation (run again to continue)")
     parser.add_argument("--jobs", type=int, default=1, metavar="J",
-                        help="train J runs at the same time on the device (default 1); small runs leave a GPU "
-                        "mostly idle, so J > 1 finishes a grid sooner. Per-run timings then share the device")
+                        help="train J runs at the same time (default 1); small runs leave a GPU mostly idle, so "
+                        "J > 1 finishes a grid sooner. With several visible GPUs and --device cuda (or auto) the "
+                        "J worker processes are spread over them. Per-run timings then share a device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: re-make results.csv, results.md and the plots from the finished runs "
