@@ -11,6 +11,8 @@ costs nothing on a GPU. Targets never receive gradient: they are detached here, 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -27,6 +29,41 @@ __all__ = [
     "entropy_loss",
     "hard_pseudo_label_ce",
 ]
+
+
+# Set by the trainer around a training step under torchrun when every process holds the same number of labelled
+# and unlabelled items (so every process makes the same loss calls): batch Dice then pools its sums over all
+# processes, as one process with the whole batch would. The value is the process group to pool over (None: off).
+_POOL_GROUP = contextvars.ContextVar("mnseg_batch_dice_group", default=None)
+
+
+@contextlib.contextmanager
+def batch_dice_over_ranks(group):
+    """Within this block, ``soft_dice_loss(batch_dice=True)`` sums intersection and denominator over the processes
+    of ``group`` (a differentiable all-reduce) before the ratio; ``group=None`` leaves it per process. Every process
+    must then make the same soft-Dice calls in the same order, and ``group`` should not be DDP's (the all-reduce's
+    backward would interleave with DDP's gradient all-reduces)."""
+    token = _POOL_GROUP.set(group)
+    try:
+        yield
+    finally:
+        _POOL_GROUP.reset(token)
+
+
+def _sum_over_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors summed over the pooling group's processes (gradient: the sum of every process's gradient, so
+    DDP's averaging then gives the one-process gradient); unchanged when pooling is off."""
+    group = _POOL_GROUP.get()
+    if group is None:
+        return tensors
+    import warnings
+
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a private API; still correct
+        stacked = all_reduce(torch.stack(tensors), group=group)
+    return tuple(stacked.unbind(0))
 
 
 def _check_logits(logits: Tensor) -> None:
@@ -100,7 +137,8 @@ def soft_dice_loss(
     ``target`` is either int labels (B, *S) or probabilities (B, K, *S) (M&N's Dice(g, P) with soft
     pseudo-labels). Voxels equal to ``ignore_index`` (label targets only) or outside ``mask`` are left out
     of numerator and denominator alike. ``batch_dice`` pools batch and space per class (nnU-Net's batch
-    Dice); otherwise Dice is per sample and class, averaged over the samples that have any valid voxel.
+    Dice; inside ``batch_dice_over_ranks`` also over the processes of a torchrun job); otherwise Dice is per
+    sample and class, averaged over the samples that have any valid voxel.
     """
     _check_logits(logits)
     if target.dim() == logits.dim() - 1:
@@ -119,6 +157,8 @@ def soft_dice_loss(
     reduce_dims = (0, *spatial) if batch_dice else spatial
     intersection = (probs_w * target_probs).sum(dim=reduce_dims)
     denominator = probs_w.sum(dim=reduce_dims) + target_w.sum(dim=reduce_dims)
+    if batch_dice:
+        intersection, denominator = _sum_over_ranks(intersection, denominator)
     dice = (2.0 * intersection + smooth) / (denominator + smooth)  # (K,) or (B, K)
     if not include_background:
         dice = dice[..., 1:]

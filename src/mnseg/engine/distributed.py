@@ -30,6 +30,10 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False  # this context created the process group (and so destroys it)
+    # A second group for collectives inside the loss (batch Dice over processes): its all-reduce runs again in the
+    # backward pass, and on DDP's own group it could interleave with DDP's gradient buckets in another order on
+    # each process.
+    loss_group: object | None = None
 
     @property
     def is_main(self) -> bool:
@@ -74,7 +78,8 @@ def init_from_env(device: torch.device) -> DistContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=TIMEOUT)
         created = True
-    return DistContext(rank, world, local_rank, device, created)
+    loss_group = dist.new_group(timeout=TIMEOUT)  # collective: every process creates it here, in the same order
+    return DistContext(rank, world, local_rank, device, created, loss_group)
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -37,6 +37,7 @@ from mnseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint,
 from mnseg.engine.run_dir import RunDir
 from mnseg.engine.schedules import current_lr, make_scheduler
 from mnseg.errors import ConfigError, MnsegError
+from mnseg.losses import batch_dice_over_ranks
 from mnseg.methods import method_class
 from mnseg.methods.base import Batch, MethodContext
 from mnseg.models.compiled import compile_forward
@@ -255,7 +256,9 @@ class Trainer:
                 batch = Batch(to_channels_last(batch.image_l), batch.label_l, to_channels_last(batch.image_u))
             for role in active:
                 self.optimizers[role].zero_grad(set_to_none=True)
-            with self._autocast():
+            # Equal shards on every process: batch Dice pools over them all, as one process with the whole batch.
+            even = b_l % self.dist.world_size == 0 and b_u % self.dist.world_size == 0
+            with self._autocast(), batch_dice_over_ranks(self.dist.loss_group if even else None):
                 out = method.training_step(batch, epoch, it)
             loss = out.loss.detach().float()
             check_now = per_step_check or (it + 1) % check_every == 0 or it == cfg.train.iters_per_epoch - 1
