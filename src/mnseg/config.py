@@ -141,8 +141,28 @@ def apply_overrides(data: dict, overrides: list[str] | tuple) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' must look like key.sub=value")
-        _set_path(data, key.strip().split("."), yaml.safe_load(value) if value.strip() else None)
+        _set_path(data, key.strip().split("."), _override_value(item, value))
     return data
+
+
+def _override_value(item: str, text: str) -> Any:
+    """The YAML value of an override; ConfigError for text YAML cannot read, and for the easy slip ``{a:1}``
+    (YAML reads a key ``a:1`` without a value: a space must follow each colon)."""
+    if not text.strip():
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({problem})") from None
+    if isinstance(value, dict):
+        glued = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
+        if glued:
+            raise ConfigError(
+                f"override '{item}': YAML reads {glued[0]!r} as a key without a value; put a space after each "
+                f"colon, e.g. {{{glued[0].replace(':', ': ', 1)}}}"
+            )
+    return value
 
 
 def resolve_preset(name_or_path: str | Path) -> Path:
