@@ -33,3 +33,48 @@ def test_a_bad_override_on_the_command_line_is_one_line_not_a_traceback(toy_data
     assert main(["train", str(toy_dataset), "models.net.kwargs={depth: 3"]) == 2
     err = capsys.readouterr().err
     assert "not valid YAML" in err and "Traceback" not in err
+
+
+def test_every_preset_passes_the_value_checks():
+    from mnseg.config import PRESET_DIR
+    from mnseg.config_checks import check_config
+
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        check_config(load_config(path))
+
+
+def test_out_of_range_settings_are_listed_together():
+    from mnseg.config_checks import check_config
+
+    cfg = load_config("mn", ["train.batch_size=0", "train.seed=-1", "data.patch_size=[32, 32]", "data.fg_prob=1.5",
+                             "infer.overlap=1", "models.net2d.optim.lr=-1", "train.on_nan=ignore"])
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    for setting in ("train.batch_size", "train.seed", "data.patch_size", "data.fg_prob", "infer.overlap",
+                    "models.net2d.optim.lr", "train.on_nan"):
+        assert setting in str(info.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "train.batch_size must be at least 1"),
+    (["--epochs", "0"], "train.epochs must be at least 1"),
+    (["--patch-size", "32,32"], "data.patch_size must be three"),
+    (["--patch-size", "a,b,c"], "give whole numbers"),
+])
+def test_bad_training_settings_stop_before_the_run_folder_exists(toy_dataset, tmp_path, capsys, args, message):
+    from mnseg.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(toy_dataset), "--run-dir", str(run), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_benchmark_checks_every_methods_settings_before_training(toy_dataset, tmp_path):
+    from mnseg.benchmark import BenchmarkSpec, check_spec
+
+    spec = BenchmarkSpec(toy_dataset, tmp_path / "b", ["supervised", "mean_teacher"], [2], [0],
+                         method_overrides={"mean_teacher": ["models.student.optim.lr=-1"]})
+    with pytest.raises(ConfigError, match="mean_teacher: invalid settings: models.student.optim.lr"):
+        check_spec(spec, need_dataset=False)

@@ -125,8 +125,15 @@ def check_spec(spec: BenchmarkSpec, need_dataset: bool = True) -> None:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         if key in GRID_KEYS:
             raise ConfigError(f"override '{item}': {key} is set by the benchmark grid (use its options instead)")
-    for method in {c.method for c in plan_cells(spec)}:
+    from mnseg.config_checks import check_config
+
+    first_cells = {c.method: c for c in reversed(plan_cells(spec))}  # one cell per method: settings differ by method
+    for method, cell in first_cells.items():
         preset_for(method, spec.preset)
+        try:
+            check_config(cell_config(spec, cell))
+        except ConfigError as exc:
+            raise ConfigError(f"{cell.label}: {exc}") from None
     if not need_dataset:
         return
     root = DatasetFolder(spec.dataset).root

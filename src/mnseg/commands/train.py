@@ -72,7 +72,10 @@ def build_config(args):
     if args.transductive:
         d["data"]["transductive"] = True
     if args.patch_size:
-        d["data"]["patch_size"] = [int(v) for v in args.patch_size.split(",")]
+        try:
+            d["data"]["patch_size"] = [int(v) for v in args.patch_size.split(",")]
+        except ValueError:
+            raise ConfigError(f"--patch-size {args.patch_size!r}: give whole numbers such as 96,96,64") from None
     for flag, key in [
         ("epochs", "epochs"),
         ("iters_per_epoch", "iters_per_epoch"),

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from mnseg.config import Config
+from mnseg.config_checks import check_config
 from mnseg.engine import distributed
 from mnseg.engine.build import (
     build_augmenter,
@@ -97,6 +98,7 @@ class Trainer:
         from mnseg.engine.data_setup import prepare_data
 
         cfg = self.cfg
+        check_config(cfg)  # before anything is written
         self.dist = distributed.init_from_env(resolve_device(cfg.train.device))
         self.device = self.dist.device
         distributed.check_batch_divisible(cfg.train.batch_size, self.dist)

@@ -1,0 +1,67 @@
+"""Value checks of a run configuration, before anything is built or written.
+
+Types are checked when the config is read (``config._coerce``); this checks ranges, so that ``--batch-size 0``,
+a two-number patch size or a negative learning rate stop with one line naming the setting, instead of a
+traceback from deep inside PyTorch, or (``--epochs 0``) a run that silently trains nothing.
+"""
+
+from __future__ import annotations
+
+from mnseg.config import Config
+from mnseg.errors import ConfigError
+
+__all__ = ["check_config"]
+
+ON_NAN = ("stop", "skip")
+
+
+def _problems(cfg: Config) -> list[str]:
+    from mnseg.inference import BLEND_MODES
+    from mnseg.models.compiled import COMPILE_MODES
+
+    t, d, i = cfg.train, cfg.data, cfg.infer
+    problems = []
+
+    def need(ok: bool, text: str) -> None:
+        if not ok:
+            problems.append(text)
+
+    for name in ("epochs", "iters_per_epoch", "batch_size"):
+        need(getattr(t, name) >= 1, f"train.{name} must be at least 1, got {getattr(t, name)}")
+    need(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
+    for name in ("val_every", "checkpoint_every", "overlay_every", "check_every"):
+        need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    need(t.on_nan in ON_NAN, f"train.on_nan must be one of {', '.join(ON_NAN)}, got {t.on_nan!r}")
+    need(t.compile_mode in COMPILE_MODES,
+         f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
+
+    patch = d.patch_size
+    need(isinstance(patch, list | tuple) and len(patch) == 3 and all(isinstance(p, int) and p >= 1 for p in patch),
+         f"data.patch_size must be three positive whole numbers (X, Y, Z), got {patch!r}")
+    need(0.0 <= d.fg_prob <= 1.0, f"data.fg_prob must be a probability in [0, 1], got {d.fg_prob}")
+    need(d.num_labeled is None or d.num_labeled >= 1, f"data.num_labeled must be at least 1, got {d.num_labeled}")
+    need(d.num_val >= 0, f"data.num_val must be >= 0, got {d.num_val}")
+    need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+
+    need(0.0 <= i.overlap < 1.0, f"infer.overlap must be in [0, 1), got {i.overlap}")
+    need(i.sw_batch_size >= 1, f"infer.sw_batch_size must be at least 1, got {i.sw_batch_size}")
+    need(i.blend in BLEND_MODES, f"infer.blend must be one of {', '.join(BLEND_MODES)}, got {i.blend!r}")
+
+    for role, m in cfg.models.items():
+        o = m.optim
+        for name in ("lr", "final_lr", "weight_decay"):
+            need(getattr(o, name) >= 0, f"models.{role}.optim.{name} must be >= 0, got {getattr(o, name)}")
+        need(o.final_lr <= o.lr, f"models.{role}.optim.final_lr ({o.final_lr}) must not exceed its lr ({o.lr})")
+        need(o.warmup_epochs >= 0, f"models.{role}.optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
+        need(o.grad_clip is None or o.grad_clip >= 0,
+             f"models.{role}.optim.grad_clip must be >= 0 (or null: no clipping), got {o.grad_clip}")
+        need(m.lora_rank >= 1, f"models.{role}.lora_rank must be at least 1, got {m.lora_rank}")
+        need(0.0 <= m.lora_dropout < 1.0, f"models.{role}.lora_dropout must be in [0, 1), got {m.lora_dropout}")
+    return problems
+
+
+def check_config(cfg: Config) -> None:
+    """ConfigError listing every out-of-range setting of ``cfg`` (nothing when all are fine)."""
+    problems = _problems(cfg)
+    if problems:
+        raise ConfigError("invalid settings: " + "; ".join(problems))
