@@ -150,6 +150,15 @@ def test_truncated_checkpoint_gives_a_clear_error_on_resume_and_predict(trained,
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_a_window_batch_of_zero_is_refused_not_ignored(trained, tmp_path, capsys):
+    ds, run, _ = trained
+    out = tmp_path / "out"
+    rc = main(["predict", "-i", str(ds / "imagesTs"), "-o", str(out), "-m", str(run), "--no-progress",
+               "--sw-batch-size", "0"])
+    assert rc == 2 and "--sw-batch-size must be at least 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------ NaN / Inf loss
 
 

@@ -54,7 +54,7 @@ def run(args) -> int:
     import torch
 
     from mnseg.engine.predict import configure_tta, load_run, predict_folder
-    from mnseg.errors import MnsegError
+    from mnseg.errors import ConfigError, MnsegError
     from mnseg.utils.preflight import check_writable
 
     run = load_run(args.model, args.checkpoint, args.device, args.predict_with)
@@ -64,7 +64,9 @@ def run(args) -> int:
         print(f"mirror TTA axes ({described})", file=sys.stderr)
     if args.gaussian:
         run.cfg.infer.blend = "gaussian"
-    if args.sw_batch_size:
+    if args.sw_batch_size is not None:
+        if args.sw_batch_size < 1:
+            raise ConfigError(f"--sw-batch-size must be at least 1, got {args.sw_batch_size}")
         run.cfg.infer.sw_batch_size = args.sw_batch_size
     check_writable(
         args.output, estimated_output_bytes(Path(args.input), args.save_probabilities, run.plans), what="output folder"
