@@ -323,3 +323,16 @@ def test_parallel_workers_are_spread_over_the_visible_gpus(monkeypatch):
                              initargs=(context.Value("i", 0), ["5", "9"])) as pool:
         seen = {pool.submit(os.getenv, "CUDA_VISIBLE_DEVICES").result() for _ in range(6)}
     assert seen <= {"5", "9"} and seen
+
+
+def test_benchmark_refuses_an_output_folder_that_is_not_a_benchmarks(toy_dataset, tmp_path, capsys):
+    """-o is reused (results rewritten, runs resumed), so a folder holding other files is refused untouched."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.csv").write_text("my own table")
+    (out / "paper.tex").write_text("draft")
+    argv = ["benchmark", str(toy_dataset), "--methods", "supervised", "--num-labeled", "2", "--seeds", "0",
+            "--no-upper-bound", "-o", str(out), "--report-only"]
+    assert main(argv) == 2
+    assert "not a benchmark folder" in capsys.readouterr().err
+    assert (out / "results.csv").read_text() == "my own table" and len(list(out.iterdir())) == 2

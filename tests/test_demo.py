@@ -20,14 +20,15 @@ def test_quick_demo_writes_a_report_with_both_methods(tmp_path):
 
 def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):
     """The demo resumes whatever runs it finds in --out, so it must not adopt someone else's folder."""
-    from mnseg.demo import MARKER, claim_output_folder
+    from mnseg.demo import DEMO_ENTRIES, MARKER
+    from mnseg.utils.output_folder import claim_output_folder
 
     theirs = tmp_path / "project"
     (theirs / "runs" / "mn").mkdir(parents=True)
     (theirs / "notes.txt").write_text("mine")
     assert main(["demo", "--out", str(theirs), "--quick", "--no-progress", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "not a demo folder" in err and "Traceback" not in err
+    assert "not a demo folder" in err and "--out" in err and "Traceback" not in err
     assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt", "runs"]  # nothing written
     # new, empty and earlier demo folders (with or without the marker) are taken
     for folder in (tmp_path / "new", tmp_path / "empty", tmp_path / "old_demo"):
@@ -36,7 +37,7 @@ def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):
         if folder.name == "old_demo":
             (folder / "runs").mkdir(parents=True)
             (folder / "report").mkdir()
-        claim_output_folder(folder)
+        claim_output_folder(folder, MARKER, DEMO_ENTRIES, "demo", "--out")
         assert (folder / MARKER).exists()
     (theirs / MARKER).touch()  # a demo folder someone added notes to stays a demo folder
-    claim_output_folder(theirs)
+    claim_output_folder(theirs, MARKER, DEMO_ENTRIES, "demo", "--out")

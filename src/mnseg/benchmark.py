@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mnseg.errors import ConfigError, MnsegError
 from mnseg.utils.atomic import atomic_write_json, atomic_write_text
+from mnseg.utils.output_folder import claim_output_folder
 
 UPPER_LABEL = "supervised (all labels)"
 # Settings the grid owns; an override of these would break the "same split for every method" promise.
@@ -158,6 +159,11 @@ def cell_config(spec: BenchmarkSpec, cell: Cell):
     return Config.from_dict(d)
 
 
+MARKER = ".mnseg_benchmark"  # marks -o as a benchmark folder (it is reused: the same command continues the grid)
+OWN_ENTRIES = ("runs", "results.csv", "results.md", "dice_vs_labeled.png", "dice_per_class.png", "benchmark.json",
+               "failures.json")
+
+
 # Settings that change how a run executes, not what it learns: where it trains, how often it checks for a
 # non-finite loss, saves or draws pictures, whether kernels are compiled or tensors laid out channels-last (the
 # same arithmetic up to rounding order, as on another device), and whether activations are recomputed (same values
@@ -290,6 +296,7 @@ def run_benchmark(spec: BenchmarkSpec, max_runs: int | None = None, progress: bo
         pending = [c for c in cells if c not in done and str(c.run_dir(spec.out)) not in failed]
         return BenchmarkOutcome(cells, done, failures, pending, write_results(spec, cells, done, failures, pending))
 
+    claim_output_folder(spec.out, MARKER, OWN_ENTRIES, "benchmark", "-o")
     if report_only:
         return tabulate()
     atomic_write_json(spec.out / "benchmark.json", _spec_record(spec, cells))

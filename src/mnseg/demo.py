@@ -27,23 +27,7 @@ def demo_configs(dataset: Path, out: Path, device: str, num_labeled: int, seed: 
 
 
 MARKER = ".mnseg_demo"  # written into the output folder, so a later run knows the folder is the demo's own
-DEMO_ENTRIES = {"cache", "data", "runs", "report", MARKER}
-
-
-def claim_output_folder(out: Path) -> None:
-    """Make ``out`` the demo's folder; refuse a non-empty folder that is not one (the demo resumes what it finds,
-    and must never write into, or resume, someone else's data or runs)."""
-    from mnseg.errors import MnsegError
-
-    if out.exists() and not out.is_dir():
-        raise MnsegError(f"{out}: exists and is not a folder; give a new or empty folder to --out")
-    entries = {p.name for p in out.iterdir()} if out.exists() else set()
-    if entries and MARKER not in entries and not entries <= DEMO_ENTRIES:
-        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
-        raise MnsegError(f"{out}: not empty and not a demo folder (holds {shown}); give a new or empty folder to "
-                         f"--out (a demo folder is reused: running the demo again continues it)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).touch()
+DEMO_ENTRIES = ("cache", "data", "runs", "report")
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
@@ -62,9 +46,10 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: 
     from mnseg.engine.trainer import Trainer
     from mnseg.evaluation import evaluate_folders, format_summary_table
     from mnseg.report import MethodResult, write_report
+    from mnseg.utils.output_folder import claim_output_folder
 
     out = Path(out).resolve()
-    claim_output_folder(out)
+    claim_output_folder(out, MARKER, DEMO_ENTRIES, "demo", "--out")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     t_start = time.time()
