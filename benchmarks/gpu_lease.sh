@@ -30,7 +30,7 @@ git log -1 --format='mnseg commit %h %s' 2>/dev/null
 date -u
 
 if [ "${SPEED:-0}" = 1 ]; then
-  timeout "${SPEED_SECONDS:-420}" python3 benchmarks/speed.py --device cuda --preset paper \
+  timeout "${SPEED_SECONDS:-530}" python3 benchmarks/speed.py --device cuda --preset paper \
     --variants "${VARIANTS:-base,checkpoint,memory,channels_last,frozen_bf16,compile,all}" --json "$OUT/speed_variants.json" \
     > "$OUT/speed_variants.log" 2>&1
   echo "speed rc=$?"; tail -30 "$OUT/speed_variants.log"
