@@ -89,7 +89,8 @@ def load_nifti(path: str | os.PathLike, *, dtype: np.dtype | None = np.float32) 
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputFileError(f"{path}: the affine is singular (zero voxel size or collapsed axes)")
     if dtype is not None:
-        data = np.asarray(data, dtype=dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become Inf, reported by validation
+            data = np.asarray(data, dtype=dtype)
     return Volume(data=data, affine=affine, path=path, header=img.header)
 
 

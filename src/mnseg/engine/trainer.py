@@ -53,8 +53,6 @@ def _quiet(*args, **kwargs) -> None:
     """The log function of ranks other than 0."""
 
 
-# Roles whose stage has not begun step their scheduler (a function of the global step) before their optimiser.
-warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -270,8 +268,7 @@ class Trainer:
                 if not math.isfinite(loss_value):
                     if cfg.train.on_nan == "skip":
                         skipped += 1
-                        for sched in self.schedulers.values():
-                            sched.step()
+                        self._step_schedulers()
                         continue
                     raise self._non_finite(loss_value, epoch, f"iteration {it + 1}")
             out.loss.backward()
@@ -280,8 +277,7 @@ class Trainer:
                 if clip:
                     torch.nn.utils.clip_grad_norm_(self.models[role].parameters(), clip)
                 self.optimizers[role].step()
-            for sched in self.schedulers.values():
-                sched.step()
+            self._step_schedulers()
             method.after_optimizer_step(epoch, it)
             window = window + loss  # stays on the device: no host sync between checks
             sums["loss"] = sums.get("loss", 0.0) + loss
@@ -313,6 +309,14 @@ class Trainer:
         row["skipped_steps"] = skipped
         row["seconds"] = round(time.time() - t0, 2)
         self._end_epoch(epoch, row)
+
+    def _step_schedulers(self) -> None:
+        """Every role's schedule follows the global step, including roles whose optimiser did not step (their stage
+        has not begun, or the step was skipped); PyTorch's warning about that order is expected here."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            for sched in self.schedulers.values():
+                sched.step()
 
     def _non_finite(self, value: float, epoch: int, where: str) -> NonFiniteLossError:
         return NonFiniteLossError(
