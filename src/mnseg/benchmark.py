@@ -318,17 +318,18 @@ def run_benchmark(spec: BenchmarkSpec, max_runs: int | None = None, progress: bo
         _run_parallel(spec, todo, len(cells), log, on_finished=finished)
     else:
         for i, cell in todo:
-            finished(_run_cell(spec, cell, f"[{i}/{len(cells)}]", progress, log))
+            finished(_run_cell(spec, cell, f"[{i}/{len(cells)}]", progress, log, sharing=1))
     atomic_write_json(spec.out / "failures.json", failures)  # also when nothing was left to run
     return tabulate()  # not finished now: the cells --max-runs left for later
 
 
-def _run_cell(spec: BenchmarkSpec, cell: Cell, tag: str, progress: bool = True, log=print) -> dict | None:
+def _run_cell(spec: BenchmarkSpec, cell: Cell, tag: str, progress: bool = True, log=print,
+              sharing: int = 1) -> dict | None:
     """Train and score one cell; a failure is returned as a record (one failed cell must not stop the grid)."""
     run_dir = cell.run_dir(spec.out)
     log(f"{tag} {cell.name}: {'resuming' if cell_state(run_dir) == 'resume' else 'training'}")
     try:
-        train_cell(cell_config(spec, cell), run_dir, progress=progress, log=log, sharing=runs_per_device(spec))
+        train_cell(cell_config(spec, cell), run_dir, progress=progress, log=log, sharing=sharing)
         predict_and_score(run_dir, spec.dataset, spec.device, progress=progress)
     except Exception as exc:  # noqa: BLE001 - reported in failures.json and results.md
         log(f"{tag} {cell.name}: FAILED: {type(exc).__name__}: {exc}")
@@ -342,7 +343,7 @@ def _failure(spec: BenchmarkSpec, cell: Cell, error: str, trace: str) -> dict:
             "run_dir": str(cell.run_dir(spec.out)), "error": error, "traceback": trace}
 
 
-def _run_cell_quietly(spec: BenchmarkSpec, cell: Cell, tag: str) -> dict | None:
+def _run_cell_quietly(spec: BenchmarkSpec, cell: Cell, tag: str, sharing: int) -> dict | None:
     """A worker process's cell: no progress bars (they would interleave); log lines carry the cell's tag;
     the CPU threads are shared out between the workers instead of each taking them all."""
     import os
@@ -350,7 +351,7 @@ def _run_cell_quietly(spec: BenchmarkSpec, cell: Cell, tag: str) -> dict | None:
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.jobs))
-    return _run_cell(spec, cell, tag, progress=False, log=lambda *a: print(*a, flush=True))
+    return _run_cell(spec, cell, tag, progress=False, log=lambda *a: print(*a, flush=True), sharing=sharing)
 
 
 def worker_gpus(device: str | None, jobs: int) -> list[str] | None:
@@ -403,7 +404,9 @@ def _run_parallel(spec: BenchmarkSpec, todo: list[tuple[int, Cell]], total: int,
     else:
         log(f"training {len(todo)} run(s), {spec.jobs} at a time")
     with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=context, **pin) as pool:
-        futures = {pool.submit(_run_cell_quietly, spec, cell, f"[{i}/{total}]"): cell for i, cell in todo}
+        # Counted here: a worker sees only its own GPU, so it cannot tell how many runs share each one.
+        sharing = runs_per_device(spec)
+        futures = {pool.submit(_run_cell_quietly, spec, cell, f"[{i}/{total}]", sharing): cell for i, cell in todo}
         for future in as_completed(futures):
             cell = futures[future]
             try:
