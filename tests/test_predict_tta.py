@@ -44,6 +44,22 @@ def test_training_flip_axes_follow_presets_and_overrides():
     assert training_flip_axes(cfg, "net") == (0, 2)
 
 
+def test_a_teacher_augmented_on_its_slices_is_mirrored_in_its_slice_plane():
+    """sparse2dense flips the teacher's 2D slices: axes 0 and 1 of a slice are the volume axes beside slice_axis."""
+    from mnseg.methods import method_class
+
+    in_slices = method_class("sparse2dense").slice_augmented
+    cfg = Config.from_dict({"models": {"teacher": {"augment": {"preset": "strong_2d"}, "slice_axis": 0},
+                                       "student": {}}})
+    assert training_flip_axes(cfg, "teacher", slice_augmented=in_slices) == (1, 2)
+    cfg.models["teacher"].slice_axis = -1
+    assert training_flip_axes(cfg, "teacher", slice_augmented=in_slices) == (0, 1)
+    cfg.models["teacher"].slice_axis = 1
+    cfg.models["teacher"].augment.overrides = {"flip_axes": [1]}
+    assert training_flip_axes(cfg, "teacher", slice_augmented=in_slices) == (2,)
+    assert training_flip_axes(cfg, "student", slice_augmented=in_slices) == ()
+
+
 def test_frozen_teacher_gets_the_flips_of_the_trained_roles():
     cfg = Config.from_dict({"models": {"student": {"augment": {"preset": "strong_2d"}},
                                        "teacher": {"augment": {"preset": "none"}}}})

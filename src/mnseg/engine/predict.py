@@ -89,23 +89,33 @@ class LoadedRun:
 
 
 def training_flip_axes(
-    cfg: Config, role: str, frozen_roles: Sequence[str] = (), augmented_as: dict[str, str] | None = None
+    cfg: Config,
+    role: str,
+    frozen_roles: Sequence[str] = (),
+    augmented_as: dict[str, str] | None = None,
+    slice_augmented: Sequence[str] = (),
 ) -> tuple[int, ...]:
     """Spatial axes the model of ``role`` saw flipped in training (its augment preset plus overrides).
 
     A frozen role (an EMA teacher) is never augmented itself: its weights average the trained roles', so it
     gets the flips every trained role had. ``augmented_as`` maps a role to the role whose augmentation its
-    inputs got (CPS: both networks see net_a's augmented batch).
+    inputs got (CPS: both networks see net_a's augmented batch). A role in ``slice_augmented`` (sparse2dense's
+    teacher) is augmented on its 2D slices: its flip axes 0 and 1 are the slice's, i.e. the two volume axes
+    other than its ``slice_axis``.
     """
     augmented_as = augmented_as or {}
     if role not in cfg.models:  # not one of the run's configured models: nothing known about its training
         return ()
     if role in frozen_roles:
         trained = [r for r in cfg.models if r not in frozen_roles]
-        sets = [set(training_flip_axes(cfg, r, (), augmented_as)) for r in trained]
+        sets = [set(training_flip_axes(cfg, r, (), augmented_as, slice_augmented)) for r in trained]
         return tuple(sorted(set.intersection(*sets))) if sets else ()
     source = augmented_as.get(role, role)
-    return tuple(sorted(set(build_augmenter(cfg.models[source]).config.flip_axes)))
+    axes = build_augmenter(cfg.models[source]).config.flip_axes
+    if role in slice_augmented:
+        in_plane = [a for a in range(3) if a != cfg.models[role].slice_axis % 3]
+        axes = [in_plane[a] for a in axes if a < 2]
+    return tuple(sorted(set(axes)))
 
 
 def configure_tta(
@@ -127,7 +137,8 @@ def configure_tta(
         return run.mirror_axes
     frozen = tuple(getattr(run.method, "frozen_roles", ()))
     augmented_as = dict(getattr(run.method, "augmented_as", {}))
-    run.mirror_axes = [training_flip_axes(run.cfg, role, frozen, augmented_as) for role in run.roles]
+    in_slices = tuple(getattr(run.method, "slice_augmented", ()))
+    run.mirror_axes = [training_flip_axes(run.cfg, role, frozen, augmented_as, in_slices) for role in run.roles]
     for role, chosen in zip(run.roles, run.mirror_axes):
         if not chosen:
             preset = run.cfg.models[role].augment.preset if role in run.cfg.models else "unknown"

@@ -70,6 +70,8 @@ class Method:
     # role -> the role whose augmentation settings its training inputs get (when one batch feeds several models);
     # prediction's mirror TTA reads the flips from there.
     augmented_as: ClassVar[dict[str, str]] = {}
+    # roles whose augmentation the method applies to their 2D slices (in-plane), not to the 3D patch
+    slice_augmented: ClassVar[tuple[str, ...]] = ()
     predict_role: ClassVar[str] = "net"
 
     def __init__(self, cfg: Config, ctx: MethodContext):

@@ -77,6 +77,7 @@ class Sparse2Dense(Method):
     )
     default_models = {"teacher": {"name": "effunet", "finetune": "whole"}, "student": {"name": "unet3d"}}
     predict_role = "student"
+    slice_augmented = ("teacher",)  # teacher_augment_2d: in-plane on the annotated slices
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
