@@ -50,20 +50,35 @@ def batch_dice_over_ranks(group):
         _POOL_GROUP.reset(token)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of ``group``; the gradient of every process's copy of the sum flows back to each
+    input, so the backward is a sum over processes too. (torch.distributed.nn's version is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
 def _sum_over_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
     """The tensors summed over the pooling group's processes (gradient: the sum of every process's gradient, so
     DDP's averaging then gives the one-process gradient); unchanged when pooling is off."""
     group = _POOL_GROUP.get()
     if group is None:
         return tensors
-    import warnings
-
-    from torch.distributed.nn.functional import all_reduce
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a private API; still correct
-        stacked = all_reduce(torch.stack(tensors), group=group)
-    return tuple(stacked.unbind(0))
+    return tuple(_AllReduceSum.apply(torch.stack(tensors), group).unbind(0))
 
 
 def _check_logits(logits: Tensor) -> None:
