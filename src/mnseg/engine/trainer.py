@@ -53,8 +53,6 @@ def _quiet(*args, **kwargs) -> None:
     """The log function of ranks other than 0."""
 
 
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
