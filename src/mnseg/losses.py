@@ -146,8 +146,13 @@ def soft_dice_loss(
     include_background: bool = True,
     batch_dice: bool = True,
     smooth: float = 1e-5,
+    squared: bool = False,
 ) -> Tensor:
     """Soft Dice loss ``1 - mean_c (2|P*T| + s) / (|P| + |T| + s)`` of softmax(logits) against ``target``.
+
+    ``squared`` uses ``sum P^2 + sum T^2`` as the denominator (Milletari et al.'s V-Net form, the M&N authors'
+    code). For a soft target T only this form is maximised by P = T (Cauchy-Schwarz); the linear form is
+    maximised by a thresholded T, so it sharpens soft pseudo-masks. For one-hot targets both agree at P = T.
 
     ``target`` is either int labels (B, *S) or probabilities (B, K, *S) (M&N's Dice(g, P) with soft
     pseudo-labels). Voxels equal to ``ignore_index`` (label targets only) or outside ``mask`` are left out
@@ -171,7 +176,10 @@ def soft_dice_loss(
     spatial = tuple(range(2, logits.dim()))
     reduce_dims = (0, *spatial) if batch_dice else spatial
     intersection = (probs_w * target_probs).sum(dim=reduce_dims)
-    denominator = probs_w.sum(dim=reduce_dims) + target_w.sum(dim=reduce_dims)
+    if squared:
+        denominator = (probs_w * probs).sum(dim=reduce_dims) + (target_w * target_probs).sum(dim=reduce_dims)
+    else:
+        denominator = probs_w.sum(dim=reduce_dims) + target_w.sum(dim=reduce_dims)
     if batch_dice:
         intersection, denominator = _sum_over_ranks(intersection, denominator)
     dice = (2.0 * intersection + smooth) / (denominator + smooth)  # (K,) or (B, K)
@@ -229,10 +237,13 @@ def pseudo_label_loss(
     w_kl: float = 1.0,
     w_dice: float = 1.0,
     mask: Tensor | None = None,
+    squared_dice: bool = False,
 ) -> Tensor:
-    """Unlabelled-data loss against soft pseudo-labels P: L_u = w_kl * KL(P || Q) + w_dice * Dice(Q, P)."""
+    """Unlabelled-data loss against soft pseudo-labels P: L_u = w_kl * KL(P || Q) + w_dice * Dice(Q, P).
+
+    ``mask`` may hold float voxel weights (confidence-weighted pseudo-masks); ``squared_dice`` see soft_dice_loss."""
     kl = kl_loss(logits, target_probs, mask=mask)
-    dice = soft_dice_loss(logits, target_probs, mask=mask)
+    dice = soft_dice_loss(logits, target_probs, mask=mask, squared=squared_dice)
     return w_kl * kl + w_dice * dice
 
 

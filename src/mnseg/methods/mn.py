@@ -15,6 +15,13 @@ lr_now the trained model's current learning rate, read from its optimiser (set b
 Choices the paper leaves open (documented in docs/methods.md): by default each model's schedule restarts at
 stage 2 (warm-up + cosine over stage 1, then cosine from lr_init to lr_final over stage 2), so b_u runs from 0
 to B over co-training; ``schedule: single`` uses one warm-up + cosine over the whole run instead.
+
+Switches beyond the paper, each off by default (``mn_paper`` keeps them off; docs/methods/mn.md):
+``soft_dice: squared`` (Dice(g, P) with sum g^2 + sum P^2 below, maximised at g = P, as the authors' code),
+``min_labeled: k`` (b_u <= B - k: a labelled floor; the authors' code keeps b_l >= 1), ``w_u`` (a factor on L_u,
+0 for the starvation ablation), ``pseudo: ensemble`` (P = the mean of both models' softmax), ``pseudo_weight:
+confidence`` (each voxel's L_u weighted by max_c P), and ``fg_refresh: agree`` (unlabelled crops centred on voxels
+where both models agree, not on the 3D model's own predictions).
 """
 
 from __future__ import annotations
@@ -38,6 +45,12 @@ from mnseg.losses import pseudo_label_loss, supervised_loss
 from mnseg.methods.base import Batch, Method, StepOutput
 
 SAMPLING = ("lr", "epoch-linear", "uniform", "fixed")
+CHOICES = {
+    "soft_dice": ("linear", "squared"),
+    "pseudo": ("partner", "ensemble"),
+    "pseudo_weight": ("none", "confidence"),
+    "fg_refresh": ("net3d", "agree"),
+}
 
 
 class MN(Method):
@@ -58,8 +71,16 @@ class MN(Method):
         self.lrg = self.param("lrg", "lr")
         if self.lrg not in SAMPLING:
             raise ConfigError(f"method.params.lrg='{self.lrg}' unknown; choose one of {', '.join(SAMPLING)}")
-        self.weights = {k: float(self.param(k, 1.0)) for k in ("w_ce", "w_dice", "w_kl")}
+        self.weights = {k: float(self.param(k, 1.0)) for k in ("w_ce", "w_dice", "w_kl", "w_u")}
         self.fixed_pseudo = bool(self.param("fixed_pseudo", False))
+        self.choice = {k: self.param(k, options[0]) for k, options in CHOICES.items()}
+        for key, value in self.choice.items():
+            if value not in CHOICES[key]:
+                raise ConfigError(f"method.params.{key}='{value}' unknown; choose one of {', '.join(CHOICES[key])}")
+        self.min_labeled = int(self.param("min_labeled", 0))
+        if not 0 <= self.min_labeled <= self.ctx.batch_size:
+            raise ConfigError(f"method.params.min_labeled={self.min_labeled} must lie between 0 and "
+                              f"train.batch_size={self.ctx.batch_size}")
         self.generators: dict[str, torch.nn.Module] = {}
         self._rng = np.random.default_rng(self.cfg.train.seed + 7)
 
@@ -107,6 +128,7 @@ class MN(Method):
             b_u = uniform_unlabeled_count(self.ctx.n_labeled, self.ctx.n_unlabeled, B, self._rng)
         else:
             b_u = int(round(float(self.param("fixed_ratio", 0.5)) * B))
+        b_u = min(b_u, B - self.min_labeled)  # the labelled floor (0 by default: the paper's formula)
         return B - b_u, b_u
 
     # --- pseudo-mask generators ------------------------------------------------------------------------------
@@ -132,15 +154,20 @@ class MN(Method):
 
     @torch.no_grad()
     def _refresh_unlabeled_foreground(self) -> None:
-        """Unlabelled crops include pseudo-mask foreground (prob. fg_prob), from the 3D model's pseudo-masks."""
+        """Unlabelled crops include pseudo-mask foreground (prob. fg_prob): voxels the 3D model calls foreground,
+        or (``fg_refresh: agree``) those where both models name the same class, so that crops centred on a rare
+        class are not ones where the partner's pseudo-mask says another class."""
         from mnseg.data.sampling import foreground_coords
         from mnseg.engine.predict import predict_probabilities
 
-        model = self.generators.get("net3d", self.models["net3d"])  # the window loop sets eval mode and restores it
+        roles = ("net3d", "net2d") if self.choice["fg_refresh"] == "agree" else ("net3d",)
+        models = [self.generators.get(r, self.models[r]) for r in roles]  # the window loop sets eval mode
         coords = {}
         for case in self.batcher.unlabeled:
-            probs = predict_probabilities(model, torch.from_numpy(case.image), self.cfg, self.ctx.device)
-            coords[case.case_id] = foreground_coords(probs.argmax(0).cpu().numpy(), rng=self._rng)
+            image = torch.from_numpy(case.image)
+            labels = [predict_probabilities(m, image, self.cfg, self.ctx.device).argmax(0).cpu().numpy()
+                      for m in models]
+            coords[case.case_id] = foreground_coords(agreed_labels(labels), rng=self._rng)
         self.batcher.set_unlabeled_foreground(coords)
         self._unlabeled_fg = coords  # kept in checkpoints so a resumed run crops exactly as before
 
@@ -178,8 +205,7 @@ class MN(Method):
         image_u, _ = self.augment(role, batch.image_u) if b_u else (batch.image_u, [])
         pseudo = None
         if b_u:
-            with torch.no_grad():
-                pseudo = torch.softmax(self.generator_for(role)(image_u).float(), dim=1)
+            pseudo = self._pseudo_masks(role, image_u)
             image_u, pseudo = self._depth_subset(role, image_u, pseudo)
         image_l, label = self._depth_subset(role, image_l, label)
         logits = model(torch.cat([image_l, image_u]) if b_u else image_l)
@@ -190,13 +216,29 @@ class MN(Method):
             loss = loss + b_l / (b_l + b_u) * loss_l
             logs["loss_l"] = loss_l.detach()
         if b_u:
-            loss_u = pseudo_label_loss(logits[b_l:], pseudo, w_kl=self.weights["w_kl"], w_dice=self.weights["w_dice"])
-            loss = loss + b_u / (b_l + b_u) * loss_u
+            confidence = pseudo.amax(dim=1) if self.choice["pseudo_weight"] == "confidence" else None
+            loss_u = pseudo_label_loss(logits[b_l:], pseudo, w_kl=self.weights["w_kl"], w_dice=self.weights["w_dice"],
+                                       mask=confidence, squared_dice=self.choice["soft_dice"] == "squared")
+            loss = loss + self.weights["w_u"] * b_u / (b_l + b_u) * loss_u
             logs["loss_u"] = loss_u.detach()
             logs.update(self._class_shares("pseudo", pseudo.argmax(dim=1), pseudo.shape[1]))
             if b_l:
                 logs.update(self._class_shares("label", label, pseudo.shape[1]))
         return StepOutput(loss, logs)
+
+    @torch.no_grad()
+    def _pseudo_masks(self, role: str, image_u: Tensor) -> Tensor:
+        """P: the partner's softmax in eval mode, or (``pseudo: ensemble``) the mean of both models' softmax."""
+        models = [self.generator_for(role)]
+        if self.choice["pseudo"] == "ensemble":
+            models.append(self.generators.get(role, self.models[role]))
+        probs = []
+        for model in models:
+            was_training = model.training
+            model.eval()
+            probs.append(torch.softmax(model(image_u).float(), dim=1))
+            model.train(was_training)
+        return torch.stack(probs).mean(0)
 
     def _class_shares(self, prefix: str, labels: Tensor, num_classes: int) -> dict[str, Tensor]:
         """Share of each foreground class among the (annotated) voxels, ``<prefix>_share_<class>``. Side by side,
@@ -234,3 +276,11 @@ class MN(Method):
             self._unlabeled_fg = state["unlabeled_fg"]
             if getattr(self, "batcher", None) is not None:
                 self.batcher.set_unlabeled_foreground(self._unlabeled_fg)
+
+
+def agreed_labels(labels: list[np.ndarray]) -> np.ndarray:
+    """The first label map where every map names the same class, 0 (background) elsewhere."""
+    agreed = labels[0].copy()
+    for other in labels[1:]:
+        agreed[other != labels[0]] = 0
+    return agreed

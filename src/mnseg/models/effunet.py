@@ -138,13 +138,17 @@ class EffUNet(torch.nn.Module):
         decoder_channels=(256, 128, 64, 32, 16),
         decoder_norm: str = "batch",
         drop_connect_rate: float = 0.2,
-        input_scale: float = 1.0,
+        input_scale: float | str = 1.0,
+        auto_side: int = 96,
     ):
         super().__init__()
         check_choice("effunet", "variant", variant, VARIANTS)
-        if not isinstance(input_scale, int | float) or not 1.0 <= input_scale <= 8.0:
-            raise ConfigError(f"model 'effunet': input_scale must be a number in [1, 8], got {input_scale!r}")
-        self.input_scale = float(input_scale)
+        if input_scale != "auto" and (not isinstance(input_scale, int | float) or not 1.0 <= input_scale <= 8.0):
+            raise ConfigError(f"model 'effunet': input_scale must be a number in [1, 8] or 'auto', got {input_scale!r}")
+        if not isinstance(auto_side, int) or auto_side < 32:
+            raise ConfigError(f"model 'effunet': auto_side must be an integer >= 32, got {auto_side!r}")
+        self.input_scale = input_scale if input_scale == "auto" else float(input_scale)
+        self.auto_side = auto_side
         check_choice("effunet", "decoder_norm", decoder_norm, ("batch", "instance"))
         decoder_channels = tuple(decoder_channels)
         if len(decoder_channels) != 5 or any(not isinstance(c, int) or c < 1 for c in decoder_channels):
@@ -178,14 +182,22 @@ class EffUNet(torch.nn.Module):
         features.append(enc._swish(enc._bn1(enc._conv_head(x))))
         return features
 
+    def scale_for(self, size: tuple[int, int]) -> float:
+        """The enlargement for slices of ``size``: fixed, or ('auto') enough for the shorter side to reach
+        ``auto_side`` pixels (a stride-32 bottleneck of at least auto_side / 32 cells), at most 4x, never < 1."""
+        if self.input_scale != "auto":
+            return self.input_scale
+        return float(min(max(self.auto_side / max(min(size), 1), 1.0), 4.0))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale == 1.0:
+        size = tuple(x.shape[-2:])
+        scale = self.scale_for(size)
+        if scale == 1.0:
             return self._forward(x)
         # Small crops (64 px) leave a stride-32 ImageNet encoder a 2x2 bottleneck and objects far smaller than
         # the ones it was pretrained on; enlarging the slices first and shrinking the logits back keeps the
         # output on the input grid.
-        size = tuple(x.shape[-2:])
-        big = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
+        big = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
         return F.interpolate(self._forward(big), size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,9 +219,11 @@ def effunet(
     decoder_channels=(256, 128, 64, 32, 16),
     decoder_norm: str = "batch",
     drop_connect_rate: float = 0.2,
-    input_scale: float = 1.0,
+    input_scale: float | str = 1.0,
+    auto_side: int = 96,
 ) -> EffUNet:
     """UNet with an EfficientNet-Lite (lite0|lite1|lite2) ImageNet encoder; 2D, any input size.
-    ``input_scale`` > 1 runs the network on enlarged slices (for crops much smaller than ImageNet images)."""
+    ``input_scale`` > 1 runs the network on enlarged slices (for crops much smaller than ImageNet images);
+    'auto' enlarges each slice until its shorter side reaches ``auto_side`` pixels."""
     return EffUNet(in_channels, num_classes, variant, pretrained, decoder_channels, decoder_norm, drop_connect_rate,
-                   input_scale)
+                   input_scale, auto_side)

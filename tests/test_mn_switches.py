@@ -1,0 +1,159 @@
+"""M&N's switches beyond the paper: the Dice form for probability targets, the labelled floor, the loss factor on
+unlabelled data, ensemble and confidence-weighted pseudo-masks, the agreement rule of the foreground refresh, and
+the automatic input scale of the 2D encoder."""
+
+import numpy as np
+import pytest
+import torch
+from test_mn import EPOCHS, ITERS, SUP, B, _batch, _method
+
+from mnseg.losses import pseudo_label_loss, soft_dice_loss
+from mnseg.methods.mn import agreed_labels
+from mnseg.models import create_model
+
+
+def _soft_target(seed=0, shape=(2, 3, 6, 6, 6)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(2.0 * torch.randn(shape, generator=g), dim=1)
+
+
+def test_squared_dice_is_optimal_at_the_soft_target_and_linear_dice_is_not():
+    target = _soft_target()
+    logits = target.log().clone().requires_grad_(True)  # softmax(logits) == target
+    squared = soft_dice_loss(logits, target, squared=True, smooth=0.0)
+    (grad_sq,) = torch.autograd.grad(squared, logits)
+    assert float(squared.detach()) == pytest.approx(0.0, abs=1e-6)  # Dice = 1 exactly at P = T
+    assert float(grad_sq.abs().max()) < 1e-6  # a stationary point: nothing pushes P away from T
+
+    linear = soft_dice_loss(logits, target, squared=False, smooth=0.0)
+    (grad_lin,) = torch.autograd.grad(linear, logits)
+    assert float(grad_lin.abs().max()) > 1e-4  # the linear form moves P away from T ...
+    sharpened = torch.log(torch.nn.functional.one_hot(target.argmax(1), 3).movedim(-1, 1).float() * 0.98 + 0.01)
+    assert float(soft_dice_loss(sharpened, target, smooth=0.0)) < float(linear.detach())  # ... towards a thresholded T
+    assert float(soft_dice_loss(sharpened, target, squared=True, smooth=0.0)) > float(squared.detach())
+
+
+def test_squared_dice_hand_computed_with_weights():
+    g = torch.Generator().manual_seed(3)
+    logits, target = torch.randn(1, 2, 3, 3, 3, generator=g), _soft_target(1, (1, 2, 3, 3, 3))
+    weight = torch.rand(1, 3, 3, 3, generator=g)
+    p = torch.softmax(logits, 1)
+    w = weight[:, None]
+    dims = (0, 2, 3, 4)
+    dice = 2 * (w * p * target).sum(dims) / ((w * p * p).sum(dims) + (w * target**2).sum(dims))
+    expected = 1 - dice.mean()
+    got = soft_dice_loss(logits, target, mask=weight, squared=True, smooth=0.0)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    # and pseudo_label_loss passes the form through
+    kl_free = pseudo_label_loss(logits, target, w_kl=0.0, mask=weight, squared_dice=True)
+    assert float(kl_free) == pytest.approx(float(soft_dice_loss(logits, target, mask=weight, squared=True)), rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+@pytest.mark.parametrize("floor", [0, 1, 2])
+def test_labelled_floor_caps_the_unlabelled_count(floor):
+    method, scheds = _method(min_labeled=floor)
+    splits = []
+    for epoch in range(EPOCHS):
+        for it in range(ITERS):
+            splits.append(method.batch_split(epoch, it))
+            for s in scheds.values():
+                s.step()
+    assert all(b_l + b_u == B and b_l >= floor for b_l, b_u in splits)
+    assert max(b_u for _, b_u in splits) == B - floor  # the LR-guided count still reaches the cap at the end
+    with pytest.raises(Exception, match="min_labeled"):
+        _method(min_labeled=B + 1)
+
+
+def test_unknown_switch_values_are_refused():
+    for key in ("soft_dice", "pseudo", "pseudo_weight", "fg_refresh"):
+        with pytest.raises(Exception, match=key):
+            _method(**{key: "nonsense"})
+
+
+def _step_loss(method, batch, role="net3d"):
+    for r, m in method.models.items():
+        m.train(r == role)
+    return float(method.training_step(batch, SUP, 0).loss.detach())
+
+
+def test_unlabelled_weight_zero_leaves_only_the_labelled_share():
+    from mnseg.losses import supervised_loss
+
+    batch = _batch(2, 3)
+    starved, _ = _method(w_u=0.0)
+    got = _step_loss(starved, batch)
+    with torch.no_grad():
+        logits = starved.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
+    assert got == pytest.approx(float(2 / 5 * supervised_loss(logits[:2], batch.label_l)), rel=1e-5)
+
+
+def test_ensemble_and_confidence_pseudo_masks_by_hand():
+    batch = _batch(2, 3)
+    method, _ = _method(pseudo="ensemble", pseudo_weight="confidence", soft_dice="squared")
+    got = _step_loss(method, batch)
+    with torch.no_grad():
+        own = method.models["net3d"].eval()
+        p = (torch.softmax(method.models["net2d"].eval()(batch.image_u), 1) + torch.softmax(own(batch.image_u), 1)) / 2
+        method.models["net3d"].train()
+        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
+        from mnseg.losses import supervised_loss
+
+        l_u = pseudo_label_loss(logits[2:], p, mask=p.amax(1), squared_dice=True)
+        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * l_u
+    assert got == pytest.approx(float(expected), rel=1e-4)
+    assert method.models["net3d"].training  # the trained model's mode is restored after its eval pass
+
+
+def test_refresh_agreement_keeps_only_voxels_where_both_models_name_the_class():
+    a = np.array([[[0, 1, 2, 3]]])
+    b = np.array([[[0, 1, 1, 3]]])
+    c = np.array([[[0, 2, 1, 3]]])
+    assert agreed_labels([a]).tolist() == a.tolist()
+    assert agreed_labels([a, b]).tolist() == [[[0, 1, 0, 3]]]
+    assert agreed_labels([a, b, c]).tolist() == [[[0, 0, 0, 3]]]
+
+
+def test_refresh_rule_agree_uses_both_models(monkeypatch):
+    import mnseg.engine.predict as predict
+
+    method, _ = _method(fg_refresh="agree")
+    calls = []
+
+    def fake(model, image, cfg, device):
+        calls.append(model)
+        probs = torch.zeros(2, *image.shape[1:])
+        probs[1 if model is method.models["net3d"] else 0] = 1.0  # 3D says foreground, 2D says background
+        return probs
+
+    class Case:
+        case_id, image = "u0", np.zeros((1, 4, 4, 4), np.float32)
+
+    class Batcher:
+        unlabeled = [Case()]
+        got = None
+
+        def set_unlabeled_foreground(self, coords):
+            Batcher.got = coords
+
+    monkeypatch.setattr(predict, "predict_probabilities", fake)
+    method.batcher = Batcher()
+    method._refresh_unlabeled_foreground()
+    assert calls == [method.models["net3d"], method.models["net2d"]]
+    assert Batcher.got == {"u0": {}}  # no agreed foreground: no crop is aimed at a class the partner denies
+
+
+def test_effunet_auto_input_scale_reaches_the_side_it_is_asked_for():
+    model = create_model("effunet", pretrained=False, input_scale="auto", auto_side=96).eval()
+    assert model.scale_for((48, 48)) == 2.0
+    assert model.scale_for((48, 64)) == 2.0
+    assert model.scale_for((200, 300)) == 1.0  # large slices are left alone
+    assert model.scale_for((8, 8)) == 4.0  # at most 4x
+    seen = []
+    hook = model.encoder._conv_stem.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 48, 40))
+    hook.remove()
+    assert out.shape == (1, 2, 48, 40) and seen == [(128, 96)]  # x2.4: 115x96, padded to multiples of 32
+    with pytest.raises(Exception, match="input_scale"):
+        create_model("effunet", pretrained=False, input_scale="big")
