@@ -1,13 +1,16 @@
-"""``mnseg predict``: segment a folder of NIfTI images with a trained run."""
+"""``mnseg predict``: segment a NIfTI image, or a folder of them, with a trained run."""
+
+import contextlib
 
 HELP = "predict NIfTI masks (in each input's original geometry) with a trained run"
-DESCRIPTION = """Predict every image in a folder with a trained run directory.
+DESCRIPTION = """Predict an image, or every image in a folder, with a trained run directory.
 
 Outputs are label maps CASE.nii.gz in each input's original grid and affine
 (inputs CASE_0000.nii.gz, ... as in imagesTs). Existing outputs are kept unless --overwrite.
 A corrupt input is reported and skipped; the others are still predicted (exit code 1).
 
   mnseg predict -i Dataset001_Brain/imagesTs -o preds -m runs/Dataset001_Brain/mn_4l_seed0
+  mnseg predict -i scan_0000.nii.gz -o preds -m runs/Dataset001_Brain/mn_4l_seed0   # writes preds/scan.nii.gz
 
 --tta mirrors each input only along the axes its model was flipped along in training (read from the
 run's config); a model trained without flips is predicted unmirrored, with a warning. --tta-axes 0,1,2
@@ -16,14 +19,17 @@ mirrors along the axes given instead.
 
 
 def add_arguments(p):
-    p.add_argument("-i", "--input", required=True, help="folder of images (CASE_0000.nii.gz ...)")
+    p.add_argument("-i", "--input", required=True,
+                   help="an image file, or a folder of images (CASE_0000.nii.gz ...); output CASE.nii.gz")
     p.add_argument("-o", "--output", required=True, help="folder for the predicted masks (not the input folder)")
     p.add_argument("-m", "--model", required=True, metavar="RUN_DIR", help="run directory from mnseg train")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="best.pt (best validation Dice; runs without validation have only last.pt, used with a "
+                        "warning) or last.pt (default: best)")
     p.add_argument(
         "--predict-with", default=None, help="which of the run's models predicts, e.g. M&N: 3d (default), 2d, average"
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
     p.add_argument(
         "--save-probabilities", action="store_true", help="also write probabilities/CASE.nii.gz (channels last)"
     )
@@ -44,10 +50,30 @@ def add_arguments(p):
     )
     p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (lower it if out of GPU memory)")
     p.add_argument("--gaussian", action="store_true", help="Gaussian-weighted window blending")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from mnseg.errors import MnsegError
+
+    if not Path(args.input).exists():  # before torch is imported: a typo answers at once
+        raise MnsegError(f"{args.input}: input file or folder not found")
+    if not Path(args.model).exists():
+        raise MnsegError(f"{args.model}: run directory not found")
+    checkpoints = Path(args.model) / "checkpoints"
+    if args.checkpoint == "best" and (checkpoints / "last.pt").is_file() and not (checkpoints / "best.pt").is_file():
+        print(f"warning: {args.model} has no checkpoints/best.pt (trained without validation cases); "
+              "using checkpoints/last.pt", file=sys.stderr)
+    if Path(args.input).is_file():
+        with single_file_folder(args.input, args.output) as folder:
+            return predict(args, folder)
+    return predict(args, args.input)
+
+
+def predict(args, in_dir) -> int:
     import sys
     from pathlib import Path
 
@@ -69,12 +95,12 @@ def run(args) -> int:
             raise ConfigError(f"--sw-batch-size must be at least 1, got {args.sw_batch_size}")
         run.cfg.infer.sw_batch_size = args.sw_batch_size
     check_writable(
-        args.output, estimated_output_bytes(Path(args.input), args.save_probabilities, run.plans), what="output folder"
+        args.output, estimated_output_bytes(Path(in_dir), args.save_probabilities, run.plans), what="output folder"
     )
     try:
         failures = predict_folder(
             run,
-            args.input,
+            in_dir,
             args.output,
             overwrite=args.overwrite,
             save_probabilities=args.save_probabilities,
@@ -96,6 +122,31 @@ def run(args) -> int:
         return 1
     print(f"wrote predictions to {args.output}")
     return 0
+
+
+@contextlib.contextmanager
+def single_file_folder(image, output):
+    """``-i FILE``: a temporary folder holding only a link to it, so the file is predicted as a folder of one."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from mnseg.errors import MnsegError
+
+    source = Path(image).resolve()
+    ending = next((e for e in (".nii.gz", ".nii") if source.name.endswith(e)), None)
+    if ending is None:
+        raise MnsegError(f"{image}: not a NIfTI image (.nii.gz or .nii)")
+    stem = source.name[: -len(ending)]
+    if Path(output).resolve() == source.parent and not (stem[-5:-4] == "_" and stem[-4:].isdigit()):
+        raise MnsegError(f"{output}: the prediction {source.name} would replace the input {source}; choose another -o")
+    with tempfile.TemporaryDirectory(prefix="mnseg_predict_") as tmp:
+        try:
+            os.symlink(source, Path(tmp) / source.name)
+        except OSError:
+            shutil.copy2(source, Path(tmp) / source.name)
+        yield tmp
 
 
 def estimated_output_bytes(in_dir, save_probabilities: bool, plans: dict) -> int:

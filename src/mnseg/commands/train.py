@@ -24,13 +24,16 @@ def add_arguments(p):
     p.add_argument("--num-labeled", type=int, help="keep N labelled cases (seeded); the rest of imagesTr is unlabelled")
     p.add_argument("--num-val", type=int, help="hold out N labelled cases for validation Dice and the best checkpoint")
     p.add_argument("--transductive", action="store_true", help="let imagesTs join the unlabelled pool (off by default)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--iters-per-epoch", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=int, help="training epochs (default: the config's train.epochs)")
+    p.add_argument("--iters-per-epoch", type=int,
+                   help="optimiser steps per epoch (default: the config's train.iters_per_epoch)")
+    p.add_argument("--batch-size", type=int,
+                   help="patches per step, labelled and unlabelled together (default: the config's)")
     p.add_argument("--patch-size", help="training crop, e.g. 96,96,64 (also the sliding window)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the labelled/unlabelled split, sampling and weights (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
-    p.add_argument("--run-dir", help="where to write the run (default runs/<dataset>/<method>_<N>l_seed<S>)")
+    p.add_argument("--run-dir", help="where to write the run (default runs/<dataset>/<method>_<N>l_seed<S>, "
+                   "or <method>_all_seed<S> with every label)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start again in a non-empty run directory")
     p.add_argument("--test", action="store_true", help="after training, predict imagesTs and score against labelsTs")
@@ -95,8 +98,8 @@ def default_run_dir(cfg) -> str:
     from pathlib import Path
 
     name = Path(cfg.data.dataset).resolve().name
-    n = cfg.data.num_labeled if cfg.data.num_labeled is not None else "all"
-    return str(Path("runs") / name / f"{cfg.method.name}_{n}l_seed{cfg.train.seed}")
+    labelled = f"{cfg.data.num_labeled}l" if cfg.data.num_labeled is not None else "all"
+    return str(Path("runs") / name / f"{cfg.method.name}_{labelled}_seed{cfg.train.seed}")
 
 
 # Checkpoints of the small default models are tens of MiB; refuse to start with less than this free.
@@ -106,14 +109,38 @@ WRITE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG", "EIO"}
 
 
 def run(args) -> int:
-    import torch
-
-    from mnseg.engine.trainer import Trainer
-    from mnseg.utils.preflight import check_writable
+    from mnseg.engine.run_dir import removed_if_failed_early
 
     cfg = build_config(args)
     run_dir = args.resume or args.run_dir or default_run_dir(cfg)
+    preflight(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+    with removed_if_failed_early(run_dir):
+        return train_and_test(args, cfg, run_dir)
+
+
+def preflight(cfg, run_dir: str, resume: bool, overwrite: bool) -> None:
+    """Path and folder errors in a second, before torch and the models are imported (which takes many)."""
+    from pathlib import Path
+
+    from mnseg.data.dataset import DatasetFolder
+    from mnseg.engine.run_dir import RunDir
+    from mnseg.errors import MnsegError
+    from mnseg.utils.preflight import check_writable
+
+    if resume:
+        if not (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+            raise MnsegError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")
+    else:
+        RunDir(run_dir).check_new(overwrite)
+    DatasetFolder(cfg.data.dataset).training_cases(require_labels=False)  # folder, dataset.json, imagesTr
     check_writable(run_dir, MIN_FREE_BYTES, what="run directory")
+
+
+def train_and_test(args, cfg, run_dir: str) -> int:
+    import torch
+
+    from mnseg.engine.trainer import Trainer
+
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     try:
         trainer.fit()

@@ -12,10 +12,13 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,12 +37,18 @@ class RunDir:
     def checkpoint(self, tag: str) -> Path:
         return self.checkpoints / f"{tag}.pt"
 
-    def create(self, overwrite: bool = False) -> None:
-        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
+    def check_new(self, overwrite: bool = False) -> None:
+        """Refuse a non-empty folder unless ``overwrite``: a new run must not mix with another's files."""
+        if self.path.exists() and not self.path.is_dir():
+            raise MnsegError(f"{self.path}: run directory path is a file, not a folder")
+        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
             raise MnsegError(
                 f"{self.path}: run directory exists and is not empty; use --resume to continue it, "
                 f"or --overwrite to start again there"
             )
+
+    def create(self, overwrite: bool = False) -> None:
+        self.check_new(overwrite)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
 
     def write_json(self, name: str, obj) -> None:
@@ -88,3 +97,36 @@ class RunDir:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(self.path / "history.csv", buf.getvalue())
+
+
+@contextlib.contextmanager
+def removed_if_failed_early(path: str | Path):
+    """Remove the folders a run created when it fails before its first checkpoint.
+
+    Such a folder holds nothing to resume, yet would refuse the corrected command ("not empty"). A folder that
+    already held files (--resume, --overwrite) is left alone; a folder that was empty is emptied again.
+    """
+    path = Path(path).absolute()
+    top = path
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent  # the outermost folder this run will create (runs/ for runs/<dataset>/<name>)
+    was_empty = path.is_dir() and not any(path.iterdir())
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if os.environ.get("RANK", "0") == "0" and not RunDir(path).checkpoint("last").exists():
+            if not existed:
+                shutil.rmtree(path, ignore_errors=True)
+                for parent in [path.parent, *path.parent.parents]:  # empty folders made for it (runs/<dataset>)
+                    if not parent.is_relative_to(top) or (parent.is_dir() and any(parent.iterdir())):
+                        break
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
+            elif was_empty:
+                for child in path.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
+        raise
