@@ -124,3 +124,50 @@ def test_predict_a_single_file_and_best_falls_back_with_a_warning(trained_withou
     err = capsys.readouterr().err
     assert "would replace the input" in err and "not a NIfTI image" in err
     assert (plain / "scan.nii.gz").read_bytes() == image.read_bytes()
+
+
+def _all_parsers(parser, name="mnseg"):
+    import argparse
+
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _all_parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_option_of_every_command_has_help():
+    from mnseg.cli import build_parser
+
+    missing = [f"{name} {action.option_strings or action.dest}" for name, parser in _all_parsers(build_parser())
+               for action in parser._actions if not action.help and name != "mnseg"]  # its COMMANDs have help
+    assert not missing
+
+
+def test_progress_off_a_terminal_is_plain_lines(monkeypatch):
+    import io
+
+    from mnseg.utils import progress
+
+    quiet = io.StringIO()
+    for _ in progress.progress_bar(range(3), desc="work", stream=quiet):
+        pass
+    assert quiet.getvalue() == ""  # shorter than one line interval: nothing in the log
+    monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)
+    stream = io.StringIO()
+    for _ in progress.progress_bar(range(3), desc="work", stream=stream):
+        pass
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and lines and all(line.startswith("work: ") for line in lines)
+    assert lines[-1].startswith("work: 3/3")
+
+
+def test_training_progress_in_a_log_has_no_carriage_returns(toy_dataset, tmp_path, capsys, monkeypatch):
+    from mnseg.utils import progress
+
+    monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)
+    argv = ["train", str(toy_dataset), "--run-dir", str(tmp_path / "run"), *TINY, f"data.cache_dir={tmp_path / 'c'}"]
+    argv.remove("--no-progress")
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "epoch 1/1" in err

@@ -22,7 +22,8 @@ so give the voxel spacing per array axis):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="source_format", metavar="FORMAT", required=True)
+    sub = parser.add_subparsers(dest="source_format", metavar="FORMAT", required=True,
+                                help="what to convert from: msd or h5 (mnseg convert FORMAT --help)")
 
     msd = sub.add_parser(
         "msd",

@@ -15,9 +15,9 @@ def add_arguments(p):
     p.add_argument("--out", default="mnseg_demo", help="output folder (default: mnseg_demo)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--num-labeled", type=int, default=3, help="labelled subjects given to both methods (default 3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo data, the split and training (default 0)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds); its numbers mean nothing")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
 
 def run(args) -> int:

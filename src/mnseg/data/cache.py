@@ -116,14 +116,14 @@ class PreprocessCache:
         ``workers > 0`` builds missing entries in that many processes, started with
         "spawn" so a parent holding torch/OpenMP threads cannot deadlock a forked child.
         """
-        from tqdm.auto import tqdm
+        from mnseg.utils.progress import progress_bar
 
         todo = [
             (cid, imgs, lbl)
             for cid, imgs, lbl in items
             if not self.is_valid(cid, imgs, lbl, settings, modality, target_spacing)
         ]
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="preprocess", disable=not progress)
+        bar = progress_bar(total=len(items), initial=len(items) - len(todo), desc="preprocess", disable=not progress)
         try:
             if workers and workers > 0 and len(todo) > 1:
                 import multiprocessing

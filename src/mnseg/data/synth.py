@@ -294,9 +294,8 @@ def synthesize_dataset(
     written earlier with the same settings is returned untouched. ``workers``
     processes build subjects at once (default: one per CPU core).
     """
-    from tqdm import tqdm
-
     from mnseg.utils.atomic import atomic_write_json
+    from mnseg.utils.progress import progress_bar
 
     settings = _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick_slice_fraction,
                          variation)
@@ -312,7 +311,7 @@ def synthesize_dataset(
     workers = max(1, min(int(workers or os.cpu_count() or 1), len(jobs)))
     class_voxels = np.zeros(len(LABELS), dtype=np.int64)
     subjects = {}
-    with tqdm(total=len(jobs), desc="mnseg synth", unit="subject", disable=not progress) as bar:
+    with progress_bar(total=len(jobs), desc="mnseg synth", unit="subject", disable=not progress) as bar:
         if workers == 1:
             results = map(_write_subject, jobs)
         else:  # subjects are independent and seeded, so the files are the same for any number of workers

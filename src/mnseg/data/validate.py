@@ -184,9 +184,9 @@ def validate_dataset(
     checker = _CaseChecker(report, spec, check_voxels)
     todo = [(g, c) for g in GROUPS for c in groups[g]]
     if progress:
-        from tqdm import tqdm
+        from mnseg.utils.progress import progress_bar
 
-        todo = tqdm(todo, desc="checking cases", unit="case")
+        todo = progress_bar(todo, desc="checking cases", unit="case")
     for group, case in todo:
         checker.check(case, count_classes=group == "imagesTr")
     checker.finish()
@@ -386,9 +386,9 @@ def validate_inputs(paths: Iterable[str | os.PathLike], progress: bool = False) 
     report.case_counts["inputs"] = len(files)
     iterator: Iterable[Path] = files
     if progress:
-        from tqdm import tqdm
+        from mnseg.utils.progress import progress_bar
 
-        iterator = tqdm(files, desc="checking inputs", unit="file")
+        iterator = progress_bar(files, desc="checking inputs", unit="file")
     for path in iterator:
         if not path.name.endswith(NIFTI_ENDINGS):
             report.add(path, "not a NIfTI file (expected .nii.gz or .nii)")

@@ -93,13 +93,13 @@ def load_cases(cache, items: list, settings, modality, target, progress: bool = 
     written. With ``workers > 0`` missing entries are first built in parallel (finding them reads only each
     entry's metadata and array headers), then every case is read once.
     """
-    from tqdm.auto import tqdm
+    from mnseg.utils.progress import progress_bar
 
     if workers and workers > 0 and len(items) > 1:
         cache.prepare(items, settings, modality, target, progress=progress, workers=workers)
         progress = False
     cases = []
-    for case_id, images, label in tqdm(items, desc="preprocess", disable=not progress):
+    for case_id, images, label in progress_bar(items, desc="preprocess", disable=not progress):
         cases.append(cache.get(case_id, images, label, settings, modality, target))
     return cases
 

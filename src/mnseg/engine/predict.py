@@ -253,9 +253,8 @@ def predict_folder(
     log=print,
 ) -> list[tuple[str, str]]:
     """Predict every case in ``in_dir`` into ``out_dir``; returns the failures (case, message), others still done."""
-    from tqdm import tqdm
-
     from mnseg.data.io import save_nifti
+    from mnseg.utils.progress import progress_bar
 
     in_dir, out_dir = Path(in_dir).resolve(), Path(out_dir).resolve()
     if not in_dir.is_dir():
@@ -277,7 +276,7 @@ def predict_folder(
                 f"{' ...' if len(existing) > 5 else ''}; use --overwrite to replace them"
             )
     out_dir.mkdir(parents=True, exist_ok=True)
-    for case_id, paths in tqdm(cases.items(), desc="predict", disable=not progress, file=__import__("sys").stderr):
+    for case_id, paths in progress_bar(cases.items(), desc="predict", disable=not progress):
         try:
             labels, probs, source = predict_case(run, case_id, paths)
             save_nifti(labels, source.affine, out_dir / f"{case_id}{ending}", header=source.header, dtype=labels.dtype)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -218,9 +217,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _train_epoch(self, epoch: int) -> None:
-        from tqdm import tqdm
-
         from mnseg.data.loader import batch_to_device, shard_batch
+        from mnseg.utils.progress import progress_bar
 
         cfg, method = self.cfg, self.method
         method.on_epoch_start(epoch)
@@ -235,12 +233,11 @@ class Trainer:
         per_step_check = check_every == 1 or cfg.train.on_nan == "skip"
         window, window_start = torch.zeros((), device=self.device), 0
         t0 = time.time()
-        bar = tqdm(
+        bar = progress_bar(
             range(cfg.train.iters_per_epoch),
             desc=f"epoch {epoch + 1}/{cfg.train.epochs} [{method.phase(epoch)}]",
             leave=False,
             disable=not self.progress,
-            file=sys.stderr,
             dynamic_ncols=True,
         )
         for it in bar:
