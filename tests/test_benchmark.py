@@ -83,6 +83,31 @@ def test_paired_comparison_pairs_same_seed_and_case_only():
     assert case_foreground_dice(runs[0].summary) == pytest.approx({"x": 0.5, "y": 0.6})
 
 
+def test_benchmark_table_gives_a_verdict_and_bolds_only_supported_differences():
+    from mnseg.benchmark_stats import markdown_report
+
+    rng = np.random.default_rng(2)
+    runs = []
+    for seed in (0, 1):
+        base = {f"c{c}": float(rng.uniform(0.5, 0.7)) for c in range(5)}
+        runs.append(_run("supervised", 2, seed, {c: {"fg": d} for c, d in base.items()}))
+        runs.append(_run("mn", 2, seed, {c: {"fg": d + float(rng.uniform(0.05, 0.1))} for c, d in base.items()}))
+        runs.append(_run("cps", 2, seed, {c: {"fg": d + (0.01 if i % 2 else -0.01)}
+                                          for i, (c, d) in enumerate(base.items())}))
+    agg, comparisons = aggregate(runs), paired_comparisons(runs)
+    text = markdown_report("T", [], agg, comparisons, [])
+    mn = next(c for c in comparisons if c["method"] == "mn")
+    assert mn["p_value"] < 0.05 and mn["n_pairs"] == 10
+    assert (f"2 labelled: mn beat supervised by {mn['mean_diff']:.3f} foreground-mean Dice" in text
+            and f"p = {mn['p_value']:.2g}" in text and "over 10 (seed, test case) pairs" in text)
+    assert "2 labelled: cps tied supervised" in text
+    assert text.index("## Verdict") < text.index("## Foreground mean")
+    mn_line = next(ln for ln in text.splitlines() if ln.startswith("| mn | 2 |"))
+    cps_line = next(ln for ln in text.splitlines() if ln.startswith("| cps | 2 |"))
+    assert f"**{mn['mean_diff']:+.4f}**" in mn_line and "**" not in cps_line
+    assert "Bold Δ: a difference the test supports (p < 0.05)" in text and "n/a: HD95/ASD undefined" in text
+
+
 # ----------------------------------------------------------------------------------------------- the grid
 
 

@@ -138,30 +138,27 @@ def test_write_report_files_tables_and_figures(tmp_path, report_inputs):
             ]
             row = _markdown_row(markdown, cls, result.name)
             assert row[:2] == expected_row
-            assert [c.strip("*") for c in row[2:]] == cells
+            assert [c.strip("*") for c in row[2:6]] == cells
             assert f"{mean['dice']:.3f} ± {std['dice']:.3f}" in cells[0]
         fg_row = _markdown_row(markdown, "foreground mean", result.name)
         assert fg_row[2].strip("*").startswith(f"{result.summary['foreground_mean']['dice']:.3f} ± ")
 
-    # best Dice per class in bold, exactly one method per class here
+    # three test cases cannot give p < 0.05: nothing is bold, whatever the means, and the verdict says why
     for cls in ("liver", "tumour", "foreground mean"):
-        dices = {
-            r.name: (r.summary["foreground_mean"] if cls == "foreground mean" else r.summary["mean"][cls])[
-                "dice"
-            ]
-            for r in results
-        }
-        best = max(dices, key=dices.get)
-        for name in dices:
-            assert _markdown_row(markdown, cls, name)[2].startswith("**") == (name == best)
-            assert (f"<td>{cls}</td><td>{name}</td><td><b>" in page) == (name == best)
+        for result in results:
+            assert not _markdown_row(markdown, cls, result.name)[2].startswith("**")
+        assert _markdown_row(markdown, cls, "supervised")[6] == "(baseline)"
+    assert "<td><b>" not in page
+    assert "mn tied supervised" in markdown and "With 3 test cases no difference could reach p < 0.05" in markdown
 
     assert "HD95 (voxel)" in markdown and "seed 0" in markdown and "seed 0" in page
     assert "mn: no prediction found for test case" not in markdown  # case_003 is not drawn
-    for figure in re.findall(r'src="([^"]+)"', page):
-        assert (out / figure).is_file()
-    assert 'src="figures/learning_curves.png"' in page
-    assert all(f'src="figures/{png.name}"' in page for png in overlays)
+    # the HTML page is self-contained: every picture inlined, none linked
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert len(sources) == 3 and all(src.startswith("data:image/png;base64,") for src in sources)
+    import base64
+
+    assert base64.b64decode(sources[0].split(",", 1)[1]) == curves.read_bytes()
     assert "](figures/learning_curves.png)" in markdown
 
 
@@ -255,3 +252,60 @@ def test_reorientation_puts_axial_slices_last_with_matching_spacing():
     assert oriented.shape == (6, 5, 4)
     assert _ras_spacing(affine) == (0.5, 2.0, 3.0)
     assert oriented[0, 0, 1] == data[1, 0, 5]  # x flipped (L -> R), z = file axis 0
+
+
+def _summary_from_dice(per_case_dice):
+    """A summary.json-shaped dict from {case: {class: dice}} (other metrics copied from Dice)."""
+    per_case = [{"case": case, "metrics": {c: {m: d for m in METRICS} for c, d in classes.items()}}
+                for case, classes in per_case_dice.items()]
+    names = list(next(iter(per_case_dice.values())))
+    mean = {c: {m: float(np.mean([v[c] for v in per_case_dice.values()])) for m in METRICS} for c in names}
+    std = {c: {m: float(np.std([v[c] for v in per_case_dice.values()])) for m in METRICS} for c in names}
+    fg = {m: float(np.mean([mean[c][m] for c in names])) for m in METRICS}
+    return {"metric_per_case": per_case, "mean": mean, "std": std, "foreground_mean": fg, "units": "voxel"}
+
+
+def test_verdict_sentence_p_value_and_bold_only_where_the_test_supports_it(tmp_path):
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(3)
+    cases = [f"c{i:02d}" for i in range(10)]
+    base = {c: {"liver": float(rng.uniform(0.6, 0.8)), "tumour": 0.0} for c in cases}
+    better = {c: {"liver": base[c]["liver"] + float(rng.uniform(0.02, 0.1)), "tumour": 0.0} for c in cases}
+    results = [MethodResult("supervised", _summary_from_dice(base)), MethodResult("mn", _summary_from_dice(better))]
+    write_report(tmp_path / "r", "T", results, [], CLASS_NAMES)
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    page = (tmp_path / "r" / "report.html").read_text()
+
+    fg_diff = [np.mean([better[c]["liver"], 0.0]) - np.mean([base[c]["liver"], 0.0]) for c in cases]
+    p = wilcoxon(fg_diff).pvalue
+    assert p < 0.05
+    sentence = f"mn beat supervised by {np.mean(fg_diff):.3f} foreground-mean Dice"
+    assert sentence in markdown and f"p = {p:.2g}" in markdown and sentence in page
+    assert markdown.index("## Verdict") < markdown.index("## Test metrics")
+    # liver and the foreground mean: mn's Dice bold (p < 0.05); tumour 0.000 for both: p = 1, neither bold
+    for cls in ("liver", "foreground mean"):
+        assert _markdown_row(markdown, cls, "mn")[2].startswith("**")
+        assert not _markdown_row(markdown, cls, "supervised")[2].startswith("**")
+    for name in ("mn", "supervised"):
+        assert not _markdown_row(markdown, "tumour", name)[2].startswith("**")
+    assert _markdown_row(markdown, "tumour", "mn")[6:8] == ["+0.000", "1"]
+    assert "n/a: HD95 and ASD are undefined" in markdown and "p is n/a with fewer than 2" in markdown
+
+    # the other way round: a loss is a loss, and bold goes to the baseline
+    write_report(tmp_path / "r2", "T", results[::-1], [], CLASS_NAMES, baseline="mn")
+    markdown = (tmp_path / "r2" / "report.md").read_text()
+    assert "supervised trailed mn by" in markdown
+    assert _markdown_row(markdown, "liver", "mn")[2].startswith("**")
+
+
+def test_verdict_module_edge_cases():
+    from mnseg.verdict import compare, smallest_p, verdict_sentence
+
+    one = compare("a", "b", {"x": 0.9}, {"x": 0.8})
+    assert one.outcome == "n/a" and "too few for a test (p n/a)" in verdict_sentence(one)
+    same = compare("a", "b", {"x": 0.5, "y": 0.5}, {"x": 0.5, "y": 0.5, "z": 0.1})
+    assert same.n_pairs == 2 and same.p_value == 1.0 and same.outcome == "tied"
+    assert "a tied b: +0.000" in verdict_sentence(same)
+    assert compare("a", "b", {}, {"x": 1.0}).n_pairs == 0
+    assert smallest_p(5) == 2 / 32 and smallest_p(6) < 0.05

@@ -10,7 +10,8 @@ Conventions (also printed under the markdown table):
 - paired comparison: for each (seed, test case) present in both runs, the difference of the per-case
   foreground-mean Dice (method minus supervised at the same labelled count and seed); two-sided
   Wilcoxon signed-rank test (scipy.stats.wilcoxon, zero differences dropped). Fewer than 2 pairs:
-  p = NaN (no test possible); all differences zero: p = 1.0 (no evidence of a difference).
+  p = NaN (no test possible); all differences zero: p = 1.0 (no evidence of a difference);
+- verdict: "beat" / "trailed" only at p < 0.05 (``mnseg.verdict``), else "tied"; only those Δ are bold.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import csv
 import io
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mnseg.errors import MnsegError
+from mnseg.verdict import Comparison, verdict_sentence, wilcoxon_p  # noqa: F401 - wilcoxon_p: this module's API
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 TIMING = ("train_seconds", "iterations_per_second", "peak_gpu_memory_mb")
@@ -172,24 +173,6 @@ def case_foreground_dice(summary: dict) -> dict[str, float]:
     return out
 
 
-def wilcoxon_p(differences: list[float] | np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p-value; NaN for fewer than 2 pairs, 1.0 when all differences are 0."""
-    from scipy.stats import wilcoxon
-
-    d = np.asarray(differences, dtype=np.float64)
-    d = d[~np.isnan(d)]
-    if d.size < 2:
-        return float("nan")
-    if not np.any(d):
-        return 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        try:
-            return float(wilcoxon(d).pvalue)
-        except ValueError:
-            return float("nan")
-
-
 def paired_comparisons(runs: list[RunResult], baseline: str = BASELINE) -> list[dict]:
     """Each method vs ``baseline`` at the same labelled count: pairs over all (seed, test case) in both.
 
@@ -226,6 +209,11 @@ def _pm(mean: float, std: float, digits: int) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _delta(c: Comparison) -> str:
+    text = "n/a" if math.isnan(c.mean_diff) else f"{c.mean_diff:+.4f}"
+    return f"**{text}**" if c.supported else text
+
+
 def _p(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.3g}"
 
@@ -235,10 +223,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _as_comparison(comp: dict, fg: dict[tuple[str, int], dict]) -> Comparison:
+    """A ``paired_comparisons`` row as a ``Comparison`` (means over seeds from the aggregate, for the sentence)."""
+    mine, theirs = fg.get((comp["method"], comp["num_labeled"]), {}), fg.get((BASELINE, comp["num_labeled"]), {})
+    return Comparison(comp["method"], BASELINE, comp["n_pairs"], comp["mean_diff"], comp["p_value"],
+                      mine.get("dice_mean", math.nan), theirs.get("dice_mean", math.nan))
+
+
+def verdicts(agg: list[dict], comparisons: list[dict]) -> list[str]:
+    """One plain sentence per method and labelled count: beat / tied / trailed supervised, by how much, p."""
+    fg = {(r["method"], r["num_labeled"]): r for r in agg if r["class"] == FOREGROUND}
+    return [f"{c['num_labeled']} labelled: " + verdict_sentence(_as_comparison(c, fg), over="(seed, test case) pairs")
+            for c in comparisons]
+
+
 def markdown_report(title: str, notes: list[str], agg: list[dict], comparisons: list[dict],
                     failures: list[dict], units: str = "voxel") -> str:
-    """The benchmark table: foreground mean with the paired test, then per class, then failures."""
+    """The benchmark table: verdicts, foreground mean with the paired test, then per class, then failures."""
     paired = {(c["method"], c["num_labeled"]): c for c in comparisons}
+    fg = {(r["method"], r["num_labeled"]): r for r in agg if r["class"] == FOREGROUND}
     main_rows = []
     for row in (r for r in agg if r["class"] == FOREGROUND):
         comp = paired.get((row["method"], row["num_labeled"]))
@@ -247,7 +250,7 @@ def markdown_report(title: str, notes: list[str], agg: list[dict], comparisons: 
             row["method"], str(row["num_labeled"]), str(row["n_seeds"]),
             _pm(row["dice_mean"], row["dice_std"], 4), _pm(row["hd95_mean"], row["hd95_std"], 2),
             _pm(row["asd_mean"], row["asd_std"], 2),
-            "" if comp is None else f"{comp['mean_diff']:+.4f}",
+            "" if comp is None else _delta(_as_comparison(comp, fg)),
             "" if comp is None else str(comp["n_pairs"]),
             "" if comp is None else _p(comp["p_value"]),
             _pm(row["train_seconds_mean"], row["train_seconds_std"], 1),
@@ -259,7 +262,10 @@ def markdown_report(title: str, notes: list[str], agg: list[dict], comparisons: 
                                                                 ("dice", "jaccard") else 2) for m in METRICS)]
         for r in agg if r["class"] != FOREGROUND
     ]
-    lines = [f"# {title}", "", *(f"- {n}" for n in notes), "", "## Foreground mean", ""]
+    lines = [f"# {title}", "", *(f"- {n}" for n in notes), "", "## Verdict", ""]
+    lines += [f"- {v}" for v in verdicts(agg, comparisons)] or ["- No comparison: no supervised run at the same "
+                                                                "labelled count finished."]
+    lines += ["", "## Foreground mean", ""]
     lines += _table(["Method", "Labelled", "Seeds", "Dice", f"HD95 ({units})", f"ASD ({units})",
                      "Δ Dice vs supervised", "Pairs", "Wilcoxon p", "Train time (s)", "Iterations/s",
                      "Peak GPU memory (MB)"], main_rows)
@@ -269,7 +275,10 @@ def markdown_report(title: str, notes: list[str], agg: list[dict], comparisons: 
     lines += ["", "Mean ± std over seeds (ddof=0) of each run's mean over test cases; n/a: undefined in every run.",
               "Δ Dice: mean over (seed, test case) pairs of the per-case foreground-mean Dice minus supervised's "
               "at the same labelled count and seed; Wilcoxon signed-rank, two-sided (p n/a: fewer than 2 pairs; "
-              "1.0: all differences zero). Empty peak GPU memory: trained on CPU."]
+              "1.0: all differences zero). Bold Δ: a difference the test supports (p < 0.05); the others are ties. "
+              "Empty peak GPU memory: trained on CPU.",
+              "n/a: HD95/ASD undefined in every run (a mask empty in every test case); iterations/s n/a: the run "
+              "wrote no timing.json."]
     if failures:
         lines += ["", "## Failed runs (not in the tables)", ""]
         lines += _table(["Method", "Labelled", "Seed", "Error"],

@@ -1,13 +1,17 @@
-"""Human-readable comparison of methods: a metrics table, learning curves and overlay pictures.
+"""Human-readable comparison of methods: a verdict, a metrics table, learning curves and overlay pictures.
 
-``write_report`` writes ``report.md`` and ``report.html`` (self-contained apart from the PNGs in
-``figures/`` beside them). Figures are drawn with matplotlib's object API (``Figure`` + Agg canvas),
-never pyplot, so importing this module does not change the backend of an interactive session.
+``write_report`` writes ``report.md`` (linking the PNGs in ``figures/``) and ``report.html`` (self-contained:
+the same PNGs inlined, so the one file can be mailed). The verdict and the bold cells come from a paired
+Wilcoxon test over test cases against the baseline (the first method unless named), so a difference
+that chance explains is not presented as a win. Figures are drawn with matplotlib's object API
+(``Figure`` + Agg canvas), never pyplot, so importing this module does not change the backend of an
+interactive session.
 ``overlay_rgb`` needs only numpy, so TensorBoard logging can use it cheaply.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import math
@@ -20,6 +24,7 @@ import numpy as np
 
 from mnseg.errors import InputFileError
 from mnseg.utils.atomic import atomic_path, atomic_write_text
+from mnseg.verdict import SIGNIFICANCE, Comparison, compare, verdict_sentence
 
 METRICS = (("dice", "Dice", 3), ("jaccard", "Jaccard", 3), ("hd95", "HD95", 2), ("asd", "ASD", 2))
 FOREGROUND_MEAN = "foreground mean"
@@ -61,11 +66,13 @@ def write_report(
     class_names: dict[int, str],
     n_overlay_cases: int = 3,
     notes: Sequence[str] = (),
+    baseline: str | None = None,
 ) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``; return the markdown path.
 
     ``test_cases`` are ``(case_id, image_path, label_path)``; predictions are read from
     ``pred_dir/CASE.nii.gz`` (or ``.nii``). A method without predictions or history is reported as such.
+    Every other method is compared with ``baseline`` (a result's name; default the first result's).
     """
     out_dir = Path(out_dir)
     figures = out_dir / "figures"
@@ -73,7 +80,10 @@ def write_report(
     notes = list(notes)
     classes = _reported_classes(class_names, results)
     units = next((r.summary.get("units") for r in results if r.summary.get("units")), "voxel")
-    table = _metrics_table(results, classes)
+    baseline = baseline if baseline is not None else (results[0].name if results else None)
+    comparisons = compare_with_baseline(results, classes, baseline)
+    table = _metrics_table(results, classes, comparisons)
+    verdict = [verdict_sentence(c) for (cls, _), c in comparisons.items() if cls == FOREGROUND_MEAN]
 
     curves_png = _learning_curves(results, figures / "learning_curves.png", notes)
 
@@ -84,8 +94,9 @@ def write_report(
         overlays.append((case_id, png))
 
     n_cases = {r.name: len(r.summary.get("metric_per_case", [])) for r in results}
-    markdown = _render_markdown(title, notes, table, units, n_cases, curves_png, overlays, out_dir)
-    page = _render_html(title, notes, table, units, n_cases, curves_png, overlays, out_dir)
+    page_parts = (title, notes, verdict, table, units, n_cases, baseline, curves_png, overlays, out_dir)
+    markdown = _render_markdown(*page_parts)
+    page = _render_html(*page_parts)
     report_md = out_dir / "report.md"
     atomic_write_text(report_md, markdown)
     atomic_write_text(out_dir / "report.html", page)
@@ -373,7 +384,8 @@ class _Row:
     class_name: str
     method: str
     cells: dict[str, tuple[float | None, float | None]]  # metric -> (mean, std)
-    best_dice: bool = False
+    bold_dice: bool = False  # better than the other of a pair, by a difference the test supports
+    comparison: Comparison | None = None  # against the baseline (None for the baseline itself)
 
 
 def _reported_classes(class_names: dict[int, str], results: list[MethodResult]) -> list[str]:
@@ -390,15 +402,49 @@ def _reported_classes(class_names: dict[int, str], results: list[MethodResult]) 
     return seen
 
 
-def _metrics_table(results: list[MethodResult], classes: list[str]) -> list[_Row]:
+def case_dice(summary: dict, class_name: str, classes: list[str]) -> dict[str, float]:
+    """Per test case: the class's Dice, or for the foreground mean the mean of its classes' defined Dice."""
+    out = {}
+    for case in summary.get("metric_per_case", []):
+        metrics = case.get("metrics", {})
+        names = classes if class_name == FOREGROUND_MEAN else [class_name]
+        values = [_number(metrics.get(c, {}).get("dice")) for c in names]
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        if values:
+            out[str(case.get("case"))] = float(np.mean(values))
+    return out
+
+
+def compare_with_baseline(
+    results: list[MethodResult], classes: list[str], baseline: str | None
+) -> dict[tuple[str, str], Comparison]:
+    """(class, method) -> paired comparison of per-case Dice with the baseline's, for every other method."""
+    base = next((r for r in results if r.name == baseline), None)
+    if base is None:
+        return {}
+    out = {}
+    for class_name in [*classes, FOREGROUND_MEAN]:
+        theirs = case_dice(base.summary, class_name, classes)
+        for result in results:
+            if result is not base:
+                mine = case_dice(result.summary, class_name, classes)
+                out[(class_name, result.name)] = compare(result.name, base.name, mine, theirs)
+    return out
+
+
+def _metrics_table(
+    results: list[MethodResult], classes: list[str], comparisons: dict[tuple[str, str], Comparison]
+) -> list[_Row]:
     rows = []
     for class_name in [*classes, FOREGROUND_MEAN]:
-        group = [_Row(class_name, r.name, _cells(r.summary, class_name, classes)) for r in results]
-        dices = [row.cells["dice"][0] for row in group if _finite(row.cells["dice"][0])]
-        if dices:
-            best = max(dices)
-            for row in group:
-                row.best_dice = _finite(row.cells["dice"][0]) and row.cells["dice"][0] == best
+        group = [_Row(class_name, r.name, _cells(r.summary, class_name, classes), comparison=comparisons.get(
+            (class_name, r.name))) for r in results]
+        for row in group:
+            c = row.comparison
+            if c is not None and c.supported:  # bold the better of the pair; a tie bolds neither
+                winner = c.method if c.mean_diff > 0 else c.baseline
+                for other in group:
+                    other.bold_dice = other.bold_dice or other.method == winner
         rows += group
     return rows
 
@@ -438,36 +484,64 @@ def format_mean_std(mean: float | None, std: float | None, decimals: int) -> str
     return f"{text} ± {_format_number(std, decimals)}"
 
 
-def _format_number(value: float | None, decimals: int) -> str:
+def _format_number(value: float | None, decimals: int, signed: bool = False) -> str:
     if value is None or math.isnan(value):
         return "n/a"
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
-    return f"{value:.{decimals}f}"
+    return f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
 
 
-def _header(units: str) -> list[str]:
+def _header(units: str, baseline: str | None) -> list[str]:
     return ["Class", "Method"] + [
         f"{label} ({units})" if key in ("hd95", "asd") else label for key, label, _ in METRICS
-    ]
+    ] + [f"Δ Dice vs {baseline}", "p"]
 
 
 def _row_texts(row: _Row) -> list[str]:
-    return [format_mean_std(*row.cells[key], decimals) for key, _, decimals in METRICS]
+    texts = [format_mean_std(*row.cells[key], decimals) for key, _, decimals in METRICS]
+    c = row.comparison
+    if c is None:
+        return [*texts, "(baseline)", ""]
+    return [*texts, _format_number(c.mean_diff, 3, signed=True), _format_p(c.p_value)]
 
 
-def _render_markdown(title, notes, table, units, n_cases, curves_png, overlays, out_dir) -> str:
-    lines = [f"# {title}", ""]
+def _format_p(p: float) -> str:
+    return "n/a" if p is None or math.isnan(p) else f"{p:.2g}"
+
+
+def _legend(n_cases: dict[str, int], baseline: str | None) -> list[str]:
+    """What the table's numbers, bold cells and n/a mean (markdown and HTML print the same)."""
+    lines = [
+        _cases_sentence(n_cases),
+        f"Δ Dice: mean over test cases of the method's Dice minus {baseline}'s on the same case; p: two-sided "
+        "paired Wilcoxon signed-rank test over those cases. Bold: the better Dice of a pair whose difference the "
+        f"test supports (p < {SIGNIFICANCE:g}); without bold the methods are tied.",
+        "n/a: HD95 and ASD are undefined when the prediction or the reference is empty in every case (cases where "
+        "one is empty are left out of their means); p is n/a with fewer than 2 test cases scored by both, and "
+        "1 when their Dice is the same on every case.",
+    ]
+    return lines
+
+
+def _verdict_lines(verdict: list[str]) -> list[str]:
+    return verdict or ["No verdict: there is no baseline to compare with (one method only)."]
+
+
+def _render_markdown(title, notes, verdict, table, units, n_cases, baseline, curves_png, overlays, out_dir) -> str:
+    lines = [f"# {title}", "", "## Verdict", ""]
+    lines += [f"**{_md_escape(v)}**" for v in _verdict_lines(verdict)] + [""]
     if notes:
         lines += [f"- {note}" for note in notes] + [""]
-    lines += ["## Test metrics", "", _cases_sentence(n_cases) + " Best Dice per class in bold.", ""]
-    header = _header(units)
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["## Test metrics", ""]
+    header = _header(units, baseline)
+    lines += ["| " + " | ".join(_md_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
     for row in table:
         texts = _row_texts(row)
-        if row.best_dice:
+        if row.bold_dice:
             texts[0] = f"**{texts[0]}**"
         lines.append("| " + " | ".join([_md_escape(row.class_name), _md_escape(row.method), *texts]) + " |")
+    lines += [""] + [f"{line}  " for line in _legend(n_cases, baseline)]
     lines += ["", "## Learning curves", ""]
     if curves_png is not None:
         lines.append(f"![learning curves]({_relative(curves_png, out_dir)})")
@@ -486,7 +560,7 @@ def _render_markdown(title, notes, table, units, n_cases, curves_png, overlays, 
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _render_html(title, notes, table, units, n_cases, curves_png, overlays, out_dir) -> str:
+def _render_html(title, notes, verdict, table, units, n_cases, baseline, curves_png, overlays, out_dir) -> str:
     e = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -494,36 +568,42 @@ def _render_html(title, notes, table, units, n_cases, curves_png, overlays, out_
         f"<title>{e(title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}img{max-width:100%}</style>",
+        "th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}img{max-width:100%}"
+        ".verdict{font-size:1.1em;font-weight:bold}.legend{font-size:0.9em;color:#444}</style>",
         "</head><body>",
         f"<h1>{e(title)}</h1>",
+        "<h2>Verdict</h2>",
+        *(f'<p class="verdict">{e(v)}</p>' for v in _verdict_lines(verdict)),
     ]
     if notes:
         parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
-    parts += [
-        "<h2>Test metrics</h2>",
-        f"<p>{e(_cases_sentence(n_cases))} Best Dice per class in bold.</p>",
-        "<table>",
-    ]
-    parts.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in _header(units)) + "</tr>")
+    parts += ["<h2>Test metrics</h2>", "<table>"]
+    parts.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in _header(units, baseline)) + "</tr>")
     for row in table:
         texts = [e(t) for t in _row_texts(row)]
-        if row.best_dice:
+        if row.bold_dice:
             texts[0] = f"<b>{texts[0]}</b>"
         cells = [e(row.class_name), e(row.method), *texts]
         parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    parts += ["</table>", "<h2>Learning curves</h2>"]
+    parts.append("</table>")
+    parts += [f'<p class="legend">{e(line)}</p>' for line in _legend(n_cases, baseline)]
+    parts.append("<h2>Learning curves</h2>")
     if curves_png is not None:
-        parts.append(f'<img src="{e(_relative(curves_png, out_dir))}" alt="learning curves">')
+        parts.append(f'<img src="{_data_uri(curves_png)}" alt="learning curves">')
     else:
         parts.append("<p>No training history was given.</p>")
     parts.append("<h2>Example test cases</h2>")
     if not overlays:
         parts.append("<p>No test cases were given.</p>")
     for case_id, png in overlays:
-        parts += [f"<h3>{e(case_id)}</h3>", f'<img src="{e(_relative(png, out_dir))}" alt="{e(case_id)}">']
+        parts += [f"<h3>{e(case_id)}</h3>", f'<img src="{_data_uri(png)}" alt="{e(case_id)}">']
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _data_uri(png: Path) -> str:
+    """The PNG inlined, so report.html is one self-contained file."""
+    return "data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode("ascii")
 
 
 def _cases_sentence(n_cases: dict[str, int]) -> str:
@@ -543,10 +623,6 @@ def _number(value) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
-
-
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
 
 
 def _to_float(text: str | None) -> float:
