@@ -12,10 +12,23 @@ def test_quick_demo_writes_a_report_with_both_methods(tmp_path):
     pngs = list((out / "report" / "figures").glob("*.png"))
     assert len(pngs) >= 2
     assert (out / "report" / "report.html").exists()
-    # Running again reuses the data and the finished runs.
+    assert "## Verdict" in report and "tied" in report  # two test cases: no difference can reach p < 0.05
+    # Running again reuses the data and the finished runs, and reports their training time, not its own.
+    import json
+
     mtime = (out / "runs" / "mn" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    timing = json.loads((out / "runs" / "mn" / "timing.json").read_text())
+    assert timing["train_seconds"] > 0 and f"mn {_seconds(timing['train_seconds'])}" in report
+    timing["train_seconds"] = 600.0  # as if it had trained for 10 minutes
+    (out / "runs" / "mn" / "timing.json").write_text(json.dumps(timing))
     assert main(["demo", "--out", str(out), "--quick", "--no-progress", "--device", "cpu"]) == 0
     assert (out / "runs" / "mn" / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
+    report = (out / "report" / "report.md").read_text()
+    assert "mn 10.0 min" in report and "whole demo 10." in report
+
+
+def _seconds(value):
+    return f"{value:.0f} s" if value < 60 else f"{value / 60:.1f} min"
 
 
 def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):

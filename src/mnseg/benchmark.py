@@ -205,13 +205,14 @@ def cell_state(run_dir: Path) -> str:
     return "new"
 
 
-def train_cell(cfg, run_dir: Path, progress: bool = True, log=print, sharing: int = 1) -> None:
+def train_cell(cfg, run_dir: Path, progress: bool = True, log=print, sharing: int = 1,
+               resume: bool | None = None) -> None:
     """Train (or resume) one run, adding its wall-clock, iterations and peak GPU memory to timing.json
-    after every epoch, so an interrupted run's earlier sessions still count."""
+    after every epoch, so an interrupted run's earlier sessions still count. ``resume`` None: from the folder."""
     from mnseg.engine.trainer import Trainer
     from mnseg.utils.atomic import atomic_write_json
 
-    resume = cell_state(run_dir) == "resume"
+    resume = cell_state(run_dir) == "resume" if resume is None else resume
     timing_path = run_dir / "timing.json"
 
     class TimedTrainer(Trainer):

@@ -2,6 +2,8 @@
 
 Everything runs in one output folder and is reused when present: the data (same settings), finished runs
 (skipped), interrupted runs (resumed). So running the demo again after an interruption continues it.
+Timings come from records (each run's timing.json, the demo's own timing.json), not from this session's
+clock, so a re-run that reuses finished runs reports how long they took.
 """
 
 from __future__ import annotations
@@ -27,12 +29,28 @@ def demo_configs(dataset: Path, out: Path, device: str, num_labeled: int, seed: 
 
 
 MARKER = ".mnseg_demo"  # written into the output folder, so a later run knows the folder is the demo's own
-DEMO_ENTRIES = ("cache", "data", "runs", "report")
+DEMO_ENTRIES = ("cache", "data", "runs", "report", "timing.json")
+TIMING = "timing.json"  # the demo's own record: data_seconds (summed over sessions), predict_seconds per method
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
     rows = (run_dir / "history.csv").read_text().splitlines() if (run_dir / "history.csv").exists() else []
     return (run_dir / "checkpoints" / "last.pt").exists() and len(rows) - 1 >= epochs
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a (no timing.json)"
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: int = 0, quick: bool = False,
@@ -41,17 +59,19 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: 
 
     import torch
 
+    from mnseg.benchmark import train_cell
     from mnseg.data.synth import synthesize_dataset
     from mnseg.engine.predict import load_run, predict_folder
-    from mnseg.engine.trainer import Trainer
     from mnseg.evaluation import evaluate_folders, format_summary_table
     from mnseg.report import MethodResult, write_report
+    from mnseg.utils.atomic import atomic_write_json
     from mnseg.utils.output_folder import claim_output_folder
 
     out = Path(out).resolve()
     claim_output_folder(out, MARKER, DEMO_ENTRIES, "demo", "--out")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = _read_json(out / TIMING)
     t_start = time.time()
     dataset = out / "data" / DATASET_NAME
     log(f"[1/4] demo data: {dataset}")
@@ -62,22 +82,25 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: 
         spacing = 3.0 if device == "cpu" else 1.5
         synthesize_dataset(dataset, n_labeled=6, n_unlabeled=12, n_test=6, spacing=spacing, seed=seed,
                            progress=progress, reuse=True)
+    record["data_seconds"] = record.get("data_seconds", 0.0) + time.time() - t_start  # a reuse adds a moment
+    atomic_write_json(out / TIMING, record)
     configs = demo_configs(dataset, out, device, num_labeled, seed, quick)
-    results, timings = [], {}
+    results = []
     for step, (method, cfg) in enumerate(configs.items(), start=2):
         run_dir = out / "runs" / method
         log(f"[{step}/4] train {METHOD_LABELS[method]} -> {run_dir}")
-        t0 = time.time()
         if not _finished(run_dir, cfg.train.epochs):
             resume = (run_dir / "checkpoints" / "last.pt").exists()
-            Trainer(cfg, run_dir, resume=resume, overwrite=not resume, progress=progress, log=log).fit()
+            train_cell(cfg, run_dir, progress=progress, log=log, resume=resume)  # timing.json per epoch
+        t0 = time.time()
         run = load_run(run_dir, "last", device)
         pred_dir = run_dir / "test_predictions"
         failures = predict_folder(run, dataset / "imagesTs", pred_dir, overwrite=True, progress=progress, log=log)
         if failures:
             raise RuntimeError(f"demo predictions failed: {failures}")
         summary = evaluate_folders(pred_dir, dataset / "labelsTs", dataset_json=dataset / "dataset.json")
-        timings[method] = time.time() - t0
+        record.setdefault("predict_seconds", {})[method] = time.time() - t0
+        atomic_write_json(out / TIMING, record)
         log(format_summary_table(summary))
         results.append(MethodResult(METHOD_LABELS[method], summary, run_dir / "history.csv", pred_dir))
 
@@ -89,14 +112,16 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: 
     test_cases = sorted(
         (p.name[: -len("_0000.nii.gz")], p, dataset / "labelsTs" / p.name.replace("_0000.nii.gz", ".nii.gz"))
         for p in (dataset / "imagesTs").glob("*_0000.nii.gz"))
-    total = time.time() - t_start
+    train = {m: _read_json(out / "runs" / m / "timing.json").get("train_seconds") for m in configs}
+    total = record["data_seconds"] + sum(t or 0.0 for t in train.values()) + sum(record["predict_seconds"].values())
     notes = [
         f"Data: one real anatomy (MNI152 2009, shipped in nilearn) with synthetic variation: {DATASET_NAME}; "
         "figures on it are not comparable with published LA or Pancreas-CT figures.",
         f"{num_labeled} labelled subjects for both methods (seed {seed}); M&N also uses the unlabelled subjects. "
         "Test subjects are never in the unlabelled pool.",
-        f"Device: {device}. Wall-clock: " + ", ".join(f"{m} {t / 60:.1f} min" for m, t in timings.items())
-        + f"; whole demo {total / 60:.1f} min.",
+        f"Device: {device}. Training time (each run's timing.json): "
+        + ", ".join(f"{m} {_duration(t)}" for m, t in train.items())
+        + f"; whole demo {_duration(total)} (data, training and prediction, from the timing records).",
         "Presets: " + ", ".join(f"demo_{'gpu' if device.startswith('cuda') else 'cpu'}_{m}" for m in configs)
         + (" (quick mode: a smoke test, not a result)" if quick else ""),
     ]
