@@ -157,3 +157,47 @@ def test_effunet_auto_input_scale_reaches_the_side_it_is_asked_for():
     assert out.shape == (1, 2, 48, 40) and seen == [(128, 96)]  # x2.4: 115x96, padded to multiples of 32
     with pytest.raises(Exception, match="input_scale"):
         create_model("effunet", pretrained=False, input_scale="big")
+
+
+def test_oracle_pseudo_masks_are_the_one_hot_labels_of_the_unlabelled_items():
+    from mnseg.losses import supervised_loss
+    from mnseg.methods.base import Batch
+
+    base = _batch(2, 3)
+    label_u = (torch.rand(3, 16, 16, 16, generator=torch.Generator().manual_seed(5)) > 0.5).long()
+    batch = Batch(base.image_l, base.label_l, base.image_u, label_u)
+    method, _ = _method(oracle_pseudo=True)
+    got = _step_loss(method, batch)
+    with torch.no_grad():
+        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
+        one_hot = torch.nn.functional.one_hot(label_u, 2).movedim(-1, 1).float()
+        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], one_hot)
+    assert got == pytest.approx(float(expected), rel=1e-5)
+    plain, _ = _method()
+    assert _step_loss(plain, batch) != pytest.approx(got)  # without the switch the labels are never used
+
+
+def test_batcher_gives_unlabelled_labels_only_when_every_unlabelled_case_has_one():
+    from mnseg.data.loader import MemoryCase, PatchBatcher
+
+    def case(name, with_label):
+        image = np.random.default_rng(0).normal(size=(1, 8, 8, 8)).astype(np.float32)
+        label = np.ones((8, 8, 8), np.int16) if with_label else None
+        return MemoryCase(name, image, label, image.reshape(1, -1).min(1))
+
+    labelled = [case("l0", True)]
+    assert "label_u" not in PatchBatcher(labelled, [case("u0", False)], (4, 4, 4), 0.5, None, 0).next_batch(1, 2)
+    batch = PatchBatcher(labelled, [case("u0", True)], (4, 4, 4), 0.5, None, 0).next_batch(1, 2)
+    assert batch["label_u"].shape == (2, 4, 4, 4) and (batch["label_u"] == 1).all()
+
+
+def test_oracle_refuses_unlabelled_cases_without_labels(toy_dataset):
+    from mnseg.data.dataset import DatasetFolder
+    from mnseg.engine.data_setup import oracle_label_cases
+
+    folder = DatasetFolder(toy_dataset)
+    with pytest.raises(Exception, match="oracle_pseudo needs a label"):
+        oracle_label_cases(folder, folder.unlabeled_cases())
+    train = folder.training_cases()
+    assert [c.label for c in oracle_label_cases(folder, [type(c)(c.case_id, c.images) for c in train])] == [
+        c.label for c in train]

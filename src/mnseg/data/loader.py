@@ -66,16 +66,23 @@ class PatchBatcher:
 
     def next_batch(self, b_l: int, b_u: int) -> dict[str, np.ndarray]:
         c = self.labeled[0].image.shape[0]
-        imgs_l, labs_l, imgs_u = [], [], []
+        imgs_l, labs_l, imgs_u, labs_u = [], [], [], []
         for _ in range(b_l):
             img, lab = self._crop(self.labeled[self.rng.integers(len(self.labeled))], True)
             imgs_l.append(img)
             labs_l.append(lab)
         for _ in range(b_u if self.unlabeled else 0):
-            img, _ = self._crop(self.unlabeled[self.rng.integers(len(self.unlabeled))], False)
+            case = self.unlabeled[self.rng.integers(len(self.unlabeled))]
+            img, lab = self._crop(case, case.label is not None)  # a label only in the oracle diagnostic
             imgs_u.append(img)
+            labs_u.append(lab)
         empty = np.zeros((0, c, *self.patch_size), np.float32)
+        extra = {}
+        if self.unlabeled and all(case.label is not None for case in self.unlabeled):
+            empty_labels = np.zeros((0, *self.patch_size), np.int64)
+            extra["label_u"] = np.stack(labs_u).astype(np.int64) if labs_u else empty_labels
         return {
+            **extra,
             "image_l": np.stack(imgs_l).astype(np.float32) if imgs_l else empty,
             "label_l": np.stack(labs_l).astype(np.int64) if labs_l else np.zeros((0, *self.patch_size), np.int64),
             "image_u": np.stack(imgs_u).astype(np.float32) if imgs_u else empty,
@@ -101,7 +108,10 @@ def shard_batch(batch: dict[str, np.ndarray], rank: int, world_size: int) -> dic
     b_l = batch["image_l"].shape[0]
     mine = np.arange(rank, b_l + batch["image_u"].shape[0], world_size)
     own_l, own_u = mine[mine < b_l], mine[mine >= b_l] - b_l
-    return {"image_l": batch["image_l"][own_l], "label_l": batch["label_l"][own_l], "image_u": batch["image_u"][own_u]}
+    shard = {"image_l": batch["image_l"][own_l], "label_l": batch["label_l"][own_l], "image_u": batch["image_u"][own_u]}
+    if "label_u" in batch:
+        shard["label_u"] = batch["label_u"][own_u]
+    return shard
 
 
 def batch_to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:

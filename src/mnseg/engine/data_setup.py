@@ -80,9 +80,27 @@ def prepare_data(
         items = [(c.case_id, list(c.images), c.label if with_labels else None) for c in cases]
         return load_cases(cache, items, settings, plans["modality"], target, progress, cfg.data.num_workers)
 
+    unlabeled = split.unlabeled
+    oracle = bool(cfg.method.params.get("oracle_pseudo", False))
+    if oracle:
+        unlabeled = oracle_label_cases(folder, unlabeled)
     return PreparedData(
-        folder, split, plans, run(split.labeled, True), run(split.unlabeled, False), run(split.val, True)
+        folder, split, plans, run(split.labeled, True), run(unlabeled, oracle), run(split.val, True)
     )
+
+
+def oracle_label_cases(folder, cases: list) -> list:
+    """The unlabelled cases with their label files, for M&N's oracle diagnostic alone (``oracle_pseudo``: are
+    perfect pseudo-masks enough?). Only imagesTr cases sent to the unlabelled pool have one."""
+    from mnseg.data.dataset import Case
+    from mnseg.errors import ConfigError
+
+    labels = {c.case_id: c.label for c in folder.training_cases(require_labels=False)}
+    missing = [c.case_id for c in cases if labels.get(c.case_id) is None]
+    if missing:
+        raise ConfigError(f"method.params.oracle_pseudo needs a label for every unlabelled case; {len(missing)} have "
+                          f"none (e.g. {missing[0]}; imagesUnlabeled cases never do)")
+    return [Case(c.case_id, c.images, labels[c.case_id]) for c in cases]
 
 
 def load_cases(cache, items: list, settings, modality, target, progress: bool = True, workers: int = 0) -> list:

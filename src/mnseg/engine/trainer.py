@@ -36,6 +36,7 @@ from mnseg.engine.build import (
 from mnseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from mnseg.engine.run_dir import RunDir
 from mnseg.engine.schedules import current_lr, make_scheduler
+from mnseg.engine.weights import save_weights, weights_path
 from mnseg.errors import ConfigError, MnsegError
 from mnseg.losses import batch_dice_over_ranks
 from mnseg.methods import method_class
@@ -46,6 +47,12 @@ from mnseg.utils.atomic import atomic_write_text
 
 class NonFiniteLossError(MnsegError):
     pass
+
+
+def without_foreground(case):
+    """An unlabelled case's crops are never aimed by a label (present only in M&N's oracle diagnostic)."""
+    case.fg = None
+    return case
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -169,7 +176,7 @@ class Trainer:
         ignore = plans["ignore_label"]
         self.batcher = PatchBatcher(
             [to_memory_case(c, ignore, rng) for c in self.data.labeled],
-            [to_memory_case(c, ignore, rng) for c in self.data.unlabeled],
+            [without_foreground(to_memory_case(c, ignore, rng)) for c in self.data.unlabeled],
             cfg.data.patch_size,
             cfg.data.fg_prob,
             ignore,
@@ -246,9 +253,10 @@ class Trainer:
             counts["b_u"] += b_u
             arrays = shard_batch(self.batcher.next_batch(b_l, b_u), self.dist.rank, self.dist.world_size)
             t = batch_to_device(arrays, self.device)
-            batch = Batch(t["image_l"], t["label_l"], t["image_u"])
+            batch = Batch(t["image_l"], t["label_l"], t["image_u"], t.get("label_u"))
             if cfg.train.channels_last:
-                batch = Batch(to_channels_last(batch.image_l), batch.label_l, to_channels_last(batch.image_u))
+                batch = Batch(to_channels_last(batch.image_l), batch.label_l, to_channels_last(batch.image_u),
+                              batch.label_u)
             for role in active:
                 self.optimizers[role].zero_grad(set_to_none=True)
             # Equal shards on every process: batch Dice pools over them all, as one process with the whole batch.
@@ -388,10 +396,12 @@ class Trainer:
         rngs = distributed.gather_objects(rng_state(), self.dist)
         if not self.is_main:
             return
+        models = {r: unwrap(m).state_dict() for r, m in self.models.items()}
+        save_weights(weights_path(self.run.path, tag), models, self.start_epoch)  # what predict and export read
         save_checkpoint(
             self.run.checkpoint(tag),
             epoch=self.start_epoch,
-            models={r: unwrap(m).state_dict() for r, m in self.models.items()},
+            models=models,
             optimizers={r: o.state_dict() for r, o in self.optimizers.items()},
             schedulers={r: s.state_dict() for r, s in self.schedulers.items()},
             method=self.method.extra_state(),

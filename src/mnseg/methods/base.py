@@ -40,6 +40,7 @@ class Batch:
     image_l: torch.Tensor  # (b_l, C, X, Y, Z)
     label_l: torch.Tensor  # (b_l, X, Y, Z) int64, may contain the ignore label
     image_u: torch.Tensor  # (b_u, C, X, Y, Z)
+    label_u: torch.Tensor | None = None  # the unlabelled items' labels: only M&N's oracle diagnostic has them
 
     @property
     def b_l(self) -> int:

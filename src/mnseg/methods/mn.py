@@ -17,11 +17,14 @@ stage 2 (warm-up + cosine over stage 1, then cosine from lr_init to lr_final ove
 to B over co-training; ``schedule: single`` uses one warm-up + cosine over the whole run instead.
 
 Switches beyond the paper, each off by default (``mn_paper`` keeps them off; docs/methods/mn.md):
-``soft_dice: squared`` (Dice(g, P) with sum g^2 + sum P^2 below, maximised at g = P, as the authors' code),
-``min_labeled: k`` (b_u <= B - k: a labelled floor; the authors' code keeps b_l >= 1), ``w_u`` (a factor on L_u,
-0 for the starvation ablation), ``pseudo: ensemble`` (P = the mean of both models' softmax), ``pseudo_weight:
-confidence`` (each voxel's L_u weighted by max_c P), and ``fg_refresh: agree`` (unlabelled crops centred on voxels
-where both models agree, not on the 3D model's own predictions).
+- ``soft_dice: squared``: Dice(g, P) with sum g^2 + sum P^2 below, maximised at g = P (the authors' code);
+- ``min_labeled: k``: b_u <= B - k, a labelled floor (the authors' code keeps b_l >= 1);
+- ``unlabeled_on_top``: b_l = B always, the LR-guided b_u unlabelled items on top (as mean teacher's B + B);
+- ``w_u``: a factor on L_u (0: the starvation ablation);
+- ``pseudo: ensemble``: P is the mean of both models' softmax;
+- ``pseudo_weight: confidence``: each voxel's L_u weighted by max_c P;
+- ``fg_refresh: agree``: unlabelled crops centred on voxels where both models name the same class;
+- ``oracle_pseudo``: a diagnostic, the unlabelled imagesTr cases' true labels as P (the ceiling of any P).
 """
 
 from __future__ import annotations
@@ -128,6 +131,8 @@ class MN(Method):
             b_u = uniform_unlabeled_count(self.ctx.n_labeled, self.ctx.n_unlabeled, B, self._rng)
         else:
             b_u = int(round(float(self.param("fixed_ratio", 0.5)) * B))
+        if self.param("unlabeled_on_top", False):
+            return B, b_u  # B labelled items always, the LR-guided count of unlabelled ones on top
         b_u = min(b_u, B - self.min_labeled)  # the labelled floor (0 by default: the paper's formula)
         return B - b_u, b_u
 
@@ -202,10 +207,16 @@ class MN(Method):
         b_l, b_u = batch.b_l, batch.b_u
         model = self.models[role]
         image_l, (label,) = self.augment(role, batch.image_l, [batch.label_l], ["label"])
-        image_u, _ = self.augment(role, batch.image_u) if b_u else (batch.image_u, [])
+        oracle = batch.label_u if self.param("oracle_pseudo", False) else None
+        if b_u and oracle is not None:  # diagnostic: the unlabelled items' true labels as pseudo-masks
+            image_u, (oracle,) = self.augment(role, batch.image_u, [oracle], ["label"])
+        elif b_u:
+            image_u, _ = self.augment(role, batch.image_u)
+        else:
+            image_u = batch.image_u
         pseudo = None
         if b_u:
-            pseudo = self._pseudo_masks(role, image_u)
+            pseudo = self._pseudo_masks(role, image_u) if oracle is None else self._one_hot(oracle)
             image_u, pseudo = self._depth_subset(role, image_u, pseudo)
         image_l, label = self._depth_subset(role, image_l, label)
         logits = model(torch.cat([image_l, image_u]) if b_u else image_l)
@@ -225,6 +236,9 @@ class MN(Method):
             if b_l:
                 logs.update(self._class_shares("label", label, pseudo.shape[1]))
         return StepOutput(loss, logs)
+
+    def _one_hot(self, labels: Tensor) -> Tensor:
+        return torch.nn.functional.one_hot(labels.long(), self.ctx.num_classes).movedim(-1, 1).float()
 
     @torch.no_grad()
     def _pseudo_masks(self, role: str, image_u: Tensor) -> Tensor:

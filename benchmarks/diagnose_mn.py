@@ -1,0 +1,140 @@
+"""Why does (or doesn't) M&N beat supervised training? Discriminating runs on one split, rerunnable on a CPU.
+
+Each variant is M&N at the CPU grid's size (preset cpu_grid_mn_paper: the paper's recipe, no switch beyond it)
+with one thing changed, next to the supervised baseline with the same labels and the same 500 3D updates:
+
+    python benchmarks/diagnose_mn.py --out /tmp/diag                      # every variant, seed 0
+    python benchmarks/diagnose_mn.py --out /tmp/diag --variants sup,mn_paper,mn --seeds 0,1,2 --jobs 2
+
+Runs go to OUT/runs/<variant>/n<N>_seed<S> (finished runs are kept, so a rerun continues); OUT/diagnosis.csv and
+OUT/diagnosis.md hold, per run: validation Dice (2 held-out labelled subjects: what a recipe is chosen on), test
+Dice per class (10 test subjects: reported, never chosen on), and for M&N the lesion's share in the pseudo-masks
+against its share in the labels over the 3D model's co-training epochs. Each job runs with one thread
+(OMP_NUM_THREADS=1), so --jobs 2 uses both cores of a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+PAPER = "cpu_grid_mn_paper"
+# name -> (preset, overrides); every M&N variant changes one thing of PAPER, except the recipes at the end.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "sup": ("cpu_grid_supervised", []),
+    "mn_paper": (PAPER, []),
+    "bu0": (PAPER, ["method.params.lrg=fixed", "method.params.fixed_ratio=0"]),  # the schedule alone
+    "wu0": (PAPER, ["method.params.w_u=0"]),  # starvation: unlabelled items take batch places, teach nothing
+    "oracle": (PAPER, ["method.params.oracle_pseudo=true"]),  # perfect pseudo-masks: the ceiling
+    "no_refresh": (PAPER, ["method.params.fg_refresh_every=0"]),
+    "agree_refresh": (PAPER, ["method.params.fg_refresh=agree"]),
+    "sq_dice": (PAPER, ["method.params.soft_dice=squared"]),
+    "floor1": (PAPER, ["method.params.min_labeled=1"]),
+    "on_top": (PAPER, ["method.params.unlabeled_on_top=true"]),
+    "scale2d": (PAPER, ["models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.drop_connect_rate=0.0"]),
+    "all_slices": (PAPER, ["method.params.slices_2d=null"]),
+    "ensemble": (PAPER, ["method.params.pseudo=ensemble"]),
+    "confidence": (PAPER, ["method.params.pseudo_weight=confidence"]),
+    "mn": ("cpu_grid_mn", []),  # the default recipe (what the grid runs)
+    "mt": ("cpu_grid_mean_teacher", []),
+}
+
+
+def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Path, log) -> Path:
+    preset, overrides = VARIANTS[variant]
+    run_dir = out / "runs" / variant / f"n{n}_seed{seed}"
+    if (run_dir / "test_predictions" / "summary.json").exists():
+        return run_dir
+    resume = (run_dir / "checkpoints" / "last.pt").exists()
+    cmd = [sys.executable, "-m", "mnseg", "train"]
+    cmd += ["--resume", str(run_dir)] if resume else [
+        str(dataset), "--config", preset, "--num-labeled", str(n), "--num-val", "2", "--seed", str(seed),
+        "--run-dir", str(run_dir), "--overwrite", *overrides]
+    cmd += ["--test", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MNSEG_CACHE_DIR": str(cache)}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(run_dir.parent / f"n{n}_seed{seed}.log", "a") as fh:
+        rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    log(f"{variant} n={n} seed={seed}: rc={rc} ({(time.time() - t0) / 60:.1f} min)")
+    if rc != 0:
+        raise RuntimeError(f"{variant} n={n} seed={seed} failed, see {run_dir.parent / f'n{n}_seed{seed}.log'}")
+    return run_dir
+
+
+def read_run(run_dir: Path) -> dict:
+    """Validation Dice (last epoch), test Dice per class, and M&N's lesion shares over its 3D co-training."""
+    with open(run_dir / "history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    val = [float(r["val_dice"]) for r in rows if r.get("val_dice")]
+    summary = json.loads((run_dir / "test_predictions" / "summary.json").read_text())
+    classes = [c for c in summary["metric_per_case"][0]["metrics"]]
+    per_class = {c: float(np.mean([m["metrics"][c]["dice"] for m in summary["metric_per_case"]])) for c in classes}
+    out = {"val_dice": val[-1] if val else float("nan"), **{f"test_{c}": v for c, v in per_class.items()}}
+    out["test_fg_mean"] = float(np.mean(list(per_class.values())))
+    co3d = [r for r in rows if r["phase"] == "cotrain-3d"]
+    for key in ("pseudo_share_3", "label_share_3", "b_u"):
+        vals = [float(r[key]) for r in co3d if r.get(key)]
+        out[key] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def write_tables(out: Path, results: list[dict]) -> None:
+    keys = list(results[0])
+    with open(out / "diagnosis.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(results)
+    lines = ["| variant | n | seed | val Dice | test WM | test GM | test lesion | test fg mean | lesion pseudo/label "
+             "share | mean b_u (3D) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        share = (f"{r['pseudo_share_3']:.5f} / {r['label_share_3']:.5f}" if np.isfinite(r["pseudo_share_3"])
+                 else "")
+        b_u = f"{r['b_u']:.2f}" if np.isfinite(r["b_u"]) else ""
+        lines.append(f"| {r['variant']} | {r['n']} | {r['seed']} | {r['val_dice']:.4f} | {r['test_white_matter']:.4f} "
+                     f"| {r['test_grey_matter']:.4f} | {r['test_lesion']:.4f} | {r['test_fg_mean']:.4f} | {share} "
+                     f"| {b_u} |")
+    (out / "diagnosis.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dataset", type=Path, help="default OUT/data/Dataset921_MNIStrong3mm, synthesized if absent")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--num-labeled", type=int, default=2)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = args.out.resolve()
+    dataset = args.dataset or out / "data" / "Dataset921_MNIStrong3mm"
+    if not (dataset / "dataset.json").exists():
+        # every imagesTr subject beyond the labelled and validation ones is unlabelled, and has a label on disk
+        # that only the oracle variant reads
+        subprocess.run([sys.executable, "-m", "mnseg", "synth", str(dataset), "--variation", "strong", "--n-labeled",
+                        "22", "--n-unlabeled", "0", "--n-test", "10", "--spacing", "3"], check=True)
+    cells = [(v, args.num_labeled, s) for s in seeds for v in variants]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        dirs = list(pool.map(lambda c: run_one(dataset, out, *c, out / "cache", print), cells))
+    results = [{"variant": v, "n": n, "seed": s, **read_run(d)} for (v, n, s), d in zip(cells, dirs)]
+    write_tables(out, results)
+    print((out / "diagnosis.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
