@@ -150,8 +150,9 @@ def test_progress_off_a_terminal_is_plain_lines(monkeypatch):
     from mnseg.utils import progress
 
     quiet = io.StringIO()
-    for _ in progress.progress_bar(range(3), desc="work", stream=quiet):
-        pass
+    bar = progress.progress_bar(range(3), desc="work", stream=quiet)
+    for i in bar:
+        bar.set_postfix(loss=i)  # waits for the next timed line
     assert quiet.getvalue() == ""  # shorter than one line interval: nothing in the log
     monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)
     stream = io.StringIO()

@@ -42,5 +42,15 @@ def progress_bar(iterable=None, *, desc: str, disable: bool = False, stream=None
     if disable or _is_terminal(stream):
         return tqdm(iterable, desc=desc, disable=disable, file=stream, **kwargs)
     kwargs.pop("dynamic_ncols", None)
-    return tqdm(iterable, desc=desc, file=_LineStream(stream), mininterval=LINE_INTERVAL, delay=LINE_INTERVAL,
-                bar_format=LINE_FORMAT, ascii=True, **kwargs)
+
+    class LineBar(tqdm):
+        """Postfix and description changes wait for the next timed line instead of printing one each."""
+
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+        def set_description(self, desc=None, refresh=True):
+            super().set_description(desc, refresh=False)
+
+    return LineBar(iterable, desc=desc, file=_LineStream(stream), mininterval=LINE_INTERVAL, delay=LINE_INTERVAL,
+                   bar_format=LINE_FORMAT, ascii=True, **kwargs)
