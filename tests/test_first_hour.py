@@ -64,13 +64,14 @@ def test_failed_train_leaves_no_run_folder_and_the_corrected_command_works(toy_d
     assert (tmp_path / "runs" / "Dataset001_Toy" / "supervised_all_seed0" / "checkpoints" / "last.pt").is_file()
 
 
-def _timed_cli(*argv):
-    """Run ``mnseg ARGV`` in a fresh interpreter; (exit code, stderr, seconds, torch imported)."""
+def _timed_cli(cwd, *argv):
+    """Run ``mnseg ARGV`` in a fresh interpreter in ``cwd``; (exit code, stderr, seconds, torch imported)."""
     code = ("import sys; from mnseg.cli import main; rc = main(sys.argv[1:]); "
             "print('torch' in sys.modules); sys.exit(rc)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=cwd)
     return done.returncode, done.stderr, time.perf_counter() - t0, done.stdout.strip() == "True"
 
 
@@ -80,7 +81,7 @@ def _timed_cli(*argv):
     ["predict", "-i", ".", "-o", "preds", "-m", "no/such/run"],
 ])
 def test_path_errors_answer_before_torch_is_imported(tmp_path, argv):
-    rc, err, seconds, torch_imported = _timed_cli(*argv)
+    rc, err, seconds, torch_imported = _timed_cli(tmp_path, *argv)
     assert rc == 2 and "not found" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not torch_imported
