@@ -137,16 +137,18 @@ def test_truncated_checkpoint_gives_a_clear_error_on_resume_and_predict(trained,
     ds, run, cache = trained
     broken = tmp_path / "run"
     shutil.copytree(run, broken)
-    last = broken / "checkpoints" / "last.pt"
-    last.write_bytes(last.read_bytes()[:keep_bytes])
-    (broken / "checkpoints" / "best.pt").unlink()
+    last, weights = broken / "checkpoints" / "last.pt", broken / "checkpoints" / "last.safetensors"
+    for path in (last, weights):  # resume reads the first, predict the second
+        path.write_bytes(path.read_bytes()[:keep_bytes])
+        (broken / "checkpoints" / path.name.replace("last", "best")).unlink()
     capsys.readouterr()
     assert main(["train", "--resume", str(broken), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert str(last) in err and "cannot read checkpoint" in err and "Traceback" not in err
     rc = main(["predict", "-i", str(ds / "imagesTs"), "-o", str(tmp_path / "out"), "-m", str(broken), "--no-progress"])
     assert rc == 2
-    assert str(last) in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(weights) in err and "cannot read weights" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

@@ -14,7 +14,9 @@ import sys
 from mnseg import __version__
 from mnseg.errors import MnsegError
 
-COMMANDS = ["check", "convert", "synth", "train", "predict", "evaluate", "demo", "benchmark"]
+COMMANDS = [
+    "check", "convert", "synth", "train", "predict", "evaluate", "export", "convert-checkpoint", "demo", "benchmark"
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,10 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mnseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
+        module_name = f"mnseg.commands.{name.replace('-', '_')}"
         try:
-            module = importlib.import_module(f"mnseg.commands.{name}")
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name == f"mnseg.commands.{name}":
+            if exc.name == module_name:
                 continue  # command not built yet
             raise
         p = sub.add_parser(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnseg.config import Config, read_yaml
+from mnseg.config import Config
 from mnseg.engine.build import build_augmenter, build_model, place_model, resolve_device
-from mnseg.engine.checkpoint import load_checkpoint
 from mnseg.errors import ConfigError, InputFileError, MnsegError
 
 
@@ -153,20 +151,17 @@ def configure_tta(
 def load_run(
     run_dir: str | Path, checkpoint: str = "best", device: str = "auto", model: str | None = None
 ) -> LoadedRun:
-    """Rebuild the method's models from the run's config and load a checkpoint ('best' falls back to 'last')."""
+    """Rebuild the method's models from a run directory ('best' falls back to 'last') or an exported model zip.
+
+    Only the safe files are read (config, plans, safetensors weights: ``engine/weights.py``), never a pickle.
+    """
+    from mnseg.engine.weights import open_model
     from mnseg.methods import method_class
     from mnseg.methods.base import MethodContext
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise MnsegError(f"{run_dir}: not an mnseg run directory (no config.yaml)")
-    cfg = Config.from_dict(read_yaml(run_dir / "config.yaml"))
-    plans = json.loads((run_dir / "plans.json").read_text())
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
-    if checkpoint == "best" and not path.exists():
-        path = run_dir / "checkpoints" / "last.pt"
+    files = open_model(run_dir, checkpoint)
+    cfg, plans = Config.from_dict(files.config), files.plans
     dev = resolve_device(device)
-    ckpt = load_checkpoint(path, map_location="cpu")
     cls = method_class(cfg.method.name)
     ctx = MethodContext(
         plans["num_classes"],
@@ -183,9 +178,14 @@ def load_run(
     models = {r: build_model(cfg.models[r], plans["in_channels"], plans["num_classes"]) for r in cls.default_models}
     method.attach(models, {}, {})  # before loading weights, so a method's setup() cannot overwrite them
     for role, m in models.items():
-        m.load_state_dict(ckpt["models"][role])
+        if role not in files.weights:
+            raise MnsegError(f"{files.source}: no weights for model '{role}' (has {', '.join(files.weights)})")
+        try:
+            m.load_state_dict(files.weights[role])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise MnsegError(f"{files.source}: weights of model '{role}' do not fit its config ({first[0]})") from None
         place_model(m, cfg.models[role], cfg.train, dev).eval()  # the run's speed options, as in training
-    method.load_extra_state(ckpt.get("method", {}))
     predictor = method.predictor(model or cfg.infer.model)
     predictors = predictor if isinstance(predictor, list) else [predictor]
     roles = [next((r for r, m in models.items() if m is p), None) for p in predictors]

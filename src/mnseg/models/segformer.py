@@ -10,6 +10,8 @@ and the 1/4-resolution logits are upsampled bilinearly to the input size.
 
 from __future__ import annotations
 
+import pickle
+
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +41,11 @@ def load_segformer(pretrained: str | None, size: str, num_classes: int):
         return SegformerForSemanticSegmentation.from_pretrained(
             str(pretrained), num_labels=num_classes, ignore_mismatched_sizes=True
         )
+    except pickle.UnpicklingError:  # transformers reads .bin weights with weights_only=True: it refused code
+        raise ConfigError(
+            f"model 'segformer': pretrained weights {str(pretrained)!r} hold pickled objects other than tensors, "
+            "which could run code when loaded, so they were not loaded; use a folder with model.safetensors"
+        ) from None
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"model 'segformer': cannot load pretrained weights {str(pretrained)!r} ({error}). "
