@@ -3,7 +3,8 @@
 import contextlib
 
 HELP = "predict NIfTI masks (in each input's original geometry) with a trained run"
-DESCRIPTION = """Predict an image, or every image in a folder, with a trained run directory.
+DESCRIPTION = """Predict an image, or every image in a folder, with a trained run directory or a model zip
+from mnseg export. Only safe files are read (safetensors weights, config, plans), never a pickle.
 
 Outputs are label maps CASE.nii.gz in each input's original grid and affine
 (inputs CASE_0000.nii.gz, ... as in imagesTs). Existing outputs are kept unless --overwrite.
@@ -22,7 +23,8 @@ def add_arguments(p):
     p.add_argument("-i", "--input", required=True,
                    help="an image file, or a folder of images (CASE_0000.nii.gz ...); output CASE.nii.gz")
     p.add_argument("-o", "--output", required=True, help="folder for the predicted masks (not the input folder)")
-    p.add_argument("-m", "--model", required=True, metavar="RUN_DIR", help="run directory from mnseg train")
+    p.add_argument("-m", "--model", required=True, metavar="RUN_DIR|ZIP",
+                   help="run directory from mnseg train, or a model zip from mnseg export")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"],
                    help="best.pt (best validation Dice; runs without validation have only last.pt, used with a "
                         "warning) or last.pt (default: best)")
@@ -62,7 +64,7 @@ def run(args) -> int:
     if not Path(args.input).exists():  # before torch is imported: a typo answers at once
         raise MnsegError(f"{args.input}: input file or folder not found")
     if not Path(args.model).exists():
-        raise MnsegError(f"{args.model}: run directory not found")
+        raise MnsegError(f"{args.model}: run directory or model zip not found")
     checkpoints = Path(args.model) / "checkpoints"
     if args.checkpoint == "best" and (checkpoints / "last.pt").is_file() and not (checkpoints / "best.pt").is_file():
         print(f"warning: {args.model} has no checkpoints/best.pt (trained without validation cases); "
