@@ -24,6 +24,7 @@ from mnseg.utils.atomic import atomic_path
 FORMAT = "mnseg-model"
 FORMAT_VERSION = 1
 MEMBERS = ("model.json", "config.yaml", "plans.json", "weights.safetensors")
+TEXT_LIMIT = 64 * 2**20
 
 
 def export_model(run_dir: str | Path, out: str | Path, checkpoint: str = "best", overwrite: bool = False) -> dict:
@@ -65,6 +66,9 @@ def read_zip(path: Path) -> ModelFiles:
             missing = [m for m in MEMBERS if m not in zf.namelist()]
             if missing:
                 raise MnsegError(f"{path}: not an mnseg model zip (missing {', '.join(missing)})")
+            big = [m for m in MEMBERS[:3] if zf.getinfo(m).file_size > TEXT_LIMIT]
+            if big:  # a description is kilobytes; gigabytes would be a zip bomb
+                raise MnsegError(f"{path}:{big[0]}: {zf.getinfo(big[0]).file_size} bytes, too large for a description")
             data = {m: zf.read(m) for m in MEMBERS}
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise MnsegError(f"{path}: not an mnseg run directory or model zip ({type(exc).__name__}: {exc})") from None
