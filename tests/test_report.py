@@ -119,12 +119,20 @@ def test_write_report_files_tables_and_figures(tmp_path, report_inputs):
     markdown = md_path.read_text()
     page = (out / "report.html").read_text()
 
+    # the examples are the best and the worst case by mean foreground Dice over the methods that scored them
+    scores = {case: np.mean([np.mean([item["metrics"][n]["dice"] for n in ("liver", "tumour")])
+                             for r in results for item in r.summary["metric_per_case"] if item["case"] == case])
+              for case, _, _ in test_cases}
+    ranked = sorted(scores, key=scores.get, reverse=True)
+    shown = [ranked[0], ranked[-1]]
     curves = out / "figures" / "learning_curves.png"
-    overlays = [out / "figures" / f"overlay_{case}.png" for case, _, _ in test_cases[:2]]
+    overlays = [out / "figures" / f"overlay_{case}.png" for case in shown]
     for png in [curves, *overlays]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         _image_is_nontrivial(png)
-    assert not (out / "figures" / "overlay_case_003.png").exists()  # only n_overlay_cases pictures
+    assert not (out / "figures" / f"overlay_{ranked[1]}.png").exists()  # only n_overlay_cases pictures
+    assert f"### {ranked[0]}: best of 3 by mean foreground Dice" in markdown
+    assert f"### {ranked[-1]}: worst of 3 by mean foreground Dice" in markdown
     assert not [p for p in out.rglob(".*")], "temporary files left behind"
 
     # every number in the table is the summary's, formatted
@@ -152,7 +160,7 @@ def test_write_report_files_tables_and_figures(tmp_path, report_inputs):
     assert "mn tied supervised" in markdown and "With 3 test cases no difference could reach p < 0.05" in markdown
 
     assert "HD95 (voxel)" in markdown and "seed 0" in markdown and "seed 0" in page
-    assert "mn: no prediction found for test case" not in markdown  # case_003 is not drawn
+    assert ("mn: no prediction found for test case case_003" in markdown) == ("case_003" in shown)
     # the HTML page is self-contained: every picture inlined, none linked
     sources = re.findall(r'src="([^"]+)"', page)
     assert len(sources) == 3 and all(src.startswith("data:image/png;base64,") for src in sources)
@@ -243,7 +251,8 @@ def test_format_mean_std_edge_values():
 
 
 def test_reorientation_puts_axial_slices_last_with_matching_spacing():
-    from mnseg.report import _ras_spacing, _to_ras
+    from mnseg.overlays import ras_spacing as _ras_spacing
+    from mnseg.overlays import to_ras as _to_ras
 
     # file axes are (S, A, L): axis 0 runs superior, axis 2 runs to the left
     affine = np.array([[0, 0, -0.5, 0], [0, 2.0, 0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
@@ -309,3 +318,36 @@ def test_verdict_module_edge_cases():
     assert "a tied b: +0.000" in verdict_sentence(same)
     assert compare("a", "b", {}, {"x": 1.0}).n_pairs == 0
     assert smallest_p(5) == 2 / 32 and smallest_p(6) < 0.05
+
+
+def test_error_map_colours_small_classes_opaque_and_an_error_column_per_method(tmp_path):
+    from mnseg.overlays import ERROR_COLOURS, class_opacity, error_rgb
+
+    ref = np.array([[0, 1, 1, 2]])
+    pred = np.array([[1, 0, 1, 1]])  # FP, FN, right, wrong class
+    rgb = error_rgb(np.zeros((1, 4)), pred, ref, num_classes=3)
+    assert tuple(rgb[0, 0]) == tuple(ERROR_COLOURS["false positive"].astype(np.uint8))
+    assert tuple(rgb[0, 1]) == tuple(ERROR_COLOURS["false negative"].astype(np.uint8))
+    assert tuple(rgb[0, 2]) == (0, 0, 0)
+    assert tuple(rgb[0, 3]) == tuple(ERROR_COLOURS["wrong class"].astype(np.uint8))
+    big = np.zeros(SHAPE, np.uint8)
+    big[2:20, 2:18, 2:14] = 1
+    big[5:7, 5:7, 5:7] = 2  # a lesion: 8 voxels beside thousands
+    assert class_opacity(big, {1: "tissue", 2: "lesion"}) == {1: 0.45, 2: 0.9}
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=SHAPE)
+    plain = overlay_figure(image, [big, big], ["ground truth", "m"], CLASS_NAMES, tmp_path / "plain.png")
+    errors = overlay_figure(image, [big, np.roll(big, 2, axis=0)], ["ground truth", "m"], CLASS_NAMES,
+                            tmp_path / "errors.png", errors_against=0)
+    import matplotlib.image
+
+    assert matplotlib.image.imread(errors).shape[1] > matplotlib.image.imread(plain).shape[1]  # one column more
+    perfect = overlay_figure(image, [big, big], ["ground truth", "m"], CLASS_NAMES, tmp_path / "perfect.png",
+                             errors_against=0)
+
+    def magenta(png):
+        pixels = _image_is_nontrivial(png)
+        return int(((pixels[..., 0] > 0.9) & (pixels[..., 1] < 0.1) & (pixels[..., 2] > 0.9)).sum())
+
+    assert magenta(errors) > magenta(perfect) + 20  # false positives of the shifted mask (beyond the legend's)

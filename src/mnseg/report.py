@@ -3,10 +3,10 @@
 ``write_report`` writes ``report.md`` (linking the PNGs in ``figures/``) and ``report.html`` (self-contained:
 the same PNGs inlined, so the one file can be mailed). The verdict and the bold cells come from a paired
 Wilcoxon test over test cases against the baseline (the first method unless named), so a difference
-that chance explains is not presented as a win. Figures are drawn with matplotlib's object API
-(``Figure`` + Agg canvas), never pyplot, so importing this module does not change the backend of an
-interactive session.
-``overlay_rgb`` needs only numpy, so TensorBoard logging can use it cheaply.
+that chance explains is not presented as a win. The example cases are the best, median and worst by
+Dice, with an error map per method (pictures: ``mnseg.overlays``). Figures are drawn with matplotlib's
+object API (``Figure`` + Agg canvas), never pyplot, so importing this module does not change the backend
+of an interactive session.
 """
 
 from __future__ import annotations
@@ -23,30 +23,21 @@ from pathlib import Path
 import numpy as np
 
 from mnseg.errors import InputFileError
-from mnseg.utils.atomic import atomic_path, atomic_write_text
+from mnseg.overlays import (  # noqa: F401 - re-exported: report's picture API before mnseg.overlays existed
+    NOT_DRAWN,
+    class_colour,
+    overlay_figure,
+    overlay_rgb,
+    pick_foreground_slices,
+    ras_spacing,
+    save_figure,
+    to_ras,
+)
+from mnseg.utils.atomic import atomic_write_text
 from mnseg.verdict import SIGNIFICANCE, Comparison, compare, verdict_sentence
 
 METRICS = (("dice", "Dice", 3), ("jaccard", "Jaccard", 3), ("hd95", "HD95", 2), ("asd", "ASD", 2))
 FOREGROUND_MEAN = "foreground mean"
-NOT_DRAWN = ("background", "ignore")
-
-# matplotlib's "tab10" colours: distinct and readable on grey-scale images.
-_PALETTE = np.array(
-    [
-        (31, 119, 180),
-        (255, 127, 14),
-        (44, 160, 44),
-        (214, 39, 40),
-        (148, 103, 189),
-        (140, 86, 75),
-        (227, 119, 194),
-        (127, 127, 127),
-        (188, 189, 34),
-        (23, 190, 207),
-    ],
-    dtype=np.float64,
-)
-
 
 @dataclass
 class MethodResult:
@@ -88,10 +79,10 @@ def write_report(
     curves_png = _learning_curves(results, figures / "learning_curves.png", notes)
 
     overlays = []
-    for case_id, image_path, label_path in test_cases[: max(n_overlay_cases, 0)]:
+    for (case_id, image_path, label_path), role in example_cases(test_cases, results, classes, n_overlay_cases):
         png = figures / f"overlay_{_safe_name(case_id)}.png"
         _case_overlay(case_id, Path(image_path), Path(label_path), results, class_names, png, notes)
-        overlays.append((case_id, png))
+        overlays.append((f"{case_id}{role}", png))
 
     n_cases = {r.name: len(r.summary.get("metric_per_case", [])) for r in results}
     page_parts = (title, notes, verdict, table, units, n_cases, baseline, curves_png, overlays, out_dir)
@@ -104,116 +95,6 @@ def write_report(
 
 
 # ----------------------------------------------------------------------------------------------- pictures
-
-
-def overlay_rgb(
-    image2d: np.ndarray,
-    label2d: np.ndarray | None,
-    num_classes: int,
-    alpha: float = 0.45,
-    intensity_range: tuple[float, float] | None = None,
-) -> np.ndarray:
-    """Grey-scale slice with labels ``1 .. num_classes-1`` as translucent colours; ``(H, W, 3)`` uint8.
-
-    ``num_classes`` counts the background; larger labels (e.g. ``ignore``) are left uncoloured.
-    Intensities are scaled to the 1st-99th percentile of the slice unless ``intensity_range`` is given.
-    """
-    image2d = np.asarray(image2d, dtype=np.float64)
-    if image2d.ndim != 2:
-        raise ValueError(f"overlay_rgb needs a 2D image, got shape {image2d.shape}")
-    low, high = intensity_range if intensity_range is not None else _intensity_range(image2d)
-    grey = np.clip((image2d - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(image2d)
-    rgb = np.repeat(grey[..., None] * 255.0, 3, axis=-1)
-    if label2d is not None:
-        label2d = np.asarray(label2d)
-        if label2d.shape != image2d.shape:
-            raise ValueError(f"label slice shape {label2d.shape} differs from image slice {image2d.shape}")
-        for cls in range(1, num_classes):
-            mask = label2d == cls
-            if mask.any():
-                rgb[mask] = (1.0 - alpha) * rgb[mask] + alpha * class_colour(cls)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-
-
-def class_colour(cls: int) -> np.ndarray:
-    """RGB (0-255 floats) for a class index >= 1; colours repeat, lighter, after ten classes."""
-    base = _PALETTE[(cls - 1) % len(_PALETTE)]
-    lighten = min(((cls - 1) // len(_PALETTE)) * 0.35, 0.7)
-    return base + (255.0 - base) * lighten
-
-
-def overlay_figure(
-    image3d: np.ndarray,
-    label3d_list: Sequence[np.ndarray | None],
-    titles: Sequence[str],
-    class_names: dict[int, str],
-    out_png: Path,
-    slice_indices: Sequence[int] | None = None,
-    spacing: Sequence[float] | None = None,
-) -> Path:
-    """One PNG: columns ``image | label volume 1 | label volume 2 | ...``, rows = axial slices (last axis).
-
-    ``titles`` name the label columns (the first column is always "image"); a ``None`` label volume
-    shows the image alone. Without ``slice_indices``, three slices through the foreground of the first
-    label volume are shown. Arrays must already be in display orientation; ``spacing`` (voxel size per
-    axis) keeps anisotropic pixels in proportion.
-    """
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    image3d = np.asarray(image3d)
-    if image3d.ndim != 3:
-        raise ValueError(f"overlay_figure needs a 3D image, got shape {image3d.shape}")
-    if len(titles) != len(label3d_list):
-        raise ValueError(f"{len(titles)} titles given for {len(label3d_list)} label volumes")
-    for title, label in zip(titles, label3d_list):
-        if label is not None and np.shape(label) != image3d.shape:
-            raise ValueError(f"label volume {title!r} has shape {np.shape(label)}, image has {image3d.shape}")
-    drawn = {int(k): v for k, v in class_names.items() if int(k) > 0 and v not in NOT_DRAWN}
-    num_classes = max(drawn, default=0) + 1
-    if slice_indices is None:
-        reference = next((lab for lab in label3d_list if lab is not None), None)
-        slice_indices = pick_foreground_slices(reference, image3d.shape[2], set(drawn))
-    low_high = _intensity_range(image3d)
-
-    rows, cols = len(slice_indices), 1 + len(label3d_list)
-    pixel_aspect = 1.0 if spacing is None else float(spacing[1]) / float(spacing[0])
-    aspect = image3d.shape[1] * pixel_aspect / max(image3d.shape[0], 1)
-    fig = Figure(figsize=(2.4 * cols, 2.4 * rows * aspect + 0.8), dpi=100)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for r, z in enumerate(slice_indices):
-        panels = [None, *label3d_list]
-        for c, label in enumerate(panels):
-            ax = axes[r][c]
-            label_slice = None if label is None else label[:, :, z]
-            rgb = overlay_rgb(image3d[:, :, z], label_slice, num_classes, intensity_range=low_high)
-            ax.imshow(rgb.transpose(1, 0, 2), origin="lower", interpolation="nearest", aspect=pixel_aspect)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title("image" if c == 0 else titles[c - 1], fontsize=9)
-        axes[r][0].set_ylabel(f"slice {z}", fontsize=8)
-    handles = [Patch(color=class_colour(k) / 255.0, label=name) for k, name in sorted(drawn.items())]
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
-    return _save_figure(fig, out_png)
-
-
-def pick_foreground_slices(
-    label3d: np.ndarray | None, depth: int, classes: set[int], count: int = 3
-) -> list[int]:
-    """``count`` axial slices spread through the labelled foreground; evenly through the volume if none."""
-    if label3d is not None:
-        has_foreground = np.isin(np.asarray(label3d), list(classes)).any(axis=(0, 1))
-        with_foreground = np.flatnonzero(has_foreground)
-        if with_foreground.size:
-            size = with_foreground.size
-            positions = set(np.rint(np.linspace(0, size - 1, count + 2)[1:-1]).astype(int))
-            if len(positions) < min(count, size):  # few foreground slices: include the outer ones
-                positions = set(np.rint(np.linspace(0, size - 1, min(count, size))).astype(int))
-            return sorted(int(with_foreground[p]) for p in positions)
-    return sorted({int(round((i + 1) * (depth - 1) / (count + 1))) for i in range(count)})
 
 
 def _learning_curves(results: list[MethodResult], out_png: Path, notes: list[str]) -> Path | None:
@@ -255,7 +136,7 @@ def _learning_curves(results: list[MethodResult], out_png: Path, notes: list[str
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _plot_series(ax, x: np.ndarray, y: np.ndarray, label: str, colour, style: str) -> None:
@@ -285,6 +166,33 @@ def read_history(path: Path) -> dict[str, np.ndarray]:
     if "epoch" not in columns:
         columns["epoch"] = np.arange(len(rows), dtype=np.float64)
     return columns
+
+
+def example_cases(
+    test_cases: list[tuple[str, Path, Path]], results: list[MethodResult], classes: list[str], count: int
+) -> list[tuple[tuple[str, Path, Path], str]]:
+    """``count`` test cases spread from best to worst by mean foreground Dice over the methods (best, median,
+    worst for 3), each with a heading suffix saying which it is; the first ``count`` when none was scored."""
+    count = max(count, 0)
+    scores = [case_dice(r.summary, FOREGROUND_MEAN, classes) for r in results]
+    ranked = []
+    for case in test_cases:
+        values = [s[case[0]] for s in scores if case[0] in s]
+        if values:
+            ranked.append((float(np.mean(values)), case))
+    if not ranked or not count:
+        return [(case, "") for case in test_cases[:count]]
+    ranked.sort(key=lambda item: -item[0])
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(ranked) - 1, min(count, len(ranked)))})
+    names = {picks[0]: "best", picks[-1]: "worst"}
+    if len(picks) == 3:
+        names[picks[1]] = "median"
+    out = []
+    for i in picks:
+        dice, case = ranked[i]
+        which = names.get(i, f"number {i + 1}") if len(picks) > 1 else "the only one"
+        out.append((case, f": {which} of {len(ranked)} by mean foreground Dice over the methods ({dice:.3f})"))
+    return out
 
 
 def _case_overlay(
@@ -320,10 +228,10 @@ def _case_overlay(
             )
         labels.append(_as_labels(prediction))
         titles.append(result.name)
-    oriented_image = _to_ras(image.data, image.affine)
-    spacing = _ras_spacing(image.affine)
-    oriented = [None if lab is None else _to_ras(lab, image.affine) for lab in labels]
-    return overlay_figure(oriented_image, oriented, titles, class_names, out_png, spacing=spacing)
+    oriented_image = to_ras(image.data, image.affine)
+    spacing = ras_spacing(image.affine)
+    oriented = [None if lab is None else to_ras(lab, image.affine) for lab in labels]
+    return overlay_figure(oriented_image, oriented, titles, class_names, out_png, spacing=spacing, errors_against=0)
 
 
 def _prediction_path(result: MethodResult, case_id: str) -> Path | None:
@@ -338,42 +246,6 @@ def _prediction_path(result: MethodResult, case_id: str) -> Path | None:
 
 def _as_labels(volume) -> np.ndarray:
     return np.rint(np.asarray(volume.data, dtype=np.float64)).astype(np.int32)
-
-
-def _to_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Reorder/flip axes so that the last axis runs inferior to superior (axial slices) and x, y are R, A."""
-    import nibabel.orientations as nio
-
-    transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt("RAS"))
-    return nio.apply_orientation(data, transform)
-
-
-def _ras_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel sizes in the axis order ``_to_ras`` produces."""
-    import nibabel.orientations as nio
-
-    from mnseg.data.io import voxel_spacing
-
-    spacing = [0.0, 0.0, 0.0]
-    for in_axis, (out_axis, _) in enumerate(nio.io_orientation(affine)):
-        spacing[int(out_axis)] = voxel_spacing(affine)[in_axis]
-    return tuple(spacing)
-
-
-def _intensity_range(image: np.ndarray) -> tuple[float, float]:
-    finite = np.asarray(image, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    low, high = np.percentile(finite, [1.0, 99.0])
-    return float(low), float(high)
-
-
-def _save_figure(fig, out_png: Path) -> Path:
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    return out_png
 
 
 # ----------------------------------------------------------------------------------------------- tables
