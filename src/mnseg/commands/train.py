@@ -123,14 +123,14 @@ def preflight(cfg, run_dir: str, resume: bool, overwrite: bool) -> None:
     from pathlib import Path
 
     from mnseg.data.dataset import DatasetFolder
-    from mnseg.engine.run_dir import RunDir
+    from mnseg.engine.run_dir import RunDir, is_rank_zero
     from mnseg.errors import MnsegError
     from mnseg.utils.preflight import check_writable
 
     if resume:
         if not (Path(run_dir) / "checkpoints" / "last.pt").is_file():
             raise MnsegError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")
-    else:
+    elif is_rank_zero():  # under torchrun rank 0 may have made the folder already
         RunDir(run_dir).check_new(overwrite)
     DatasetFolder(cfg.data.dataset).training_cases(require_labels=False)  # folder, dataset.json, imagesTr
     check_writable(run_dir, MIN_FREE_BYTES, what="run directory")

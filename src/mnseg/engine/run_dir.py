@@ -115,7 +115,7 @@ def removed_if_failed_early(path: str | Path):
     try:
         yield
     except BaseException:
-        if os.environ.get("RANK", "0") == "0" and not RunDir(path).checkpoint("last").exists():
+        if is_rank_zero() and not RunDir(path).checkpoint("last").exists():
             if not existed:
                 shutil.rmtree(path, ignore_errors=True)
                 for parent in [path.parent, *path.parent.parents]:  # empty folders made for it (runs/<dataset>)
@@ -130,3 +130,8 @@ def removed_if_failed_early(path: str | Path):
                     else:
                         child.unlink(missing_ok=True)
         raise
+
+
+def is_rank_zero() -> bool:
+    """True without torchrun, and in its rank 0: the one process that creates, checks and removes run folders."""
+    return os.environ.get("RANK", "0") in ("", "0")
