@@ -128,7 +128,7 @@ def _predict(runs, run_name, out, *extra, monkeypatch, capsys):
 
     monkeypatch.setattr(engine_predict, "predict_probabilities", spy)
     rc = main(["predict", "-i", str(runs["dataset"] / "imagesTs"), "-o", str(out), "-m", str(runs[run_name]),
-               "--device", "cpu", "--no-progress", "--save-probabilities", *extra])
+               "--device", "cpu", "--no-progress", "--save-probabilities", "--checkpoint", "last", *extra])
     assert rc == 0
     return seen, capsys.readouterr().err
 
