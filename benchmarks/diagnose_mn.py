@@ -6,7 +6,9 @@ with one thing changed, next to the supervised baseline with the same labels and
     python benchmarks/diagnose_mn.py --out /tmp/diag                      # every variant, seed 0
     python benchmarks/diagnose_mn.py --out /tmp/diag --variants sup,mn_paper,mn --seeds 0,1,2 --jobs 2
 
-Runs go to OUT/runs/<variant>/n<N>_seed<S> (finished runs are kept, so a rerun continues); OUT/diagnosis.csv and
+Variants that change only co-training start from their base run's model at the end of the supervised stage, so
+stage 1 is trained once per base. Runs go to OUT/runs/<variant>/n<N>_seed<S> (finished runs are kept, so a rerun
+continues); OUT/diagnosis.csv and
 OUT/diagnosis.md hold, per run: validation Dice (2 held-out labelled subjects: what a recipe is chosen on), test
 Dice per class (10 test subjects: reported, never chosen on), and for M&N the lesion's share in the pseudo-masks
 against its share in the labels over the 3D model's co-training epochs. Each job runs with one thread
@@ -28,46 +30,82 @@ from pathlib import Path
 import numpy as np
 
 PAPER = "cpu_grid_mn_paper"
-# name -> (preset, overrides); every M&N variant changes one thing of PAPER, except the recipes at the end.
-VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "sup": ("cpu_grid_supervised", []),
-    "mn_paper": (PAPER, []),
-    "bu0": (PAPER, ["method.params.lrg=fixed", "method.params.fixed_ratio=0"]),  # the schedule alone
-    "wu0": (PAPER, ["method.params.w_u=0"]),  # starvation: unlabelled items take batch places, teach nothing
-    "oracle": (PAPER, ["method.params.oracle_pseudo=true"]),  # perfect pseudo-masks: the ceiling
-    "no_refresh": (PAPER, ["method.params.fg_refresh_every=0"]),
-    "agree_refresh": (PAPER, ["method.params.fg_refresh=agree"]),
-    "sq_dice": (PAPER, ["method.params.soft_dice=squared"]),
-    "floor1": (PAPER, ["method.params.min_labeled=1"]),
-    "on_top": (PAPER, ["method.params.unlabeled_on_top=true"]),
-    "scale2d": (PAPER, ["models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.drop_connect_rate=0.0"]),
-    "all_slices": (PAPER, ["method.params.slices_2d=null"]),
-    "ensemble": (PAPER, ["method.params.pseudo=ensemble"]),
-    "confidence": (PAPER, ["method.params.pseudo_weight=confidence"]),
-    "mn": ("cpu_grid_mn", []),  # the default recipe (what the grid runs)
-    "mt": ("cpu_grid_mean_teacher", []),
+SUP_EPOCHS = 10  # of both cpu_grid_mn presets
+KEEP = f"train.keep_epochs=[{SUP_EPOCHS}]"
+# name -> (preset, overrides, base): a variant with a base starts from the base run's model at the end of the
+# supervised stage (checkpoints/epoch10.pt; the changed switch acts in co-training only), so the diagnosis trains
+# stage 1 once per base, not once per variant. Every M&N variant changes one thing of PAPER, except "mn".
+VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
+    "sup": ("cpu_grid_supervised", [], None),
+    "mn_paper": (PAPER, [KEEP], None),
+    "bu0": (PAPER, ["method.params.lrg=fixed", "method.params.fixed_ratio=0"], "mn_paper"),  # the schedule alone
+    "wu0": (PAPER, ["method.params.w_u=0"], "mn_paper"),  # starvation: unlabelled items take places, teach nothing
+    "oracle": (PAPER, ["method.params.oracle_pseudo=true"], "mn_paper"),  # perfect pseudo-masks: the ceiling
+    "no_refresh": (PAPER, ["method.params.fg_refresh_every=0"], "mn_paper"),
+    "agree_refresh": (PAPER, ["method.params.fg_refresh=agree"], "mn_paper"),
+    "sq_dice": (PAPER, ["method.params.soft_dice=squared"], "mn_paper"),
+    "floor1": (PAPER, ["method.params.min_labeled=1"], "mn_paper"),
+    "on_top": (PAPER, ["method.params.unlabeled_on_top=true"], "mn_paper"),
+    "ensemble": (PAPER, ["method.params.pseudo=ensemble"], "mn_paper"),
+    "confidence": (PAPER, ["method.params.pseudo_weight=confidence"], "mn_paper"),
+    "mn": ("cpu_grid_mn", [KEEP], None),  # the default recipe (what the grid runs)
+    # the 2D partner on enlarged slices without stochastic depth (stage 1 differs: it branches from "mn")
+    "scale2d": ("cpu_grid_mn", ["method.params.soft_dice=linear", "method.params.unlabeled_on_top=false",
+                                "method.params.fg_refresh=net3d"], "mn"),
+    "mt": ("cpu_grid_mean_teacher", [], None),
 }
 
 
+def _train(cmd: list[str], log_file: Path) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as fh:
+        return subprocess.run([sys.executable, "-m", "mnseg", "train", *cmd, "--test", "--no-progress"], env=env,
+                              stdout=fh, stderr=subprocess.STDOUT).returncode
+
+
+def _branch(run_dir: Path, base_dir: Path, overrides: list[str]) -> None:
+    """A new run directory holding the base run's stage-1 state, with this variant's settings in config.yaml."""
+    import shutil
+
+    import yaml
+
+    from mnseg.config import Config, apply_overrides, read_yaml
+
+    snapshot = base_dir / "checkpoints" / f"epoch{SUP_EPOCHS}.pt"
+    if not snapshot.exists():
+        raise RuntimeError(f"{snapshot} missing: the base run must finish first")
+    tmp = run_dir.with_name(run_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "checkpoints").mkdir(parents=True)
+    for name in ("plans.json", "split.json", "env.json"):
+        shutil.copy(base_dir / name, tmp / name)
+    with open(base_dir / "history.csv") as fh:
+        (tmp / "history.csv").write_text("".join(fh.readlines()[: SUP_EPOCHS + 1]))
+    cfg = Config.from_dict(apply_overrides(read_yaml(base_dir / "config.yaml"), overrides + ["train.keep_epochs=[]"]))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    shutil.copy(snapshot, tmp / "checkpoints" / "last.pt")
+    tmp.rename(run_dir)
+
+
 def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Path, log) -> Path:
-    preset, overrides = VARIANTS[variant]
+    preset, overrides, base = VARIANTS[variant]
     run_dir = out / "runs" / variant / f"n{n}_seed{seed}"
     if (run_dir / "test_predictions" / "summary.json").exists():
         return run_dir
-    resume = (run_dir / "checkpoints" / "last.pt").exists()
-    cmd = [sys.executable, "-m", "mnseg", "train"]
-    cmd += ["--resume", str(run_dir)] if resume else [
-        str(dataset), "--config", preset, "--num-labeled", str(n), "--num-val", "2", "--seed", str(seed),
-        "--run-dir", str(run_dir), "--overwrite", *overrides]
-    cmd += ["--test", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MNSEG_CACHE_DIR": str(cache)}
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.environ["MNSEG_CACHE_DIR"] = str(cache)
     t0 = time.time()
-    with open(run_dir.parent / f"n{n}_seed{seed}.log", "a") as fh:
-        rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    log_file = run_dir.parent / f"n{n}_seed{seed}.log"
+    if base and not (run_dir / "checkpoints" / "last.pt").exists():
+        _branch(run_dir, out / "runs" / base / f"n{n}_seed{seed}", overrides)
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        rc = _train(["--resume", str(run_dir)], log_file)
+    else:
+        rc = _train([str(dataset), "--config", preset, "--num-labeled", str(n), "--num-val", "2", "--seed", str(seed),
+                     "--run-dir", str(run_dir), "--overwrite", *overrides], log_file)
     log(f"{variant} n={n} seed={seed}: rc={rc} ({(time.time() - t0) / 60:.1f} min)")
     if rc != 0:
-        raise RuntimeError(f"{variant} n={n} seed={seed} failed, see {run_dir.parent / f'n{n}_seed{seed}.log'}")
+        raise RuntimeError(f"{variant} n={n} seed={seed} failed, see {log_file}")
     return run_dir
 
 
@@ -128,9 +166,16 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "mnseg", "synth", str(dataset), "--variation", "strong", "--n-labeled",
                         "22", "--n-unlabeled", "0", "--n-test", "10", "--spacing", "3"], check=True)
     cells = [(v, args.num_labeled, s) for s in seeds for v in variants]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        dirs = list(pool.map(lambda c: run_one(dataset, out, *c, out / "cache", print), cells))
-    results = [{"variant": v, "n": n, "seed": s, **read_run(d)} for (v, n, s), d in zip(cells, dirs)]
+    needed = {(VARIANTS[v][2], n, s) for v, n, s in cells if VARIANTS[v][2]}
+    snapshot = lambda b, n, s: out / "runs" / b / f"n{n}_seed{s}" / "checkpoints" / f"epoch{SUP_EPOCHS}.pt"  # noqa: E731
+    missing = sorted(c for c in needed - set(cells) if not snapshot(*c).exists())
+    first = [c for c in cells if not VARIANTS[c[0]][2]] + missing  # bases before branches
+    then = [c for c in cells if VARIANTS[c[0]][2]]
+    dirs = {}
+    for stage in (first, then):
+        with ThreadPoolExecutor(args.jobs) as pool:
+            dirs.update(zip(stage, pool.map(lambda c: run_one(dataset, out, *c, out / "cache", print), stage)))
+    results = [{"variant": v, "n": n, "seed": s, **read_run(dirs[(v, n, s)])} for v, n, s in cells]
     write_tables(out, results)
     print((out / "diagnosis.md").read_text())
     return 0

@@ -201,3 +201,20 @@ def test_oracle_refuses_unlabelled_cases_without_labels(toy_dataset):
     train = folder.training_cases()
     assert [c.label for c in oracle_label_cases(folder, [type(c)(c.case_id, c.images) for c in train])] == [
         c.label for c in train]
+
+
+def test_keep_epochs_keeps_a_checkpoint_of_the_end_of_stage_one(toy_dataset, tmp_path):
+    from mnseg.cli import main
+
+    rc = main(["train", str(toy_dataset), "--method", "mn", "--num-labeled", "2", "--epochs", "3",
+               "--iters-per-epoch", "1", "--batch-size", "2", "--patch-size", "16,16,16", "--run-dir",
+               str(tmp_path / "run"), "--no-progress", f"data.cache_dir={tmp_path / 'cache'}",
+               "models.net3d.name=unet3d", "models.net3d.kwargs={depth: 3, base_filters: 4}",
+               "models.net2d.name=unet2d", "models.net2d.kwargs={depth: 3, base_filters: 4}",
+               "models.net2d.finetune=null",
+               "method.params.sup_epochs=2", "train.keep_epochs=[2]"])
+    assert rc == 0
+    kept = torch.load(tmp_path / "run" / "checkpoints" / "epoch2.pt", weights_only=False)
+    assert kept["epoch"] == 2  # the state after the second (last supervised) epoch, to branch ablations from
+    assert main(["train", str(toy_dataset), "--epochs", "2", "train.keep_epochs=[5]", "--run-dir",
+                 str(tmp_path / "bad")]) == 2

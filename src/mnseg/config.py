@@ -84,6 +84,7 @@ class TrainConfig:
     deterministic: bool = False
     val_every: int = 10
     checkpoint_every: int = 1
+    keep_epochs: list = field(default_factory=list)  # also keep checkpoints/epoch<N>.pt after these epochs
     overlay_every: int = 0  # TensorBoard prediction pictures every N epochs (0: at validation only)
     on_nan: str = "stop"  # stop | skip
     # NaN check (a host sync) every N steps: between checks the CPU prepares the next batch while the GPU still

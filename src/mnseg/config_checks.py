@@ -31,6 +31,8 @@ def _problems(cfg: Config) -> list[str]:
     need(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
     for name in ("val_every", "checkpoint_every", "overlay_every", "check_every"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    need(isinstance(t.keep_epochs, list) and all(isinstance(e, int) and 1 <= e <= t.epochs for e in t.keep_epochs),
+         f"train.keep_epochs must be a list of epochs between 1 and train.epochs={t.epochs}, got {t.keep_epochs!r}")
     need(t.on_nan in ON_NAN, f"train.on_nan must be one of {', '.join(ON_NAN)}, got {t.on_nan!r}")
     need(t.compile_mode in COMPILE_MODES,
          f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")

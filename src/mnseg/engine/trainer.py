@@ -354,6 +354,8 @@ class Trainer:
             self._save("last")
         if is_best:
             self._save("best")
+        if epoch + 1 in cfg.train.keep_epochs:  # e.g. the end of a warm-up stage, to branch ablations from
+            self._save(f"epoch{epoch + 1}")
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()

@@ -1,0 +1,20 @@
+#!/bin/bash
+# The CPU label-efficiency grid (issue 15): supervised, M&N and mean teacher at 2 and 4 labelled subjects,
+# seeds 0, 1, 2, on the strong demo data at 3 mm (10 test subjects, 2 labelled subjects held out per run for
+# validation), presets cpu_grid_<method> (the same 500 updates of the 3D network for every method).
+# Two runs at a time, one thread each (uses both cores of a 2-core machine; see docs/benchmarks.md for the time).
+#
+#   bash benchmarks/cpu_grid.sh [OUT]            # default OUT=grid_cpu; run again to continue
+#
+# Then keep the small files of every cell, so the tables can be remade without training (--report-only):
+#   rsync -a --include='*/' --include='summary.json' --include='config.yaml' --include='split.json' \
+#     --include='timing.json' --include='history.csv' --exclude='*' OUT/bench/runs/ benchmarks/results/Dataset921_MNIStrong3mm/runs/
+set -eu
+OUT=${1:-grid_cpu}
+DATA=$OUT/data/Dataset921_MNIStrong3mm
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MNSEG_CACHE_DIR=${MNSEG_CACHE_DIR:-$OUT/cache}
+[ -f "$DATA/dataset.json" ] || mnseg synth "$DATA" --variation strong --n-labeled 22 --n-unlabeled 0 --n-test 10 \
+  --spacing 3
+mnseg benchmark "$DATA" --methods "${METHODS:-supervised,mn,mean_teacher}" --num-labeled "${COUNTS:-2,4}" \
+  --seeds "${SEEDS:-0,1,2}" --preset cpu_grid --num-val 2 --no-upper-bound --jobs "${JOBS:-2}" --device cpu \
+  --no-progress -o "$OUT/bench"
