@@ -218,3 +218,25 @@ def test_keep_epochs_keeps_a_checkpoint_of_the_end_of_stage_one(toy_dataset, tmp
     assert kept["epoch"] == 2  # the state after the second (last supervised) epoch, to branch ablations from
     assert main(["train", str(toy_dataset), "--epochs", "2", "train.keep_epochs=[5]", "--run-dir",
                  str(tmp_path / "bad")]) == 2
+
+
+def test_imagenet_input_mapping_knows_ct_from_mri():
+    from mnseg.config import Config
+    from mnseg.engine.build import input_range, resolve_input_ranges
+    from mnseg.models.effunet import IMAGENET_MEAN, IMAGENET_STD, ImageNetInput
+
+    x = torch.full((1, 1, 2, 2), 0.6)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(ImageNetInput(1, "unit")(x), (0.6 - mean) / std * torch.ones(1, 3, 2, 2))
+    torch.testing.assert_close(ImageNetInput(1, "zscore")(x), (0.6 / 6 + 0.5 - mean) / std * torch.ones(1, 3, 2, 2))
+    ct = {"preprocess": {"normalization": "auto"}, "modality": "CT"}
+    mri = {"preprocess": {"normalization": "auto"}, "modality": "MRI"}
+    assert input_range(ct) == "unit" and input_range(mri) == "zscore"
+    assert input_range({"preprocess": {"normalization": "ct"}, "modality": "MRI"}) == "unit"
+    cfg = Config.from_dict({"method": {"name": "mn"}, "models": {
+        "net2d": {"name": "effunet", "kwargs": {"pretrained": False}}, "net3d": {"name": "unet3d"},
+        "other": {"name": "effunet", "kwargs": {"input_range": "zscore"}}}})
+    resolve_input_ranges(cfg, ct)
+    assert cfg.models["net2d"].kwargs == {"pretrained": False, "input_range": "unit"}
+    assert "input_range" not in cfg.models["net3d"].kwargs  # a 3D UNet has no ImageNet input
+    assert cfg.models["other"].kwargs["input_range"] == "zscore"  # an explicit choice is kept

@@ -184,6 +184,7 @@ def _changed_cells(spec: BenchmarkSpec, cells: list[Cell]) -> list[str]:
         for model in d["models"].values():
             for key in EXECUTION_ONLY_MODEL:
                 model.pop(key)
+            model["kwargs"].pop("input_range", None)  # filled in from the data by the trainer (resolve_input_ranges)
         return d
 
     changed = []

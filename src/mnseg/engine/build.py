@@ -37,6 +37,25 @@ def build_model(mcfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Mod
     return model
 
 
+def input_range(plans: dict) -> str:
+    """'unit' when the intensities are CT-windowed to [0, 1], else 'zscore' (how ImageNet inputs are mapped)."""
+    from mnseg.data.normalize import resolve_normalization
+
+    method = resolve_normalization(plans.get("preprocess", {}).get("normalization", "auto"), plans.get("modality", ""))
+    return "unit" if method == "ct" else "zscore"
+
+
+def resolve_input_ranges(cfg, plans: dict) -> None:
+    """Models that map intensities to ImageNet's input (an ``input_range`` option) get the range of this dataset's
+    normalisation unless their kwargs set one; written into the run's config.yaml, so prediction (and a resumed or
+    exported run) maps inputs as training did. Runs made before this option keep the z-score mapping they had."""
+    from mnseg.models import model_kwargs
+
+    for mcfg in cfg.models.values():
+        if "input_range" not in mcfg.kwargs and "input_range" in model_kwargs(mcfg.name):
+            mcfg.kwargs = {**mcfg.kwargs, "input_range": input_range(plans)}
+
+
 def frozen_dtype(mcfg: ModelConfig) -> torch.dtype | None:
     """The dtype of ``mcfg.frozen_dtype`` (None when unset); ConfigError for anything but bfloat16."""
     if mcfg.frozen_dtype is None:

@@ -31,6 +31,7 @@ from mnseg.engine.build import (
     build_optimizer,
     place_model,
     resolve_device,
+    resolve_input_ranges,
     to_channels_last,
 )
 from mnseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
@@ -119,6 +120,7 @@ class Trainer:
         if self.is_main:
             self.data = prepare_data(cfg, split_dict, plans, progress=self.progress)
             if not self.resume:
+                resolve_input_ranges(cfg, self.data.plans)
                 atomic_write_text(self.run.path / "config.yaml", cfg.to_yaml())
                 self.run.write_json("plans.json", self.data.plans)
                 self.run.write_json("split.json", self.data.split.to_json_dict())
@@ -128,6 +130,8 @@ class Trainer:
         if not self.is_main:
             split_dict, plans = self.run.read_json("split.json"), self.run.read_json("plans.json")
             self.data = prepare_data(cfg, split_dict, plans, progress=False)
+            if not self.resume:
+                resolve_input_ranges(cfg, self.data.plans)
         plans = self.data.plans
 
         cls = method_class(cfg.method.name)

