@@ -49,9 +49,9 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     "ensemble": (PAPER, ["method.params.pseudo=ensemble"], "mn_paper"),
     "confidence": (PAPER, ["method.params.pseudo_weight=confidence"], "mn_paper"),
     "mn": ("cpu_grid_mn", [KEEP], None),  # the default recipe (what the grid runs)
-    # the 2D partner on enlarged slices without stochastic depth (stage 1 differs: it branches from "mn")
-    "scale2d": ("cpu_grid_mn", ["method.params.soft_dice=linear", "method.params.unlabeled_on_top=false",
-                                "method.params.fg_refresh=net3d"], "mn"),
+    # the 2D partner on slices enlarged to 64 px (2x) without stochastic depth: stage 1 differs, so no base
+    "scale2d": (PAPER, [KEEP, "models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.auto_side=64",
+                        "models.net2d.kwargs.drop_connect_rate=0.0"], None),
     "mt": ("cpu_grid_mean_teacher", [], None),
 }
 
