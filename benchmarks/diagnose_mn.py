@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # the 2D partner on slices enlarged to 64 px (2x) without stochastic depth: stage 1 differs, so no base
     "scale2d": (PAPER, [KEEP, "models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.auto_side=64",
                         "models.net2d.kwargs.drop_connect_rate=0.0"], None),
+    # the 2D partner alone on labels for 30 more epochs first (600 updates that cost no 3D update)
+    "pre2d": (PAPER, ["method.params.pre2d_epochs=30", "train.epochs=70"], None),
     "mt": ("cpu_grid_mean_teacher", [], None),
 }
 

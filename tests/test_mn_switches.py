@@ -240,3 +240,22 @@ def test_imagenet_input_mapping_knows_ct_from_mri():
     assert cfg.models["net2d"].kwargs == {"pretrained": False, "input_range": "unit"}
     assert "input_range" not in cfg.models["net3d"].kwargs  # a 3D UNet has no ImageNet input
     assert cfg.models["other"].kwargs["input_range"] == "zscore"  # an explicit choice is kept
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_pre2d_epochs_train_the_2d_partner_alone_before_stage_one():
+    method, scheds = _method(pre2d_epochs=2, sup_epochs=2)
+    phases = [method.phase(e) for e in range(EPOCHS)]
+    assert phases[:4] == ["supervised-2d"] * 2 + ["supervised"] * 2
+    assert phases[4:] == ["cotrain-3d", "cotrain-2d"] * 3
+    assert method.active_roles(0) == ["net2d"] and method.active_roles(2) == ["net2d", "net3d"]
+    for role in ("net2d", "net3d"):
+        assert sum(seg.steps for seg in method.schedule_segments(role)) == EPOCHS * ITERS
+    batch = _batch(B, 0)
+    out = method.training_step(batch, 0, 0)
+    out.loss.backward()
+    assert all(p.grad is None for p in method.models["net3d"].parameters())  # the 3D model waits
+    assert set(out.logs) == {"loss_2d"}
+    assert method.batch_split(1, 0) == (B, 0)
+    with pytest.raises(Exception, match="sup_epochs"):
+        _method(pre2d_epochs=6, sup_epochs=4)

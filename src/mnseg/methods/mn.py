@@ -66,10 +66,15 @@ class MN(Method):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.sup_epochs = int(self.param("sup_epochs", max(self.ctx.epochs // 8, 1)))
-        if not 0 < self.sup_epochs < self.ctx.epochs:
+        # epochs before stage 1 in which the 2D model alone trains on labels: a longer warm-up of the partner
+        # (its updates cost no 3D updates); 0 in the paper
+        self.pre2d = int(self.param("pre2d_epochs", 0))
+        if not 0 <= self.pre2d < self.ctx.epochs:
+            raise ConfigError(f"method.params.pre2d_epochs={self.pre2d} must lie between 0 and train.epochs-1")
+        if not 0 < self.sup_epochs < self.ctx.epochs - self.pre2d:
             raise ConfigError(
                 f"method.params.sup_epochs={self.sup_epochs} must lie between 1 and "
-                f"train.epochs-1={self.ctx.epochs - 1}"
+                f"train.epochs-1-pre2d_epochs={self.ctx.epochs - 1 - self.pre2d}"
             )
         self.lrg = self.param("lrg", "lr")
         if self.lrg not in SAMPLING:
@@ -89,30 +94,42 @@ class MN(Method):
 
     # --- schedule ----------------------------------------------------------------------------------------
     @property
+    def cotrain_start(self) -> int:
+        """The first co-training epoch."""
+        return self.pre2d + self.sup_epochs
+
+    @property
     def cotrain_epochs(self) -> int:
-        return self.ctx.epochs - self.sup_epochs
+        return self.ctx.epochs - self.cotrain_start
 
     def schedule_segments(self, role: str) -> list[Segment]:
         optim = self.cfg.models[role].optim
         it = self.ctx.iters_per_epoch
         if self.param("schedule", "restart") == "single":
             return [Segment(self.ctx.epochs * it, optim.lr, optim.final_lr, optim.warmup_epochs * it)]
+        own_pre = self.pre2d if role == "net2d" else 0  # the 2D warm-up extends the 2D model's stage 1
+        idle = [Segment(self.pre2d * it, 0.0, 0.0)] if self.pre2d and role != "net2d" else []
         return [
-            Segment(self.sup_epochs * it, optim.lr, optim.final_lr, optim.warmup_epochs * it),
+            *idle,
+            Segment((own_pre + self.sup_epochs) * it, optim.lr, optim.final_lr, optim.warmup_epochs * it),
             Segment(self.cotrain_epochs * it, optim.lr, optim.final_lr, 0),
         ]
 
     def trained_role(self, epoch: int) -> str | None:
         """None in stage 1 (both train); then net3d on odd co-training epochs (1st, 3rd, ...), net2d on even."""
-        if epoch < self.sup_epochs:
+        if epoch < self.cotrain_start:
             return None
-        return "net3d" if (epoch - self.sup_epochs) % 2 == 0 else "net2d"
+        return "net3d" if (epoch - self.cotrain_start) % 2 == 0 else "net2d"
 
     def active_roles(self, epoch: int) -> list[str]:
+        if epoch < self.pre2d:
+            return ["net2d"]
         role = self.trained_role(epoch)
         return ["net2d", "net3d"] if role is None else [role]
 
     def phase(self, epoch: int) -> str:
+        if epoch < self.pre2d:
+            return "supervised-2d"
         role = self.trained_role(epoch)
         return "supervised" if role is None else f"cotrain-{role[3:]}"
 
@@ -126,7 +143,7 @@ class MN(Method):
             lr_init = seg.lr_init
             b_u = lr_guided_unlabeled_count(current_lr(self.optimizers[role]), lr_init, seg.lr_final, B)
         elif self.lrg == "epoch-linear":
-            b_u = epoch_linear_unlabeled_count(epoch - self.sup_epochs, self.cotrain_epochs, B)
+            b_u = epoch_linear_unlabeled_count(epoch - self.cotrain_start, self.cotrain_epochs, B)
         elif self.lrg == "uniform":
             b_u = uniform_unlabeled_count(self.ctx.n_labeled, self.ctx.n_unlabeled, B, self._rng)
         else:
@@ -142,16 +159,16 @@ class MN(Method):
         return self.generators.get(other, self.models[other])
 
     def on_epoch_start(self, epoch: int) -> None:
-        if epoch == self.sup_epochs and self.fixed_pseudo and not self.generators:
+        if epoch == self.cotrain_start and self.fixed_pseudo and not self.generators:
             # Ablation "no iteration": pseudo-masks come from the models as they were after stage 1.
             self.generators = {
                 r: copy.deepcopy(unwrap(m)).eval().requires_grad_(False) for r, m in self.models.items()
             }
         refresh = int(self.param("fg_refresh_every", 2))
         if (
-            epoch >= self.sup_epochs
+            epoch >= self.cotrain_start
             and refresh > 0
-            and (epoch - self.sup_epochs) % refresh == 0
+            and (epoch - self.cotrain_start) % refresh == 0
             and getattr(self, "batcher", None) is not None
             and self.batcher.unlabeled
         ):
@@ -196,7 +213,7 @@ class MN(Method):
         role = self.trained_role(epoch)
         if role is None:
             logs, total = {}, 0.0
-            for r in ("net2d", "net3d"):
+            for r in self.active_roles(epoch):
                 image, (label,) = self.augment(r, batch.image_l, [batch.label_l], ["label"])
                 image, label = self._depth_subset(r, image, label)
                 loss = self._labelled_loss(self.models[r](image), label)
