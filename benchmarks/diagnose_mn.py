@@ -11,7 +11,9 @@ stage 1 is trained once per base. Runs go to OUT/runs/<variant>/n<N>_seed<S> (fi
 continues); OUT/diagnosis.csv and
 OUT/diagnosis.md hold, per run: validation Dice (2 held-out labelled subjects: what a recipe is chosen on), test
 Dice per class (10 test subjects: reported, never chosen on), and for M&N the lesion's share in the pseudo-masks
-against its share in the labels over the 3D model's co-training epochs. Each job runs with one thread
+against its share in the labels over the 3D model's co-training epochs. Test Dice is that of the checkpoint with the
+best validation Dice (as `mnseg train --test` and the benchmark predict), so a variant whose co-training only lowers
+validation Dice is scored at an epoch before it (the best-epoch column says which). Each job runs with one thread
 (OMP_NUM_THREADS=1), so --jobs 2 uses both cores of a 2-core machine.
 """
 
@@ -116,10 +118,13 @@ def read_run(run_dir: Path) -> dict:
     with open(run_dir / "history.csv") as fh:
         rows = list(csv.DictReader(fh))
     val = [float(r["val_dice"]) for r in rows if r.get("val_dice")]
+    val_epochs = [int(r["epoch"]) + 1 for r in rows if r.get("val_dice")]
     summary = json.loads((run_dir / "test_predictions" / "summary.json").read_text())
     classes = [c for c in summary["metric_per_case"][0]["metrics"]]
     per_class = {c: float(np.mean([m["metrics"][c]["dice"] for m in summary["metric_per_case"]])) for c in classes}
-    out = {"val_dice": val[-1] if val else float("nan"), **{f"test_{c}": v for c, v in per_class.items()}}
+    best = int(np.argmax(val)) if val else 0
+    out = {"val_dice": val[-1] if val else float("nan"), "best_val": val[best] if val else float("nan"),
+           "best_epoch": val_epochs[best] if val else 0, **{f"test_{c}": v for c, v in per_class.items()}}
     out["test_fg_mean"] = float(np.mean(list(per_class.values())))
     co3d = [r for r in rows if r["phase"] == "cotrain-3d"]
     for key in ("pseudo_share_3", "label_share_3", "b_u"):
@@ -134,13 +139,14 @@ def write_tables(out: Path, results: list[dict]) -> None:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         writer.writerows(results)
-    lines = ["| variant | n | seed | val Dice | test WM | test GM | test lesion | test fg mean | lesion pseudo/label "
-             "share | mean b_u (3D) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | n | seed | val Dice, last | best val (epoch) | test WM | test GM | test lesion | "
+             "test fg mean | lesion pseudo/label share | mean b_u (3D) |", "|" + "---|" * 11]
     for r in results:
         share = (f"{r['pseudo_share_3']:.5f} / {r['label_share_3']:.5f}" if np.isfinite(r["pseudo_share_3"])
                  else "")
         b_u = f"{r['b_u']:.2f}" if np.isfinite(r["b_u"]) else ""
-        lines.append(f"| {r['variant']} | {r['n']} | {r['seed']} | {r['val_dice']:.4f} | {r['test_white_matter']:.4f} "
+        lines.append(f"| {r['variant']} | {r['n']} | {r['seed']} | {r['val_dice']:.4f} | {r['best_val']:.4f} "
+                     f"({r['best_epoch']}) | {r['test_white_matter']:.4f} "
                      f"| {r['test_grey_matter']:.4f} | {r['test_lesion']:.4f} | {r['test_fg_mean']:.4f} | {share} "
                      f"| {b_u} |")
     (out / "diagnosis.md").write_text("\n".join(lines) + "\n")
