@@ -24,9 +24,11 @@ class MemoryCase:
     fg: dict | None = None  # class -> (N, 3) voxel coordinates, for foreground-centred crops
 
 
-def to_memory_case(pre, ignore_index: int | None, rng: np.random.Generator) -> MemoryCase:
+def to_memory_case(pre, ignore_index: int | None, rng: np.random.Generator, aim: bool = True) -> MemoryCase:
+    """``aim=False``: no foreground coordinates from the label, so crops are never aimed by it (the unlabelled
+    cases of M&N's oracle diagnostic carry labels that only their pseudo-masks may read)."""
     image = np.ascontiguousarray(pre.image, dtype=np.float32)
-    fg = foreground_coords(pre.label, ignore_index=ignore_index, rng=rng) if pre.label is not None else None
+    fg = foreground_coords(pre.label, ignore_index=ignore_index, rng=rng) if aim and pre.label is not None else None
     return MemoryCase(pre.case_id, image, pre.label, image.reshape(image.shape[0], -1).min(axis=1), fg)
 
 
@@ -50,6 +52,8 @@ class PatchBatcher:
         self.fg_prob, self.class_balanced = fg_prob, class_balanced
         self.label_pad = 0 if ignore_index is None else ignore_index
         self.rng = np.random.default_rng(seed)
+        # only M&N's oracle diagnostic gives unlabelled cases labels; then every batch carries their crops too
+        self.unlabeled_labels = bool(unlabeled) and all(case.label is not None for case in unlabeled)
 
     def set_unlabeled_foreground(self, coords: dict[str, dict]) -> None:
         """Foreground of unlabelled cases (from a model's pseudo-masks), so their crops can include it."""
@@ -73,12 +77,12 @@ class PatchBatcher:
             labs_l.append(lab)
         for _ in range(b_u if self.unlabeled else 0):
             case = self.unlabeled[self.rng.integers(len(self.unlabeled))]
-            img, lab = self._crop(case, case.label is not None)  # a label only in the oracle diagnostic
+            img, lab = self._crop(case, self.unlabeled_labels)
             imgs_u.append(img)
             labs_u.append(lab)
         empty = np.zeros((0, c, *self.patch_size), np.float32)
         extra = {}
-        if self.unlabeled and all(case.label is not None for case in self.unlabeled):
+        if self.unlabeled_labels:
             empty_labels = np.zeros((0, *self.patch_size), np.int64)
             extra["label_u"] = np.stack(labs_u).astype(np.int64) if labs_u else empty_labels
         return {

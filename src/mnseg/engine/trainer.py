@@ -50,12 +50,6 @@ class NonFiniteLossError(MnsegError):
     pass
 
 
-def without_foreground(case):
-    """An unlabelled case's crops are never aimed by a label (present only in M&N's oracle diagnostic)."""
-    case.fg = None
-    return case
-
-
 def _quiet(*args, **kwargs) -> None:
     """The log function of ranks other than 0."""
 
@@ -180,7 +174,7 @@ class Trainer:
         ignore = plans["ignore_label"]
         self.batcher = PatchBatcher(
             [to_memory_case(c, ignore, rng) for c in self.data.labeled],
-            [without_foreground(to_memory_case(c, ignore, rng)) for c in self.data.unlabeled],
+            [to_memory_case(c, ignore, rng, aim=False) for c in self.data.unlabeled],
             cfg.data.patch_size,
             cfg.data.fg_prob,
             ignore,

@@ -16,7 +16,7 @@ Choices the paper leaves open (documented in docs/methods.md): by default each m
 stage 2 (warm-up + cosine over stage 1, then cosine from lr_init to lr_final over stage 2), so b_u runs from 0
 to B over co-training; ``schedule: single`` uses one warm-up + cosine over the whole run instead.
 
-Switches beyond the paper, each off by default (``mn_paper`` keeps them off; docs/methods/mn.md):
+Switches beyond the paper, each off by default (``mn_paper`` keeps them off; docs/methods.md):
 - ``soft_dice: squared``: Dice(g, P) with sum g^2 + sum P^2 below, maximised at g = P (the authors' code);
 - ``min_labeled: k``: b_u <= B - k, a labelled floor (the authors' code keeps b_l >= 1);
 - ``unlabeled_on_top``: b_l = B always, the LR-guided b_u unlabelled items on top (as mean teacher's B + B);
@@ -24,6 +24,7 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
 - ``pseudo: ensemble``: P is the mean of both models' softmax;
 - ``pseudo_weight: confidence``: each voxel's L_u weighted by max_c P;
 - ``fg_refresh: agree``: unlabelled crops centred on voxels where both models name the same class;
+- ``pre2d_epochs: k``: the 2D model alone trains on labels for k epochs before stage 1 (no 3D updates);
 - ``oracle_pseudo``: a diagnostic, the unlabelled imagesTr cases' true labels as P (the ceiling of any P).
 """
 
