@@ -74,7 +74,7 @@ def _branch(run_dir: Path, base_dir: Path, overrides: list[str]) -> None:
 
     import yaml
 
-    from mnseg.config import Config, apply_overrides, read_yaml
+    from mnseg.config.schema import Config, apply_overrides, read_yaml
 
     snapshot = base_dir / "checkpoints" / f"epoch{SUP_EPOCHS}.pt"
     if not snapshot.exists():

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medpy.metric import binary as medpy_binary
 
-    from mnseg.metrics import surface_metrics
+    from mnseg.evaluation.metrics import surface_metrics
 
     pred, ref = make_pair()
     spacing = tuple(args.spacing) if args.spacing else None

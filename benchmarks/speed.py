@@ -1,5 +1,5 @@
 """Issue 8 speed harness: mnseg's M&N co-training iteration, sliding-window inference and patch loader
-against plain fp32 eager PyTorch / MONAI on the same models and shapes (logic in ``mnseg.speed``).
+against plain fp32 eager PyTorch / MONAI on the same models and shapes (logic in ``speed_harness.py`` beside it).
 
     python benchmarks/speed.py --device cuda --preset paper [--compile] [--profile] [--peak-tflops 989]
                                [--variants base,channels_last,frozen_bf16,compile,all] [--compile-mode MODE]
@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # speed_harness.py, beside this script
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mnseg.speed import COMPILE_MODES, H100_BF16_DENSE_TFLOPS, PRESETS, VARIANTS
+    from speed_harness import COMPILE_MODES, H100_BF16_DENSE_TFLOPS, PRESETS, VARIANTS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
@@ -53,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
+    from speed_harness import format_report, parse_variants, run_benchmark
+
     from mnseg.engine.build import resolve_device
     from mnseg.errors import MnsegError
-    from mnseg.speed import format_report, parse_variants, run_benchmark
     from mnseg.utils.atomic import atomic_write_json
 
     if args.warmup < 0 or args.iters < 1 or args.inference_repeats < 1 or args.loader_batches < 1:

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnseg.benchmark import UPPER_LABEL, BenchmarkSpec, Cell, cell_config, check_spec, plan_cells
-from mnseg.benchmark_stats import (
+from mnseg.cli import main
+from mnseg.errors import ConfigError, MnsegError
+from mnseg.reporting.benchmark_stats import (
     FOREGROUND,
     RunResult,
     aggregate,
@@ -17,8 +18,7 @@ from mnseg.benchmark_stats import (
     paired_comparisons,
     wilcoxon_p,
 )
-from mnseg.cli import main
-from mnseg.errors import ConfigError, MnsegError
+from mnseg.workflows.benchmark import UPPER_LABEL, BenchmarkSpec, Cell, cell_config, check_spec, plan_cells
 
 TINY = ["models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 4}", "train.epochs=1",
         "train.iters_per_epoch=2", "data.patch_size=[32,32,32]", "models.net.optim.warmup_epochs=0",
@@ -27,7 +27,7 @@ TINY = ["models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 4}
 
 def _summary(per_case: dict[str, dict[str, float]]) -> dict:
     """A summary.json-shaped dict from {case: {class: dice}} (other metrics derived, HD95 undefined for one)."""
-    from mnseg.metrics import summarize
+    from mnseg.evaluation.metrics import summarize
 
     items = [{"case": case, "metrics": {cls: {"dice": d, "jaccard": d / (2 - d), "hd95": 1 / d if d > 0.5 else None,
                                                "asd": 1 - d, "assd": 1 - d} for cls, d in classes.items()}}
@@ -84,7 +84,7 @@ def test_paired_comparison_pairs_same_seed_and_case_only():
 
 
 def test_benchmark_table_gives_a_verdict_and_bolds_only_supported_differences():
-    from mnseg.benchmark_stats import markdown_report
+    from mnseg.reporting.benchmark_stats import markdown_report
 
     rng = np.random.default_rng(2)
     runs = []
@@ -163,7 +163,7 @@ def _mtimes(out: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_grid_interrupt_fail_resume_and_tables_match_runs(toy_dataset, tmp_path, monkeypatch):
-    import mnseg.benchmark as bench
+    import mnseg.workflows.benchmark as bench
 
     out, cache = tmp_path / "bench", tmp_path / "cache"
 
@@ -272,7 +272,7 @@ def test_changed_settings_are_refused_not_mixed(toy_dataset, tmp_path):
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(cell_config(_spec(toy_dataset, out, overrides=["train.epochs=3"]),
                                                  Cell("supervised", 2, 0)).to_yaml())
-    from mnseg.benchmark import run_benchmark
+    from mnseg.workflows.benchmark import run_benchmark
 
     with pytest.raises(MnsegError, match="other settings"):
         run_benchmark(spec, progress=False, log=lambda *a: None)
@@ -281,7 +281,7 @@ def test_changed_settings_are_refused_not_mixed(toy_dataset, tmp_path):
 def test_execution_only_settings_do_not_make_a_finished_run_another_benchmark(toy_dataset, tmp_path):
     """A cell trained with the NaN check every step on a GPU (as older defaults did) still belongs to a grid run now
     with other execution settings; a setting that changes what is learnt still makes it another benchmark."""
-    from mnseg.benchmark import _changed_cells
+    from mnseg.workflows.benchmark import _changed_cells
 
     out, cell = tmp_path / "bench", Cell("supervised", 2, 0)
     spec = _spec(toy_dataset, out, methods=["supervised"], seeds=[0], upper_bound=False,
@@ -329,7 +329,7 @@ def test_parallel_workers_are_spread_over_the_visible_gpus(monkeypatch):
 
     import torch
 
-    from mnseg.benchmark import _pin_worker_to_gpu, runs_per_device, worker_gpus
+    from mnseg.workflows.benchmark import _pin_worker_to_gpu, runs_per_device, worker_gpus
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

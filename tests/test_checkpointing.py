@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from mnseg.config import ModelConfig
+from mnseg.config.schema import ModelConfig
 from mnseg.engine.build import build_model
 from mnseg.errors import ConfigError
 from mnseg.models.checkpointing import enable_activation_checkpointing, saved_activation_bytes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mnseg.config import apply_overrides, load_config
+from mnseg.config.schema import apply_overrides, load_config
 from mnseg.errors import ConfigError
 
 
@@ -36,15 +36,15 @@ def test_a_bad_override_on_the_command_line_is_one_line_not_a_traceback(toy_data
 
 
 def test_every_preset_passes_the_value_checks():
-    from mnseg.config import PRESET_DIR
-    from mnseg.config_checks import check_config
+    from mnseg.config.checks import check_config
+    from mnseg.config.schema import PRESET_DIR
 
     for path in sorted(PRESET_DIR.glob("*.yaml")):
         check_config(load_config(path))
 
 
 def test_out_of_range_settings_are_listed_together():
-    from mnseg.config_checks import check_config
+    from mnseg.config.checks import check_config
 
     cfg = load_config("mn", ["train.batch_size=0", "train.seed=-1", "data.patch_size=[32, 32]", "data.fg_prob=1.5",
                              "infer.overlap=1", "models.net2d.optim.lr=-1", "train.on_nan=ignore"])
@@ -72,7 +72,7 @@ def test_bad_training_settings_stop_before_the_run_folder_exists(toy_dataset, tm
 
 
 def test_benchmark_checks_every_methods_settings_before_training(toy_dataset, tmp_path):
-    from mnseg.benchmark import BenchmarkSpec, check_spec
+    from mnseg.workflows.benchmark import BenchmarkSpec, check_spec
 
     spec = BenchmarkSpec(toy_dataset, tmp_path / "b", ["supervised", "mean_teacher"], [2], [0],
                          method_overrides={"mean_teacher": ["models.student.optim.lr=-1"]})

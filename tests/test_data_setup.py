@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mnseg.data.cache as cache_mod
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.data.cache import PreprocessCache
 from mnseg.data.preprocess import preprocess_case
 from mnseg.engine.data_setup import prepare_data

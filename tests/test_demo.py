@@ -33,8 +33,8 @@ def _seconds(value):
 
 def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):
     """The demo resumes whatever runs it finds in --out, so it must not adopt someone else's folder."""
-    from mnseg.demo import DEMO_ENTRIES, MARKER
     from mnseg.utils.output_folder import claim_output_folder
+    from mnseg.workflows.demo import DEMO_ENTRIES, MARKER
 
     theirs = tmp_path / "project"
     (theirs / "runs" / "mn").mkdir(parents=True)

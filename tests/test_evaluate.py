@@ -12,8 +12,8 @@ import pytest
 from mnseg.cli import main
 from mnseg.data.io import load_nifti, save_nifti
 from mnseg.errors import InputFileError, MnsegError
-from mnseg.evaluation import evaluate_folders, format_summary_table
-from mnseg.metrics import evaluate_case
+from mnseg.evaluation.folders import evaluate_folders, format_summary_table
+from mnseg.evaluation.metrics import evaluate_case
 
 LABELS = {"background": 0, "liver": 1, "tumour": 2}
 AFFINE = np.diag([0.8, 1.2, 2.5, 1.0])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mnseg.errors import ConfigError
-from mnseg.inference import average_probabilities, sliding_window_probabilities
+from mnseg.inference.window import average_probabilities, sliding_window_probabilities
 
 
 class PointwiseLogits(nn.Module):

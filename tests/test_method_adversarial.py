@@ -9,7 +9,7 @@ from torch import nn
 
 import mnseg.methods
 from mnseg.cli import main
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.errors import ConfigError
 from mnseg.methods.adversarial import Adversarial
 from mnseg.methods.base import Batch, MethodContext

@@ -12,7 +12,7 @@ from torch import nn
 
 import mnseg.methods
 from mnseg.cli import main
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.engine.schedules import sigmoid_rampup
 from mnseg.methods.base import Batch, MethodContext
 from mnseg.methods.cps import CPS

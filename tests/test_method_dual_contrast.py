@@ -11,7 +11,7 @@ from torch import nn
 
 import mnseg.methods
 from mnseg.cli import main
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.errors import ConfigError
 from mnseg.methods.base import Batch, MethodContext
 from mnseg.methods.dual_contrast import (

@@ -12,7 +12,7 @@ from numpy_reference import conv1x1, np_softmax, np_supervised
 
 import mnseg.methods
 from mnseg.cli import main
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.methods.base import Batch
 from mnseg.methods.entropy_min import EntropyMin
 from mnseg.models import create_model

@@ -12,7 +12,7 @@ from method_scaffold import attach_with_sgd, tiny_context
 from numpy_reference import SMOOTH, np_softmax
 
 import mnseg.methods
-from mnseg.config import Config, ModelConfig
+from mnseg.config.schema import Config, ModelConfig
 from mnseg.engine.build import build_model
 from mnseg.engine.schedules import lr_at
 from mnseg.errors import ConfigError

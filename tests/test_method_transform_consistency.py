@@ -13,7 +13,7 @@ from numpy_reference import np_softmax, np_supervised
 import mnseg.methods
 import mnseg.methods.transform_consistency as tc
 from mnseg.cli import main
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.methods.base import Batch
 from mnseg.methods.transform_consistency import ExactTransform, TransformConsistency, sample_transforms
 from mnseg.models import create_model

@@ -12,7 +12,7 @@ from numpy_reference import np_softmax
 
 import mnseg.methods
 from mnseg.cli import main
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.losses import softmax_mse_loss
 from mnseg.methods.base import Batch
 from mnseg.methods.ua_mt import UAMT

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from medpy.metric import binary as medpy_binary
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
-from mnseg import metrics
+from mnseg.evaluation import metrics
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.engine.build import build_model
 from mnseg.engine.schedules import make_scheduler
 from mnseg.losses import pseudo_label_loss, supervised_loss
@@ -159,7 +159,7 @@ def test_predict_switch():
     ("net3d", "unet3d", {"depth": 3, "base_filters": 4}, None),
 ])
 def test_model_switches_build(role, name, kwargs, finetune):
-    from mnseg.config import ModelConfig
+    from mnseg.config.schema import ModelConfig
     from mnseg.models import count_parameters
 
     model = build_model(ModelConfig(name=name, kwargs=kwargs, finetune=finetune), 1, 3)

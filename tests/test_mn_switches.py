@@ -115,7 +115,7 @@ def test_refresh_agreement_keeps_only_voxels_where_both_models_name_the_class():
 
 
 def test_refresh_rule_agree_uses_both_models(monkeypatch):
-    import mnseg.engine.predict as predict
+    import mnseg.inference.predict as predict
 
     method, _ = _method(fg_refresh="agree")
     calls = []
@@ -221,7 +221,7 @@ def test_keep_epochs_keeps_a_checkpoint_of_the_end_of_stage_one(toy_dataset, tmp
 
 
 def test_imagenet_input_mapping_knows_ct_from_mri():
-    from mnseg.config import Config
+    from mnseg.config.schema import Config
     from mnseg.engine.build import input_range, resolve_input_ranges
     from mnseg.models.effunet import IMAGENET_MEAN, IMAGENET_STD, ImageNetInput
 

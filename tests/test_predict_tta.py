@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import mnseg.engine.predict as engine_predict
+import mnseg.inference.predict as engine_predict
 from mnseg.cli import build_parser, main
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.data.toy import make_toy_dataset
-from mnseg.engine.predict import MirrorAveraged, configure_tta, load_run, training_flip_axes
 from mnseg.errors import ConfigError
+from mnseg.inference.predict import MirrorAveraged, configure_tta, load_run, training_flip_axes
 
 TINY_3D = ["models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 4}"]
 

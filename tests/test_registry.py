@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mnseg.config import PRESET_DIR, load_config
+from mnseg.config.schema import PRESET_DIR, load_config
 from mnseg.methods import METHODS, list_methods, method_class
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -259,7 +259,7 @@ def test_out_of_memory_in_training_names_the_sizes_and_keeps_the_checkpoint(trai
 def test_out_of_memory_in_predict_names_the_window_and_leaves_no_partial_output(trained, tmp_path, monkeypatch,
                                                                                  capsys):
     ds, run, _ = trained
-    import mnseg.engine.predict as engine_predict
+    import mnseg.inference.predict as engine_predict
 
     real = engine_predict.predict_probabilities
     calls = {"n": 0}
@@ -317,7 +317,7 @@ def test_check_writable_refuses_without_permission(tmp_path, monkeypatch):
 
 def test_predict_into_unwritable_or_full_folder_fails_before_any_work(trained, tmp_path, monkeypatch, capsys):
     ds, run, _ = trained
-    import mnseg.engine.predict as engine_predict
+    import mnseg.inference.predict as engine_predict
     import mnseg.utils.preflight as preflight
 
     monkeypatch.setattr(engine_predict, "predict_case", lambda *a: pytest.fail("predicted before the check"))

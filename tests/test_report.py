@@ -10,7 +10,7 @@ import pytest
 
 from mnseg.data.io import save_nifti
 from mnseg.errors import InputFileError
-from mnseg.report import (
+from mnseg.reporting.report import (
     MethodResult,
     class_colour,
     format_mean_std,
@@ -251,8 +251,8 @@ def test_format_mean_std_edge_values():
 
 
 def test_reorientation_puts_axial_slices_last_with_matching_spacing():
-    from mnseg.overlays import ras_spacing as _ras_spacing
-    from mnseg.overlays import to_ras as _to_ras
+    from mnseg.reporting.overlays import ras_spacing as _ras_spacing
+    from mnseg.reporting.overlays import to_ras as _to_ras
 
     # file axes are (S, A, L): axis 0 runs superior, axis 2 runs to the left
     affine = np.array([[0, 0, -0.5, 0], [0, 2.0, 0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
@@ -309,7 +309,7 @@ def test_verdict_sentence_p_value_and_bold_only_where_the_test_supports_it(tmp_p
 
 
 def test_verdict_module_edge_cases():
-    from mnseg.verdict import compare, smallest_p, verdict_sentence
+    from mnseg.reporting.verdict import compare, smallest_p, verdict_sentence
 
     one = compare("a", "b", {"x": 0.9}, {"x": 0.8})
     assert one.outcome == "n/a" and "too few for a test (p n/a)" in verdict_sentence(one)
@@ -321,7 +321,7 @@ def test_verdict_module_edge_cases():
 
 
 def test_error_map_colours_small_classes_opaque_and_an_error_column_per_method(tmp_path):
-    from mnseg.overlays import ERROR_COLOURS, class_opacity, error_rgb
+    from mnseg.reporting.overlays import ERROR_COLOURS, class_opacity, error_rgb
 
     ref = np.array([[0, 1, 1, 2]])
     pred = np.array([[1, 0, 1, 1]])  # FP, FN, right, wrong class

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from mnseg.errors import ConfigError
-from mnseg.speed import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from speed_harness import (  # noqa: E402
     PRESETS,
     VARIANTS,
     MnsegSide,

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnseg.config import Config, ModelConfig, TrainConfig
+from mnseg.config.schema import Config, ModelConfig, TrainConfig
 from mnseg.engine import build
 from mnseg.engine.build import build_model, place_model, to_channels_last
 from mnseg.errors import ConfigError
-from mnseg.inference import sliding_window_probabilities
+from mnseg.inference.window import sliding_window_probabilities
 from mnseg.models import create_model
 from mnseg.models.finetune import cast_frozen_weights
 
@@ -182,8 +182,8 @@ def test_trainer_with_channels_last_trains_validates_and_predicts(toy_dataset, t
     import argparse
 
     from mnseg.commands.train import add_arguments, build_config
-    from mnseg.engine.predict import load_run, predict_probabilities
     from mnseg.engine.trainer import Trainer
+    from mnseg.inference.predict import load_run, predict_probabilities
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

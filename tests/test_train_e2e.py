@@ -92,7 +92,7 @@ def test_predict_lands_in_original_geometry(toy_dataset, tmp_path, capsys):
 
     from mnseg.data.io import load_nifti, save_nifti
     from mnseg.data.toy import toy_case
-    from mnseg.metrics import dice
+    from mnseg.evaluation.metrics import dice
 
     assert _train(toy_dataset, tmp_path / "run", tmp_path / "cache", *TINY_3D, "models.net.optim.lr=3e-3",
                   "models.net.optim.warmup_epochs=1", "data.target_spacing=[1.0, 1.0, 1.0]") == 0

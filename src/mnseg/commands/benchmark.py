@@ -94,7 +94,7 @@ def _method_overrides(items: list[str]) -> dict[str, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mnseg.benchmark import BenchmarkSpec, run_benchmark
+    from mnseg.workflows.benchmark import BenchmarkSpec, run_benchmark
 
     out = args.out or Path("runs") / args.dataset.resolve().name / "benchmark"
     spec = BenchmarkSpec(

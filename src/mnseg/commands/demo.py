@@ -21,7 +21,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from mnseg.demo import run_demo
+    from mnseg.workflows.demo import run_demo
 
     run_demo(args.out, args.device, args.num_labeled, args.seed, args.quick, progress=not args.no_progress)
     return 0

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from mnseg.evaluation import evaluate_folders, format_summary_table
+    from mnseg.evaluation.folders import evaluate_folders, format_summary_table
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

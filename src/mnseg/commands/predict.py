@@ -81,8 +81,8 @@ def predict(args, in_dir) -> int:
 
     import torch
 
-    from mnseg.engine.predict import configure_tta, load_run, predict_folder
     from mnseg.errors import ConfigError, MnsegError
+    from mnseg.inference.predict import configure_tta, load_run, predict_folder
     from mnseg.utils.preflight import check_writable
 
     run = load_run(args.model, args.checkpoint, args.device, args.predict_with)

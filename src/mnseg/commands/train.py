@@ -3,7 +3,7 @@
 HELP = "train a method (supervised, mn, ...) on a dataset folder"
 DESCRIPTION = """Train a segmentation method on an nnU-Net-style dataset folder.
 
-The configuration starts from the method's preset (mnseg/configs/<method>.yaml) or --config,
+The configuration starts from the method's preset (mnseg/config/presets/<method>.yaml) or --config,
 then the options below, then any key.sub=value overrides, e.g.
 
   mnseg train Dataset001_Brain --method mn --num-labeled 4 --test
@@ -20,7 +20,7 @@ def add_arguments(p):
     p.add_argument("dataset", nargs="?", help="dataset folder (dataset.json, imagesTr, labelsTr, ...)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=50")
     p.add_argument("--method", choices=sorted(METHODS), help="learning method (default: the config's, else supervised)")
-    p.add_argument("--config", help="YAML file or preset name (see mnseg/configs)")
+    p.add_argument("--config", help="YAML file or preset name (see mnseg/config/presets)")
     p.add_argument("--num-labeled", type=int, help="keep N labelled cases (seeded); the rest of imagesTr is unlabelled")
     p.add_argument("--num-val", type=int, help="hold out N labelled cases for validation Dice and the best checkpoint")
     p.add_argument("--transductive", action="store_true", help="let imagesTs join the unlabelled pool (off by default)")
@@ -41,7 +41,7 @@ def add_arguments(p):
 
 
 def build_config(args):
-    from mnseg.config import PRESET_DIR, Config, apply_overrides, load_config, read_yaml
+    from mnseg.config.schema import PRESET_DIR, Config, apply_overrides, load_config, read_yaml
     from mnseg.errors import ConfigError
 
     overrides = list(args.overrides or [])
@@ -192,8 +192,8 @@ def test_run(trainer, run_dir, progress: bool = True) -> int:
     """Predict imagesTs with the trained model and score it against labelsTs when present."""
     from pathlib import Path
 
-    from mnseg.engine.predict import load_run, predict_folder
-    from mnseg.evaluation import evaluate_folders, format_summary_table
+    from mnseg.evaluation.folders import evaluate_folders, format_summary_table
+    from mnseg.inference.predict import load_run, predict_folder
 
     folder = trainer.data.folder
     images = folder.root / "imagesTs"

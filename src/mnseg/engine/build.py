@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mnseg.config import ModelConfig, OptimConfig, TrainConfig
+from mnseg.config.schema import ModelConfig, OptimConfig, TrainConfig
 from mnseg.errors import ConfigError
 
 FROZEN_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnseg.config import Config
+from mnseg.config.schema import Config
 
 
 @dataclass

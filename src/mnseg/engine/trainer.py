@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnseg.config import Config
-from mnseg.config_checks import check_config
+from mnseg.config.checks import check_config
+from mnseg.config.schema import Config
 from mnseg.engine import distributed
 from mnseg.engine.build import (
     build_augmenter,
@@ -358,8 +358,8 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self, epoch: int) -> float:
-        from mnseg.engine.predict import predict_probabilities
-        from mnseg.metrics import dice
+        from mnseg.evaluation.metrics import dice
+        from mnseg.inference.predict import predict_probabilities
 
         cfg = self.cfg
         predictor = self.method.predictor(cfg.infer.model)
@@ -380,7 +380,7 @@ class Trainer:
 
     def _log_overlay(self, case, pred, epoch: int) -> None:
         try:
-            from mnseg.report import overlay_rgb
+            from mnseg.reporting.report import overlay_rgb
         except ImportError:
             return
         z = int(np.argmax((case.label > 0).sum(axis=(0, 1)))) if case.label is not None else case.image.shape[-1] // 2

@@ -106,7 +106,7 @@ def open_model(path: str | Path, checkpoint: str = "best") -> ModelFiles:
 
 
 def read_run_dir(run_dir: Path, checkpoint: str = "best") -> ModelFiles:
-    from mnseg.config import read_yaml
+    from mnseg.config.schema import read_yaml
     from mnseg.engine.run_dir import RunDir
 
     run = RunDir(run_dir)

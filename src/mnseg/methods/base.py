@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.engine.schedules import Segment
 from mnseg.errors import ConfigError
 

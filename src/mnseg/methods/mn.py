@@ -181,7 +181,7 @@ class MN(Method):
         or (``fg_refresh: agree``) those where both models name the same class, so that crops centred on a rare
         class are not ones where the partner's pseudo-mask says another class."""
         from mnseg.data.sampling import foreground_coords
-        from mnseg.engine.predict import predict_probabilities
+        from mnseg.inference.predict import predict_probabilities
 
         roles = ("net3d", "net2d") if self.choice["fg_refresh"] == "agree" else ("net3d",)
         models = [self.generators.get(r, self.models[r]) for r in roles]  # the window loop sets eval mode

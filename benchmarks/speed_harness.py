@@ -132,7 +132,7 @@ def parse_variants(text: str) -> list[Variant]:
 def make_config(preset: Preset, variant: Variant = VARIANTS["base"]):
     """An M&N run configuration with the preset's models (stage 1 lasts one epoch, co-training two) and the
     variant's options (``frozen_dtype`` only on roles that freeze weights: elsewhere it is a config error)."""
-    from mnseg.config import Config
+    from mnseg.config.schema import Config
 
     models = {"net2d": dict(preset.net2d), "net3d": dict(preset.net3d)}
     if variant.frozen_bf16:
@@ -491,7 +491,7 @@ def _side_line(side: dict) -> str:
 
 def _mean_foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
     """Mean over foreground classes of the Dice between two label maps (1 for a class absent from both)."""
-    from mnseg.metrics import dice
+    from mnseg.evaluation.metrics import dice
 
     a, b = a.cpu().numpy(), b.cpu().numpy()
     return float(np.mean([dice(a == c, b == c) for c in range(1, num_classes)]))
@@ -519,7 +519,7 @@ def bench_inference(
     from monai.inferers import sliding_window_inference
 
     from mnseg.engine.build import to_channels_last
-    from mnseg.inference import sliding_window_probabilities
+    from mnseg.inference.window import sliding_window_probabilities
 
     masters = masters if masters is not None else build_master_models(preset, seed)
     variants = variants or [VARIANTS["base"]]

@@ -7,7 +7,7 @@ traceback from deep inside PyTorch, or (``--epochs 0``) a run that silently trai
 
 from __future__ import annotations
 
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.errors import ConfigError
 
 __all__ = ["check_config"]
@@ -16,7 +16,7 @@ ON_NAN = ("stop", "skip")
 
 
 def _problems(cfg: Config) -> list[str]:
-    from mnseg.inference import BLEND_MODES
+    from mnseg.inference.window import BLEND_MODES
     from mnseg.models.compiled import COMPILE_MODES
 
     t, d, i = cfg.train, cfg.data, cfg.infer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from mnseg.benchmark_stats import FOREGROUND
+from mnseg.reporting.benchmark_stats import FOREGROUND
 from mnseg.utils.atomic import atomic_path
 
 

@@ -3,7 +3,7 @@
 One tree describes a whole run (data, models, optimisers, schedule, method,
 inference); it is saved resolved in every run directory so a run can be
 re-created, resumed or used for prediction from that file alone.
-Presets live in ``mnseg/configs/*.yaml`` (paper settings are data, not code).
+Presets live in ``mnseg/config/presets/*.yaml`` (paper settings are data, not code).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 
 from mnseg.errors import ConfigError
 
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parent / "presets"
 
 
 @dataclass

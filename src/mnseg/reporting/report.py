@@ -4,7 +4,7 @@
 the same PNGs inlined, so the one file can be mailed). The verdict and the bold cells come from a paired
 Wilcoxon test over test cases against the baseline (the first method unless named), so a difference
 that chance explains is not presented as a win. The example cases are the best, median and worst by
-Dice, with an error map per method (pictures: ``mnseg.overlays``). Figures are drawn with matplotlib's
+Dice, with an error map per method (pictures: ``mnseg.reporting.overlays``). Figures are drawn with matplotlib's
 object API (``Figure`` + Agg canvas), never pyplot, so importing this module does not change the backend
 of an interactive session.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mnseg.errors import InputFileError
-from mnseg.overlays import (  # noqa: F401 - re-exported: report's picture API before mnseg.overlays existed
+from mnseg.reporting.overlays import (  # noqa: F401 - re-exported: report's picture API before mnseg.reporting.overlays existed
     NOT_DRAWN,
     class_colour,
     overlay_figure,
@@ -33,8 +33,8 @@ from mnseg.overlays import (  # noqa: F401 - re-exported: report's picture API b
     save_figure,
     to_ras,
 )
+from mnseg.reporting.verdict import SIGNIFICANCE, Comparison, compare, verdict_sentence
 from mnseg.utils.atomic import atomic_write_text
-from mnseg.verdict import SIGNIFICANCE, Comparison, compare, verdict_sentence
 
 METRICS = (("dice", "Dice", 3), ("jaccard", "Jaccard", 3), ("hd95", "HD95", 2), ("asd", "ASD", 2))
 FOREGROUND_MEAN = "foreground mean"

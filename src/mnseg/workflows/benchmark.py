@@ -92,7 +92,7 @@ def plan_cells(spec: BenchmarkSpec) -> list[Cell]:
 
 
 def preset_for(method: str, prefix: str | None) -> str:
-    from mnseg.config import PRESET_DIR
+    from mnseg.config.schema import PRESET_DIR
 
     name = f"{prefix}_{method}" if prefix else method
     if not (PRESET_DIR / f"{name}.yaml").exists():
@@ -126,7 +126,7 @@ def check_spec(spec: BenchmarkSpec, need_dataset: bool = True) -> None:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         if key in GRID_KEYS:
             raise ConfigError(f"override '{item}': {key} is set by the benchmark grid (use its options instead)")
-    from mnseg.config_checks import check_config
+    from mnseg.config.checks import check_config
 
     first_cells = {c.method: c for c in reversed(plan_cells(spec))}  # one cell per method: settings differ by method
     for method, cell in first_cells.items():
@@ -145,7 +145,7 @@ def check_spec(spec: BenchmarkSpec, need_dataset: bool = True) -> None:
 
 def cell_config(spec: BenchmarkSpec, cell: Cell):
     """The method's preset, then the overrides for every run and for this method, then the grid's facts."""
-    from mnseg.config import Config, load_config
+    from mnseg.config.schema import Config, load_config
 
     cfg = load_config(preset_for(cell.method, spec.preset),
                       [*spec.overrides, *spec.method_overrides.get(cell.method, [])])
@@ -175,7 +175,7 @@ EXECUTION_ONLY_MODEL = ("activation_checkpoint",)
 
 def _changed_cells(spec: BenchmarkSpec, cells: list[Cell]) -> list[str]:
     """Cells whose existing run was made with other settings (reusing them would mix two benchmarks)."""
-    from mnseg.config import Config, read_yaml
+    from mnseg.config.schema import Config, read_yaml
 
     def comparable(cfg) -> dict:
         d = cfg.to_dict()
@@ -259,8 +259,8 @@ def train_cell(cfg, run_dir: Path, progress: bool = True, log=print, sharing: in
 def predict_and_score(run_dir: Path, dataset: Path, device: str | None, progress: bool = True) -> dict:
     """Predict imagesTs with the run's model and score it against labelsTs into test_predictions/."""
     from mnseg.data.dataset import DatasetFolder
-    from mnseg.engine.predict import load_run, predict_folder
-    from mnseg.evaluation import evaluate_folders
+    from mnseg.evaluation.folders import evaluate_folders
+    from mnseg.inference.predict import load_run, predict_folder
 
     root = DatasetFolder(dataset).root
     out = run_dir / "test_predictions"
@@ -434,8 +434,8 @@ def _spec_record(spec: BenchmarkSpec, cells: list[Cell]) -> dict:
 def write_results(spec: BenchmarkSpec, cells: list[Cell], done: list[Cell], failures: list[dict],
                   not_run: list[Cell]) -> list[Path]:
     """results.csv, results.md and the two plots, from the finished runs' files only."""
-    from mnseg.benchmark_plots import plot_class_bars, plot_dice_vs_labeled
-    from mnseg.benchmark_stats import (
+    from mnseg.reporting.benchmark_plots import plot_class_bars, plot_dice_vs_labeled
+    from mnseg.reporting.benchmark_stats import (
         aggregate,
         markdown_report,
         paired_comparisons,

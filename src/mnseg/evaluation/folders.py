@@ -1,7 +1,7 @@
 """Score a folder of predicted label maps against a folder of references.
 
 Files are matched by case name (``CASE.nii.gz`` in both folders), checked for the same grid, scored
-per class with ``mnseg.metrics`` and written as ``metrics.csv`` (one row per case and class) and
+per class with ``mnseg.evaluation.metrics`` and written as ``metrics.csv`` (one row per case and class) and
 ``summary.json`` (nnU-Net's shape). Anything wrong with the inputs is a ``MnsegError`` naming the
 file and the problem, raised before any output is written.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mnseg.errors import ConfigError, InputFileError, MnsegError
-from mnseg.metrics import both_empty_metrics, evaluate_case, foreground_classes, summarize
+from mnseg.evaluation.metrics import both_empty_metrics, evaluate_case, foreground_classes, summarize
 
 CSV_COLUMNS = ("case", "class", "dice", "jaccard", "hd95", "asd", "assd")
 AFFINE_ATOL = 1e-3

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mnseg.config import Config, load_config
+from mnseg.config.schema import Config, load_config
 
 DATASET_NAME = "Dataset900_MNIDemo"
 METHOD_LABELS = {"supervised": "Supervised 3D UNet", "mn": "M&N (2D pretrained + 3D UNet)"}
@@ -59,13 +59,13 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: 
 
     import torch
 
-    from mnseg.benchmark import train_cell
     from mnseg.data.synth import synthesize_dataset
-    from mnseg.engine.predict import load_run, predict_folder
-    from mnseg.evaluation import evaluate_folders, format_summary_table
-    from mnseg.report import MethodResult, write_report
+    from mnseg.evaluation.folders import evaluate_folders, format_summary_table
+    from mnseg.inference.predict import load_run, predict_folder
+    from mnseg.reporting.report import MethodResult, write_report
     from mnseg.utils.atomic import atomic_write_json
     from mnseg.utils.output_folder import claim_output_folder
+    from mnseg.workflows.benchmark import train_cell
 
     out = Path(out).resolve()
     claim_output_folder(out, MARKER, DEMO_ENTRIES, "demo", "--out")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnseg.config import Config
+from mnseg.config.schema import Config
 from mnseg.engine.build import build_augmenter, build_model, place_model, resolve_device
 from mnseg.errors import ConfigError, InputFileError, MnsegError
 
@@ -25,7 +25,7 @@ def predict_probabilities(
     ``mirror_axes`` gives, per model, the spatial axes whose flips are averaged (``()``: no mirroring); without
     it ``cfg.infer.mirror_tta`` mirrors over every axis.
     """
-    from mnseg.inference import average_probabilities, sliding_window_probabilities
+    from mnseg.inference.window import average_probabilities, sliding_window_probabilities
 
     models = list(models) if isinstance(models, list | tuple) else [models]
     if mirror_axes is not None:

@@ -11,7 +11,7 @@ Conventions (also printed under the markdown table):
   foreground-mean Dice (method minus supervised at the same labelled count and seed); two-sided
   Wilcoxon signed-rank test (scipy.stats.wilcoxon, zero differences dropped). Fewer than 2 pairs:
   p = NaN (no test possible); all differences zero: p = 1.0 (no evidence of a difference);
-- verdict: "beat" / "trailed" only at p < 0.05 (``mnseg.verdict``), else "tied"; only those Δ are bold.
+- verdict: "beat" / "trailed" only at p < 0.05 (``mnseg.reporting.verdict``), else "tied"; only those Δ are bold.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mnseg.errors import MnsegError
-from mnseg.verdict import Comparison, verdict_sentence, wilcoxon_p  # noqa: F401 - wilcoxon_p: this module's API
+from mnseg.reporting.verdict import Comparison, verdict_sentence, wilcoxon_p  # noqa: F401 - wilcoxon_p: this module's API
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 TIMING = ("train_seconds", "iterations_per_second", "peak_gpu_memory_mb")

@@ -1,0 +1,1 @@
+"""Scoring predictions: per-case metrics with medpy semantics (``metrics``) and whole folders (``folders``)."""

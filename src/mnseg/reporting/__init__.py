@@ -1,0 +1,1 @@
+"""Reports: markdown/HTML comparison reports, overlay pictures, verdicts, benchmark tables and plots."""

@@ -1,0 +1,1 @@
+"""Whole jobs built from the engine: the label-efficiency benchmark and the embedded demo."""
