@@ -267,6 +267,10 @@ class MnsegSide:
         return contextlib.nullcontext()
 
     def step(self, batch) -> None:
+        """The trainer's step for each role in turn: its batch conversion, autocast, the method's loss and the
+        engine's ``backward_and_step``."""
+        from mnseg.engine.trainer import backward_and_step
+
         torch.backends.cudnn.benchmark = True
         batch = self._adapt(batch)
         for epoch in self.epochs:
@@ -278,11 +282,7 @@ class MnsegSide:
             with self._autocast():
                 out = self.method.training_step(batch, epoch, 0)
             self.losses.append(out.loss.detach())
-            out.loss.backward()
-            clip = self.cfg.models[role].optim.grad_clip
-            if clip:
-                torch.nn.utils.clip_grad_norm_(self.models[role].parameters(), clip)
-            optimizer.step()
+            backward_and_step(out.loss, self.models, self.optimizers, [role], self.cfg.models)
 
 
 def _plain_dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:

@@ -163,7 +163,7 @@ def _mtimes(out: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_grid_interrupt_fail_resume_and_tables_match_runs(toy_dataset, tmp_path, monkeypatch):
-    import mnseg.workflows.benchmark as bench
+    import mnseg.workflows.pipeline as bench  # the benchmark's cells run its train -> test pipeline
 
     out, cache = tmp_path / "bench", tmp_path / "cache"
 
@@ -176,14 +176,14 @@ def test_grid_interrupt_fail_resume_and_tables_match_runs(toy_dataset, tmp_path,
     assert "not finished yet: 2" in (out / "results.md").read_text()  # of 4 cells
 
     # 1b) killed (Ctrl-C, a time limit) while scoring the fourth cell: the third one's result is in the table
-    real = bench.predict_and_score
+    real = bench.test_run
 
     def killed(run_dir, *a, **k):
         if "entropy_min/n2_seed1" in str(run_dir).replace("\\", "/"):
             raise KeyboardInterrupt
         return real(run_dir, *a, **k)
 
-    monkeypatch.setattr(bench, "predict_and_score", killed)
+    monkeypatch.setattr(bench, "test_run", killed)
     assert _bench(toy_dataset, out, cache) == 130
     with open(out / "results.csv", newline="") as fh:
         assert {(r["method"], r["seed"]) for r in csv.DictReader(fh)} == {
@@ -197,7 +197,7 @@ def test_grid_interrupt_fail_resume_and_tables_match_runs(toy_dataset, tmp_path,
         return real(run_dir, *a, **k)
 
     killed_mtime = _mtimes(out)["runs/entropy_min/n2_seed1/checkpoints/last.pt"]
-    monkeypatch.setattr(bench, "predict_and_score", flaky)
+    monkeypatch.setattr(bench, "test_run", flaky)
     assert _bench(toy_dataset, out, cache) == 1
     failures = json.loads((out / "failures.json").read_text())
     assert [(f["method"], f["num_labeled"], f["seed"]) for f in failures] == [("entropy_min", 2, 1)]
@@ -209,7 +209,7 @@ def test_grid_interrupt_fail_resume_and_tables_match_runs(toy_dataset, tmp_path,
     assert second["runs/entropy_min/n2_seed1/checkpoints/last.pt"] == killed_mtime  # resumed, not retrained
 
     # 3) run again: the failed cell resumes from its checkpoint (no new training) and gets scored
-    monkeypatch.setattr(bench, "predict_and_score", real)
+    monkeypatch.setattr(bench, "test_run", real)
     assert _bench(toy_dataset, out, cache) == 0
     assert _mtimes(out) == second
     assert json.loads((out / "failures.json").read_text()) == []

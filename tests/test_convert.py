@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mnseg.cli import main
-from mnseg.data.convert import convert_h5, convert_msd, h5_candidates, safe_label_name
+from mnseg.data.convert import convert_msd, safe_label_name
+from mnseg.data.convert_h5 import convert_h5, h5_candidates
 from mnseg.data.io import load_nifti
 from mnseg.errors import InputFileError, MnsegError
 

@@ -88,7 +88,8 @@ def test_damaged_entry_is_still_rebuilt(toy_dataset, tmp_path, counts):
 
 
 def test_unlabelled_pool_cases_without_label_files_train_fine(toy_dataset, tmp_path):
-    from mnseg.data.dataset import DatasetFolder, make_split
+    from mnseg.data.dataset import DatasetFolder
+    from mnseg.data.split import make_split
     from mnseg.errors import DatasetError
 
     cfg = _cfg(toy_dataset, tmp_path / "cache")

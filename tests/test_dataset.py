@@ -7,11 +7,10 @@ from mnseg.data.dataset import (
     Case,
     DatasetFolder,
     DatasetSpec,
-    Split,
-    make_split,
     write_dataset_json,
 )
 from mnseg.data.io import save_nifti
+from mnseg.data.split import Split, make_split
 from mnseg.data.toy import make_toy_dataset
 from mnseg.errors import ConfigError, DatasetError
 

@@ -24,7 +24,11 @@ def test_quick_demo_writes_a_report_with_both_methods(tmp_path):
     assert main(["demo", "--out", str(out), "--quick", "--no-progress", "--device", "cpu"]) == 0
     assert (out / "runs" / "mn" / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
     report = (out / "report" / "report.md").read_text()
-    assert "mn 10.0 min" in report and "whole demo 10." in report
+    assert "mn 10.0 min" in report
+    # the whole demo's time sums the records (data, the 10 minutes, prediction), however busy this machine is
+    import re
+
+    assert float(re.search(r"whole demo ([0-9.]+) min", report).group(1)) >= 10.0
 
 
 def _seconds(value):

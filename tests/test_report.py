@@ -10,16 +10,9 @@ import pytest
 
 from mnseg.data.io import save_nifti
 from mnseg.errors import InputFileError
-from mnseg.reporting.report import (
-    MethodResult,
-    class_colour,
-    format_mean_std,
-    overlay_figure,
-    overlay_rgb,
-    pick_foreground_slices,
-    read_history,
-    write_report,
-)
+from mnseg.reporting.curves import read_history
+from mnseg.reporting.overlays import class_colour, overlay_figure, overlay_rgb, pick_foreground_slices
+from mnseg.reporting.report import MethodResult, format_mean_std, write_report
 
 CLASS_NAMES = {0: "background", 1: "liver", 2: "tumour"}
 METRICS = ("dice", "jaccard", "hd95", "asd", "assd")

@@ -3,14 +3,8 @@ import math
 import pytest
 import torch
 
-from mnseg.engine.schedules import (
-    Segment,
-    current_lr,
-    epoch_linear_unlabeled_count,
-    lr_at,
-    lr_guided_unlabeled_count,
-    make_scheduler,
-)
+from mnseg.engine.schedules import Segment, current_lr, lr_at, make_scheduler
+from mnseg.methods.mn import epoch_linear_unlabeled_count, lr_guided_unlabeled_count
 
 
 def test_segment_warmup_then_cosine_reaches_final_at_last_step():

@@ -93,7 +93,8 @@ def parse_labels(text: str) -> dict[str, int]:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from mnseg.data.convert import convert_h5, convert_msd
+    from mnseg.data.convert import convert_msd
+    from mnseg.data.convert_h5 import convert_h5
 
     if args.source_format == "msd":
         out = convert_msd(args.task_dir, args.out_dir, overwrite=args.overwrite)

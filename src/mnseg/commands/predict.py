@@ -59,16 +59,17 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
+    from mnseg.engine.run_dir import RunDir
     from mnseg.errors import MnsegError
 
     if not Path(args.input).exists():  # before torch is imported: a typo answers at once
         raise MnsegError(f"{args.input}: input file or folder not found")
     if not Path(args.model).exists():
         raise MnsegError(f"{args.model}: run directory or model zip not found")
-    checkpoints = Path(args.model) / "checkpoints"
-    if args.checkpoint == "best" and (checkpoints / "last.pt").is_file() and not (checkpoints / "best.pt").is_file():
-        print(f"warning: {args.model} has no checkpoints/best.pt (trained without validation cases); "
-              "using checkpoints/last.pt", file=sys.stderr)
+    run = RunDir(args.model)
+    if args.checkpoint == "best" and run.can_resume() and not run.checkpoint("best").is_file():
+        print(f"warning: {args.model} has no {run.relative(run.checkpoint('best'))} (trained without validation "
+              f"cases); using {run.relative(run.checkpoint('last'))}", file=sys.stderr)
     if Path(args.input).is_file():
         with single_file_folder(args.input, args.output) as folder:
             return predict(args, folder)

@@ -41,7 +41,8 @@ def add_arguments(p):
 
 
 def build_config(args):
-    from mnseg.config.schema import PRESET_DIR, Config, apply_overrides, load_config, read_yaml
+    from mnseg.config.schema import PRESET_DIR, Config, apply_overrides, load_config
+    from mnseg.engine.run_dir import RunDir
     from mnseg.errors import ConfigError
 
     overrides = list(args.overrides or [])
@@ -52,12 +53,7 @@ def build_config(args):
         overrides.insert(0, args.dataset)
         args.dataset = None
     if args.resume:
-        from pathlib import Path
-
-        cfg_path = Path(args.resume) / "config.yaml"
-        if not cfg_path.exists():
-            raise ConfigError(f"{args.resume}: not a run directory (no config.yaml)")
-        cfg = Config.from_dict(read_yaml(cfg_path))
+        cfg = Config.from_dict(RunDir(args.resume).read_config())
         return Config.from_dict(apply_overrides(cfg.to_dict(), overrides)) if overrides else cfg
     source = args.config
     if source is None:
@@ -120,16 +116,13 @@ def run(args) -> int:
 
 def preflight(cfg, run_dir: str, resume: bool, overwrite: bool) -> None:
     """Path and folder errors in a second, before torch and the models are imported (which takes many)."""
-    from pathlib import Path
 
     from mnseg.data.dataset import DatasetFolder
     from mnseg.engine.run_dir import RunDir, is_rank_zero
-    from mnseg.errors import MnsegError
     from mnseg.utils.preflight import check_writable
 
     if resume:
-        if not (Path(run_dir) / "checkpoints" / "last.pt").is_file():
-            raise MnsegError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")
+        RunDir(run_dir).require_resumable()
     elif is_rank_zero():  # under torchrun rank 0 may have made the folder already
         RunDir(run_dir).check_new(overwrite)
     DatasetFolder(cfg.data.dataset).training_cases(require_labels=False)  # folder, dataset.json, imagesTr
@@ -139,16 +132,11 @@ def preflight(cfg, run_dir: str, resume: bool, overwrite: bool) -> None:
 def train_and_test(args, cfg, run_dir: str) -> int:
     import torch
 
-    from mnseg.engine.trainer import Trainer
+    from mnseg.workflows.pipeline import run_pipeline
 
-    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     try:
-        trainer.fit()
-        if not trainer.is_main:  # under torchrun only rank 0 reports and tests
-            return 0
-        print(f"done: {run_dir}")
-        if args.test:
-            return test_run(trainer, run_dir, progress=not args.no_progress)
+        result = run_pipeline(cfg, run_dir, test=args.test, resume=bool(args.resume), overwrite=args.overwrite,
+                              strict=False, progress=not args.no_progress)
     except torch.OutOfMemoryError:
         raise out_of_memory_error(cfg, run_dir) from None
     except OSError as exc:
@@ -156,7 +144,7 @@ def train_and_test(args, cfg, run_dir: str) -> int:
         if err is None:
             raise
         raise err from None
-    return 0
+    return 1 if result.failures else 0
 
 
 def out_of_memory_error(cfg, run_dir):
@@ -186,25 +174,3 @@ def write_error(exc: OSError, run_dir):
         f"{run_dir}: cannot write{where}: {describe_os_error(exc)}. Files already written are complete "
         f"(checkpoints are replaced atomically); after freeing space continue with: mnseg train --resume {run_dir}"
     )
-
-
-def test_run(trainer, run_dir, progress: bool = True) -> int:
-    """Predict imagesTs with the trained model and score it against labelsTs when present."""
-    from pathlib import Path
-
-    from mnseg.evaluation.folders import evaluate_folders, format_summary_table
-    from mnseg.inference.predict import load_run, predict_folder
-
-    folder = trainer.data.folder
-    images = folder.root / "imagesTs"
-    if not images.is_dir():
-        print("no imagesTs: nothing to test")
-        return 0
-    out = Path(run_dir) / "test_predictions"
-    run = load_run(run_dir, "best", trainer.cfg.train.device)
-    failures = predict_folder(run, images, out, overwrite=True, progress=progress)
-    labels_dir = folder.root / "labelsTs"
-    if labels_dir.is_dir():
-        summary = evaluate_folders(out, labels_dir, dataset_json=folder.root / "dataset.json", out_dir=out)
-        print(format_summary_table(summary))
-    return 1 if failures else 0

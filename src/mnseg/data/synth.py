@@ -295,7 +295,6 @@ def synthesize_dataset(
     processes build subjects at once (default: one per CPU core).
     """
     from mnseg.utils.atomic import atomic_write_json
-    from mnseg.utils.progress import progress_bar
 
     settings = _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick_slice_fraction,
                          variation)
@@ -308,27 +307,7 @@ def synthesize_dataset(
     counts = {"labeled": n_labeled, "unlabeled": n_unlabeled, "test": n_test}
     jobs = [(out, group, index, subject_seed(seed, group, index), settings["spacing"], thick_slice_fraction,
              variation, sparse_every) for group, count in counts.items() for index in range(count)]
-    workers = max(1, min(int(workers or os.cpu_count() or 1), len(jobs)))
-    class_voxels = np.zeros(len(LABELS), dtype=np.int64)
-    subjects = {}
-    with progress_bar(total=len(jobs), desc="mnseg synth", unit="subject", disable=not progress) as bar:
-        if workers == 1:
-            results = map(_write_subject, jobs)
-        else:  # subjects are independent and seeded, so the files are the same for any number of workers
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            results = pool.map(_write_subject, jobs)
-        try:
-            for case, info, voxels in results:
-                subjects[case] = info
-                class_voxels += voxels
-                bar.update(1)
-        finally:
-            if workers > 1:
-                pool.shutdown(cancel_futures=True)
-
+    subjects, class_voxels = _write_subjects(jobs, workers, progress)
     labels = dict(LABELS, **({"ignore": IGNORE} if sparse_every else {}))
     fractions = class_voxels / max(int(class_voxels.sum()), 1)
     meta = {
@@ -357,6 +336,34 @@ def synthesize_dataset(
     }
     atomic_write_json(out / "dataset.json", meta)  # written last: its presence marks a complete dataset
     return out
+
+
+def _write_subjects(jobs: list[tuple], workers: int | None, progress: bool) -> tuple[dict, np.ndarray]:
+    """Write every subject (``workers`` processes at once, default one per CPU core); returns each subject's
+    record and the voxel count of every class over all of them."""
+    from mnseg.utils.progress import progress_bar
+
+    workers = max(1, min(int(workers or os.cpu_count() or 1), len(jobs)))
+    class_voxels = np.zeros(len(LABELS), dtype=np.int64)
+    subjects = {}
+    with progress_bar(total=len(jobs), desc="mnseg synth", unit="subject", disable=not progress) as bar:
+        if workers == 1:
+            results = map(_write_subject, jobs)
+        else:  # subjects are independent and seeded, so the files are the same for any number of workers
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            results = pool.map(_write_subject, jobs)
+        try:
+            for case, info, voxels in results:
+                subjects[case] = info
+                class_voxels += voxels
+                bar.update(1)
+        finally:
+            if workers > 1:
+                pool.shutdown(cancel_futures=True)
+    return subjects, class_voxels
 
 
 def _write_subject(job: tuple) -> tuple[str, dict, np.ndarray]:

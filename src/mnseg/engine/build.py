@@ -149,3 +149,33 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but no CUDA device is available")
     return torch.device(name)
+
+
+def build_method(cfg, plans: dict, device: torch.device, n_labeled: int = 0, n_unlabeled: int = 0):
+    """The configured method and its models, built on the CPU, neither placed nor attached: ``(method, models)``
+    with one model per role the method declares. The trainer and ``load_run`` both start here."""
+    from mnseg.methods import method_class
+    from mnseg.methods.base import MethodContext
+
+    cls = method_class(cfg.method.name)
+    missing = set(cls.default_models) - set(cfg.models)
+    if missing:
+        raise ConfigError(
+            f"method '{cls.name}' needs model roles {sorted(cls.default_models)}; config has "
+            f"{sorted(cfg.models)} (start from its preset: --config {cls.name})"
+        )
+    ctx = MethodContext(
+        num_classes=plans["num_classes"],
+        in_channels=plans["in_channels"],
+        ignore_index=plans["ignore_label"],
+        batch_size=cfg.train.batch_size,
+        epochs=cfg.train.epochs,
+        iters_per_epoch=cfg.train.iters_per_epoch,
+        n_labeled=n_labeled,
+        n_unlabeled=n_unlabeled,
+        device=device,
+    )
+    method = cls(cfg, ctx)
+    models = {role: build_model(cfg.models[role], plans["in_channels"], plans["num_classes"])
+              for role in cls.default_models}
+    return method, models

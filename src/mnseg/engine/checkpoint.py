@@ -127,8 +127,9 @@ def unsafe_globals(path: Path, message: str = "") -> list[str]:
 def unsafe_message(path: Path, names: list[str]) -> str:
     """One line: what the file holds, why it is not loaded, and how to convert it if it is an old mnseg file."""
     from mnseg.engine.legacy import is_numpy_only
+    from mnseg.engine.run_dir import RunDir
 
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    run_dir = RunDir.of_checkpoint(path)
     if is_numpy_only(names):
         return (
             f"{path}: written by an earlier mnseg as a full pickle, which could run code when loaded, so it is "

@@ -58,8 +58,9 @@ def prepare_data(
 ) -> PreparedData:
     """Validate the dataset, make (or restore) the split, preprocess every case once (cached)."""
     from mnseg.data.cache import PreprocessCache
-    from mnseg.data.dataset import DatasetFolder, Split, make_split
+    from mnseg.data.dataset import DatasetFolder
     from mnseg.data.preprocess import PreprocessSettings
+    from mnseg.data.split import Split, make_split
     from mnseg.data.validate import validate_dataset
 
     folder = DatasetFolder(cfg.data.dataset)

@@ -17,7 +17,7 @@ import torch
 
 from mnseg.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint, unsafe_globals
 from mnseg.engine.run_dir import RunDir
-from mnseg.engine.weights import save_weights, weights_path
+from mnseg.engine.weights import save_weights
 from mnseg.errors import MnsegError
 
 
@@ -71,24 +71,24 @@ def read_old_checkpoint(path: Path, trust: bool = False) -> dict:
 def convert_run(run_dir: str | Path, trust: bool = False, log: Callable[[str], object] = print) -> list[Path]:
     """Rewrite a run directory's checkpoints in the safe formats; returns the files written."""
     run = RunDir(run_dir)
-    if not (run.path / "config.yaml").exists():
-        raise MnsegError(f"{run.path}: not an mnseg run directory (no config.yaml)")
+    run.read_config()  # an mnseg run directory, or say it is not
     written: list[Path] = []
     found = [tag for tag in ("last", "best") if run.checkpoint(tag).exists()]
     if not found:
-        raise MnsegError(f"{run.checkpoints}: no checkpoints (last.pt, best.pt) to convert")
+        names = ", ".join(run.checkpoint(t).name for t in ("last", "best"))
+        raise MnsegError(f"{run.checkpoints}: no checkpoints ({names}) to convert")
     for tag in found:
         path = run.checkpoint(tag)
         ckpt = read_old_checkpoint(path, trust)
         if not isinstance(ckpt, dict) or ckpt.get("format_version") not in (1, FORMAT_VERSION) or "models" not in ckpt:
             raise MnsegError(f"{path}: not an mnseg checkpoint (or from an incompatible version)")
-        if ckpt["format_version"] == FORMAT_VERSION and weights_path(run.path, tag).exists():
+        if ckpt["format_version"] == FORMAT_VERSION and run.weights(tag).exists():
             log(f"{path}: already in the safe format")
             continue
         payload = {k: v for k, v in ckpt.items() if k != "format_version"}
-        save_weights(weights_path(run.path, tag), payload["models"], int(payload.get("epoch", 0)))
+        save_weights(run.weights(tag), payload["models"], int(payload.get("epoch", 0)))
         save_checkpoint(path, **payload)
         load_checkpoint(path)  # reads back with weights_only=True, or says why not
-        written += [weights_path(run.path, tag), path]
-        log(f"converted {path} (and wrote {weights_path(run.path, tag).name})")
+        written += [run.weights(tag), path]
+        log(f"converted {path} (and wrote {run.weights(tag).name})")
     return written

@@ -6,8 +6,13 @@ RUN_DIR/
   split.json         which cases were labelled / unlabelled / validation / test, and the seed
   env.json           versions, command line, device
   history.csv        one row per epoch
+  timing.json        wall-clock, iterations, peak GPU memory (runs of the benchmark and the demo)
   tb/                TensorBoard scalars and prediction pictures
-  checkpoints/       last.pt, best.pt (written atomically)
+  checkpoints/       last.pt, best.pt, epoch<N>.pt (full training state) and a .safetensors beside each
+                     (every role's weights), all written atomically
+  test_predictions/  the test cases' predicted masks, metrics.csv and summary.json (``--test``, benchmark, demo)
+
+``RunDir`` is the one place that spells these names; everything else asks it for a path.
 """
 
 from __future__ import annotations
@@ -27,15 +32,74 @@ from mnseg.utils.atomic import atomic_write_json, atomic_write_text
 
 
 class RunDir:
+    CONFIG, PLANS, SPLIT, ENV, HISTORY, TIMING = "config.yaml", "plans.json", "split.json", "env.json", "history.csv", \
+        "timing.json"
+    CHECKPOINTS, TENSORBOARD, TEST_PREDICTIONS, SUMMARY = "checkpoints", "tb", "test_predictions", "summary.json"
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    # --- paths ------------------------------------------------------------------------------------------
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / self.CHECKPOINTS
 
     def checkpoint(self, tag: str) -> Path:
+        """The full training state of ``tag`` (last, best, epoch<N>), for ``--resume``."""
         return self.checkpoints / f"{tag}.pt"
+
+    def weights(self, tag: str) -> Path:
+        """Every role's weights of ``tag`` as safetensors: all that prediction and export read."""
+        return self.checkpoints / f"{tag}.safetensors"
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def history(self) -> Path:
+        return self.path / self.HISTORY
+
+    @property
+    def timing(self) -> Path:
+        return self.path / self.TIMING
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / self.TENSORBOARD
+
+    @property
+    def test_predictions(self) -> Path:
+        return self.path / self.TEST_PREDICTIONS
+
+    @property
+    def test_summary(self) -> Path:
+        return self.test_predictions / self.SUMMARY
+
+    def relative(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.path))
+
+    @staticmethod
+    def of_checkpoint(path: str | Path) -> Path:
+        """The run directory of a checkpoint file (``RUN/checkpoints/x.pt``; a loose file: its folder)."""
+        path = Path(path)
+        return path.parent.parent if path.parent.name == RunDir.CHECKPOINTS else path.parent
+
+    # --- state ------------------------------------------------------------------------------------------
+    def can_resume(self) -> bool:
+        """The one resume rule: a run with ``last.pt`` continues from it; anything else starts (again)."""
+        return self.checkpoint("last").is_file()
+
+    def require_resumable(self) -> None:
+        if not self.can_resume():
+            raise MnsegError(f"{self.path}: nothing to resume (no {self.relative(self.checkpoint('last'))})")
+
+    def trained(self, epochs: int) -> bool:
+        """Resumable and every one of ``epochs`` epochs in the history: nothing left to train."""
+        return self.can_resume() and len(self.history_rows()) >= epochs
+
+    def tested(self) -> bool:
+        return self.test_summary.is_file()
 
     def check_new(self, overwrite: bool = False) -> None:
         """Refuse a non-empty folder unless ``overwrite``: a new run must not mix with another's files."""
@@ -50,6 +114,25 @@ class RunDir:
     def create(self, overwrite: bool = False) -> None:
         self.check_new(overwrite)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def write_start(self, config_yaml: str, plans: dict, split: dict) -> None:
+        """What a new run writes before training: the resolved config, the plans and the split."""
+        atomic_write_text(self.config, config_yaml)
+        self.write_json(self.PLANS, plans)
+        self.write_json(self.SPLIT, split)
+
+    def read_config(self) -> dict:
+        from mnseg.config.schema import read_yaml
+
+        if not self.config.exists():
+            raise MnsegError(f"{self.path}: not an mnseg run directory (no {self.CONFIG})")
+        return read_yaml(self.config)
+
+    def read_plans(self) -> dict:
+        return self.read_json(self.PLANS)
+
+    def read_split(self) -> dict:
+        return self.read_json(self.SPLIT)
 
     def write_json(self, name: str, obj) -> None:
         atomic_write_json(self.path / name, obj)
@@ -75,12 +158,12 @@ class RunDir:
             except Exception:  # noqa: BLE001 - optional, informational only
                 versions[mod] = None
         self.write_json(
-            "env.json", {"versions": versions, "argv": sys.argv, "device": device, "platform": platform.platform()}
+            self.ENV, {"versions": versions, "argv": sys.argv, "device": device, "platform": platform.platform()}
         )
 
     # --- history ---------------------------------------------------------------------------------------
     def history_rows(self) -> list[dict]:
-        path = self.path / "history.csv"
+        path = self.history
         if not path.exists():
             return []
         with open(path, newline="") as fh:
@@ -96,7 +179,7 @@ class RunDir:
         writer = csv.DictWriter(buf, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write_text(self.path / "history.csv", buf.getvalue())
+        atomic_write_text(self.history, buf.getvalue())
 
 
 @contextlib.contextmanager
@@ -115,7 +198,7 @@ def removed_if_failed_early(path: str | Path):
     try:
         yield
     except BaseException:
-        if is_rank_zero() and not RunDir(path).checkpoint("last").exists():
+        if is_rank_zero() and not RunDir(path).can_resume():
             if not existed:
                 shutil.rmtree(path, ignore_errors=True)
                 for parent in [path.parent, *path.parent.parents]:  # empty folders made for it (runs/<dataset>)

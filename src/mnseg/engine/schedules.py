@@ -1,9 +1,9 @@
-"""Learning-rate schedules (warm-up + cosine, in segments) and LR-guided sampling.
+"""Learning-rate schedules (warm-up + cosine, in segments) and the ramp of consistency weights.
 
 Schedules are stepped once per iteration. A schedule is a list of segments;
 M&N uses two (supervised stage, then co-training restarting at ``lr_init``),
 every other method one. Each segment ends exactly at its ``lr_final`` on its
-last step, so LR-guided sampling reaches ``b_u = B`` there.
+last step, so M&N's LR-guided sampling (``methods/mn.py``) reaches ``b_u = B`` there.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -62,24 +61,3 @@ def sigmoid_rampup(step: float, length: float) -> float:
         return 1.0
     phase = 1.0 - min(max(step, 0.0), length) / length
     return math.exp(-5.0 * phase * phase)
-
-
-def lr_guided_unlabeled_count(lr_now: float, lr_init: float, lr_final: float, batch_size: int) -> int:
-    """M&N's LR-guided sampling: b_u = floor((lr_init - lr_now) / (lr_init - lr_final) * B), clipped to [0, B]."""
-    if lr_init == lr_final:
-        return 0
-    share = (lr_init - lr_now) / (lr_init - lr_final)
-    return int(min(max(math.floor(share * batch_size + 1e-9), 0), batch_size))
-
-
-def epoch_linear_unlabeled_count(epoch_in_stage: int, stage_epochs: int, batch_size: int) -> int:
-    """What the published M&N code does: the unlabelled share grows linearly with the epoch."""
-    if stage_epochs <= 1:
-        return batch_size
-    return int(min(math.floor(epoch_in_stage / (stage_epochs - 1) * batch_size + 1e-9), batch_size))
-
-
-def uniform_unlabeled_count(n_labeled: int, n_unlabeled: int, batch_size: int, rng: np.random.Generator) -> int:
-    """Ablation: every batch item drawn uniformly from the pooled labelled and unlabelled cases."""
-    total = n_labeled + n_unlabeled
-    return int(rng.binomial(batch_size, n_unlabeled / total)) if total else 0

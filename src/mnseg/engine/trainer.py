@@ -1,9 +1,10 @@
-"""The trainer: runs any method's steps with devices, AMP, optimisers, schedules, logs and checkpoints.
+"""The trainer: runs any method's steps with devices, AMP, optimisers, schedules; the rest is hooks.
 
-Hooks in the order they run (as nnU-Net's trainer): ``setup`` -> per epoch
-``method.on_epoch_start`` -> steps (``method.batch_split``, ``method.training_step``,
-optimiser steps for ``method.active_roles``, ``method.after_optimizer_step``) ->
-``_end_epoch`` (history, TensorBoard, validation, checkpoints).
+``fit`` is an outline of hook calls (``engine/hooks.py``): ``before_train`` -> per epoch ``before_epoch``,
+``method.on_epoch_start``, steps (``method.batch_split``, ``method.training_step``, optimiser steps for
+``method.active_roles``, ``method.after_optimizer_step``, ``after_step``), ``after_epoch`` -> ``after_train``.
+History, TensorBoard, validation with the best checkpoint and checkpoints are the default hooks; callers add
+others (timing, pictures) with ``hooks=``.
 
 Under torchrun (WORLD_SIZE > 1, see ``engine/distributed.py``) every rank draws the same global batch
 and trains on its slice; trained roles are wrapped in DistributedDataParallel (frozen roles such as EMA
@@ -27,7 +28,7 @@ from mnseg.config.schema import Config
 from mnseg.engine import distributed
 from mnseg.engine.build import (
     build_augmenter,
-    build_model,
+    build_method,
     build_optimizer,
     place_model,
     resolve_device,
@@ -35,15 +36,14 @@ from mnseg.engine.build import (
     to_channels_last,
 )
 from mnseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from mnseg.engine.hooks import Hook, default_hooks
 from mnseg.engine.run_dir import RunDir
 from mnseg.engine.schedules import current_lr, make_scheduler
-from mnseg.engine.weights import save_weights, weights_path
-from mnseg.errors import ConfigError, MnsegError
+from mnseg.engine.weights import save_weights
+from mnseg.errors import MnsegError
 from mnseg.losses import batch_dice_over_ranks
-from mnseg.methods import method_class
-from mnseg.methods.base import Batch, MethodContext
+from mnseg.methods.base import Batch
 from mnseg.models.compiled import compile_forward
-from mnseg.utils.atomic import atomic_write_text
 
 
 class NonFiniteLossError(MnsegError):
@@ -66,6 +66,41 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def backward_and_step(loss: torch.Tensor, models: dict, optimizers: dict, roles, model_cfgs: dict) -> None:
+    """The optimiser half of a training step: backward, each role's gradient clipping (``optim.grad_clip``) and
+    optimiser step. The trainer's step and the speed harness (``benchmarks/speed_harness.py``) both use it."""
+    loss.backward()
+    for role in roles:
+        clip = model_cfgs[role].optim.grad_clip
+        if clip:
+            torch.nn.utils.clip_grad_norm_(models[role].parameters(), clip)
+        optimizers[role].step()
+
+
+class EpochStats:
+    """What one epoch adds up: losses and logs (kept on the device: no host sync per step), the batch split,
+    skipped steps, and the window of losses not yet checked for finiteness."""
+
+    def __init__(self, device: torch.device):
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.seen: dict[str, int] = {}
+        self.b_l = self.b_u = self.skipped = 0
+        self.device = device
+        self.reset_window(0)
+        self.t0 = time.time()
+
+    def reset_window(self, start: int) -> None:
+        self.window, self.window_start = torch.zeros((), device=self.device), start
+
+    def add(self, loss: torch.Tensor, logs: dict) -> None:
+        self.window = self.window + loss
+        self.sums["loss"] = self.sums.get("loss", 0.0) + loss
+        self.seen["loss"] = self.seen.get("loss", 0) + 1
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+            self.seen[k] = self.seen.get(k, 0) + 1  # a log present in some steps only is averaged over those
+
+
 class Trainer:
     def __init__(
         self,
@@ -75,6 +110,7 @@ class Trainer:
         overwrite: bool = False,
         progress: bool = True,
         log=print,
+        hooks: list[Hook] = (),
     ):
         self.cfg, self.run, self.resume, self.progress, self.log = cfg, RunDir(run_dir), resume, progress, log
         self.overwrite = overwrite
@@ -83,17 +119,22 @@ class Trainer:
         self.best_metric = -math.inf
         self.tb = None
         self.dist = distributed.DistContext()
+        self.hooks: list[Hook] = []
+        for hook in [*default_hooks(), *hooks]:
+            hook.trainer = self
+            self.hooks.append(hook)
 
     @property
     def is_main(self) -> bool:
         """True for the one process that writes files and prints (always, without torchrun)."""
         return self.dist.is_main
 
+    def _call(self, event: str, *args) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(*args)
+
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from mnseg.data.loader import PatchBatcher, to_memory_case
-        from mnseg.engine.data_setup import prepare_data
-
         cfg = self.cfg
         check_config(cfg)  # before anything is written
         self.dist = distributed.init_from_env(resolve_device(cfg.train.device))
@@ -101,67 +142,61 @@ class Trainer:
         distributed.check_batch_divisible(cfg.train.batch_size, self.dist)
         if not self.is_main:
             self.progress, self.log = False, _quiet
+        self._prepare_data()
+        self._build_method()
+        self._build_batcher()
+        if self.dist.enabled:
+            self._seed_rank(0)
         if self.resume:
-            if not self.run.checkpoint("last").exists():
-                raise MnsegError(f"{self.run.path}: nothing to resume (no checkpoints/last.pt)")
-            split_dict, plans = self.run.read_json("split.json"), self.run.read_json("plans.json")
+            self._load("last")
+        self.history = [r for r in self.run.history_rows() if int(r["epoch"]) < self.start_epoch]
+        self.log(
+            f"run {self.run.path}: method {self.method.name}, {len(self.data.labeled)} labelled / "
+            f"{len(self.data.unlabeled)} unlabelled / {len(self.data.val)} validation cases, device {self.device}"
+            + (f" x {self.dist.world_size} processes" if self.dist.enabled else "")
+            + (f", resuming at epoch {self.start_epoch + 1}" if self.resume else "")
+        )
+
+    def _prepare_data(self) -> None:
+        """The run directory (new, or the resumed one's split and plans) and the preprocessed cases. Rank 0 fills
+        the preprocessing cache and writes the split; the others then read both."""
+        from mnseg.engine.data_setup import prepare_data
+
+        cfg, run = self.cfg, self.run
+        if self.resume:
+            run.require_resumable()
+            split_dict, plans = run.read_split(), run.read_plans()
         else:
             if self.is_main:
-                self.run.create(overwrite=self.overwrite)
+                run.create(overwrite=self.overwrite)
             split_dict, plans = None, None
         seed_everything(cfg.train.seed, cfg.train.deterministic)
-        # Rank 0 fills the preprocessing cache and writes the split; the others then read both.
         if self.is_main:
             self.data = prepare_data(cfg, split_dict, plans, progress=self.progress)
             if not self.resume:
                 resolve_input_ranges(cfg, self.data.plans)
-                atomic_write_text(self.run.path / "config.yaml", cfg.to_yaml())
-                self.run.write_json("plans.json", self.data.plans)
-                self.run.write_json("split.json", self.data.split.to_json_dict())
+                run.write_start(cfg.to_yaml(), self.data.plans, self.data.split.to_json_dict())
                 env = f"{self.device}" + (f" x {self.dist.world_size} processes (DDP)" if self.dist.enabled else "")
-                self.run.write_env(env)
+                run.write_env(env)
         distributed.barrier(self.dist)
         if not self.is_main:
-            split_dict, plans = self.run.read_json("split.json"), self.run.read_json("plans.json")
-            self.data = prepare_data(cfg, split_dict, plans, progress=False)
+            self.data = prepare_data(cfg, run.read_split(), run.read_plans(), progress=False)
             if not self.resume:
                 resolve_input_ranges(cfg, self.data.plans)
-        plans = self.data.plans
 
-        cls = method_class(cfg.method.name)
-        missing = set(cls.default_models) - set(cfg.models)
-        if missing:
-            raise ConfigError(
-                f"method '{cls.name}' needs model roles {sorted(cls.default_models)}; config has "
-                f"{sorted(cfg.models)} (start from its preset: --config {cls.name})"
-            )
-        self.ctx = MethodContext(
-            num_classes=plans["num_classes"],
-            in_channels=plans["in_channels"],
-            ignore_index=plans["ignore_label"],
-            batch_size=cfg.train.batch_size,
-            epochs=cfg.train.epochs,
-            iters_per_epoch=cfg.train.iters_per_epoch,
-            n_labeled=len(self.data.labeled),
-            n_unlabeled=len(self.data.unlabeled),
-            device=self.device,
-        )
-        self.method = cls(cfg, self.ctx)
-        self.models = {
-            role: place_model(
-                build_model(cfg.models[role], plans["in_channels"], plans["num_classes"]),
-                cfg.models[role],
-                cfg.train,
-                self.device,
-            )
-            for role in cls.default_models
-        }
+    def _build_method(self) -> None:
+        """The method, its models on the device (compiled if asked), one optimiser and schedule per trained role."""
+        cfg = self.cfg
+        self.method, models = build_method(cfg, self.data.plans, self.device, len(self.data.labeled),
+                                           len(self.data.unlabeled))
+        self.ctx = self.method.ctx
+        self.models = {role: place_model(m, cfg.models[role], cfg.train, self.device) for role, m in models.items()}
         if cfg.train.compile:
             for model in self.models.values():
                 compile_forward(model, cfg.train.compile_mode)
         self.optimizers, self.schedulers = {}, {}
         for role, model in self.models.items():
-            if role in cls.frozen_roles:
+            if role in self.method.frozen_roles:
                 model.requires_grad_(False)
                 continue
             self.optimizers[role] = build_optimizer(model, cfg.models[role].optim, self.device)
@@ -170,8 +205,12 @@ class Trainer:
         augmenters = {role: build_augmenter(cfg.models[role]) for role in self.models}
         self.method.attach(self.models, augmenters, self.optimizers)
 
+    def _build_batcher(self) -> None:
+        from mnseg.data.loader import PatchBatcher, to_memory_case
+
+        cfg = self.cfg
         rng = np.random.default_rng(cfg.train.seed)
-        ignore = plans["ignore_label"]
+        ignore = self.data.plans["ignore_label"]
         self.batcher = PatchBatcher(
             [to_memory_case(c, ignore, rng) for c in self.data.labeled],
             [to_memory_case(c, ignore, rng, aim=False) for c in self.data.unlabeled],
@@ -182,17 +221,6 @@ class Trainer:
             cfg.data.class_balanced,
         )
         self.method.batcher = self.batcher
-        if self.dist.enabled:
-            self._seed_rank(0)
-        if self.resume:
-            self._load("last")
-        self.history = [r for r in self.run.history_rows() if int(r["epoch"]) < self.start_epoch]
-        self.log(
-            f"run {self.run.path}: method {cls.name}, {len(self.data.labeled)} labelled / "
-            f"{len(self.data.unlabeled)} unlabelled / {len(self.data.val)} validation cases, device {self.device}"
-            + (f" x {self.dist.world_size} processes" if self.dist.enabled else "")
-            + (f", resuming at epoch {self.start_epoch + 1}" if self.resume else "")
-        )
 
     def _seed_rank(self, epoch: int) -> None:
         """Different torch streams per rank (augmentation, noise); the patch batcher stays shared."""
@@ -202,17 +230,12 @@ class Trainer:
     def fit(self) -> dict:
         if not hasattr(self, "method"):
             self.setup()
-        cfg = self.cfg
-        from torch.utils.tensorboard import SummaryWriter
-
-        if self.is_main:
-            self.tb = SummaryWriter(str(self.run.path / "tb"), purge_step=self.start_epoch)
         try:
-            for epoch in range(self.start_epoch, cfg.train.epochs):
+            self._call("before_train")
+            for epoch in range(self.start_epoch, self.cfg.train.epochs):
                 self._train_epoch(epoch)
         finally:
-            if self.tb is not None:
-                self.tb.close()
+            self._call("after_train")
             distributed.shutdown(self.dist)
         return self.history[-1] if self.history else {}
 
@@ -222,22 +245,15 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _train_epoch(self, epoch: int) -> None:
-        from mnseg.data.loader import batch_to_device, shard_batch
         from mnseg.utils.progress import progress_bar
 
         cfg, method = self.cfg, self.method
+        self._call("before_epoch", epoch)
         method.on_epoch_start(epoch)
         active = method.active_roles(epoch)
         for role, model in self.models.items():
             model.train(role in active)
-        sums: dict[str, torch.Tensor | float] = {}
-        seen: dict[str, int] = {}
-        counts = {"b_l": 0, "b_u": 0}
-        skipped = 0
-        check_every = max(int(cfg.train.check_every), 1)
-        per_step_check = check_every == 1 or cfg.train.on_nan == "skip"
-        window, window_start = torch.zeros((), device=self.device), 0
-        t0 = time.time()
+        stats = EpochStats(self.device)
         bar = progress_bar(
             range(cfg.train.iters_per_epoch),
             desc=f"epoch {epoch + 1}/{cfg.train.epochs} [{method.phase(epoch)}]",
@@ -246,70 +262,80 @@ class Trainer:
             dynamic_ncols=True,
         )
         for it in bar:
-            b_l, b_u = method.batch_split(epoch, it)
-            counts["b_l"] += b_l
-            counts["b_u"] += b_u
-            arrays = shard_batch(self.batcher.next_batch(b_l, b_u), self.dist.rank, self.dist.world_size)
-            t = batch_to_device(arrays, self.device)
-            batch = Batch(t["image_l"], t["label_l"], t["image_u"], t.get("label_u"))
-            if cfg.train.channels_last:
-                batch = Batch(to_channels_last(batch.image_l), batch.label_l, to_channels_last(batch.image_u),
-                              batch.label_u)
-            for role in active:
-                self.optimizers[role].zero_grad(set_to_none=True)
-            # Equal shards on every process: batch Dice pools over them all, as one process with the whole batch.
-            even = b_l % self.dist.world_size == 0 and b_u % self.dist.world_size == 0
-            with self._autocast(), batch_dice_over_ranks(self.dist.loss_group if even else None):
-                out = method.training_step(batch, epoch, it)
-            loss = out.loss.detach().float()
-            check_now = per_step_check or (it + 1) % check_every == 0 or it == cfg.train.iters_per_epoch - 1
-            if per_step_check:
-                # The global mean (every rank holds equally many items), so all ranks take the same decision.
-                loss_value = distributed.mean_over_ranks(float(loss), self.dist)
-                if not math.isfinite(loss_value):
-                    if cfg.train.on_nan == "skip":
-                        skipped += 1
-                        self._step_schedulers()
-                        continue
-                    raise self._non_finite(loss_value, epoch, f"iteration {it + 1}")
-            out.loss.backward()
-            for role in active:
-                clip = cfg.models[role].optim.grad_clip
-                if clip:
-                    torch.nn.utils.clip_grad_norm_(self.models[role].parameters(), clip)
-                self.optimizers[role].step()
-            self._step_schedulers()
-            method.after_optimizer_step(epoch, it)
-            window = window + loss  # stays on the device: no host sync between checks
-            sums["loss"] = sums.get("loss", 0.0) + loss
-            seen["loss"] = seen.get("loss", 0) + 1
-            for k, v in out.logs.items():
-                sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
-                seen[k] = seen.get(k, 0) + 1  # a log present in some steps only is averaged over those
-            if check_now and not per_step_check:
-                # Deferred check (train.check_every > 1): one sync per window; a non-finite window stops the run
-                # before anything is saved, so the checkpoint on disk stays the last good one.
-                value = distributed.mean_over_ranks(float(window), self.dist)
-                if not math.isfinite(value):
-                    raise self._non_finite(value, epoch, f"iterations {window_start + 1}-{it + 1}")
-                window, window_start = torch.zeros((), device=self.device), it + 1
-            if check_now and self.progress:
-                bar.set_postfix(loss=f"{float(loss):.4f}", b_u=b_u)
+            self._step(epoch, it, active, stats, bar)
         bar.close()
-        if skipped == cfg.train.iters_per_epoch:
+        if stats.skipped == cfg.train.iters_per_epoch:
             raise NonFiniteLossError(
                 f"every step of epoch {epoch + 1} had a non-finite loss and was skipped; the run stops here and keeps "
                 f"its last good checkpoint ({self.run.checkpoint('last')}). Try a lower learning rate."
             )
-        row = {"epoch": epoch, "phase": method.phase(epoch)}
-        row.update({k: round(v, 6) for k, v in distributed.merge_sums(sums, seen, self.dist).items()})
+        row = self._epoch_row(epoch, stats)
+        self.start_epoch = epoch + 1
+        self._call("after_epoch", epoch, row)
+
+    def _next_batch(self, b_l: int, b_u: int) -> Batch:
+        from mnseg.data.loader import batch_to_device, shard_batch
+
+        arrays = shard_batch(self.batcher.next_batch(b_l, b_u), self.dist.rank, self.dist.world_size)
+        t = batch_to_device(arrays, self.device)
+        batch = Batch(t["image_l"], t["label_l"], t["image_u"], t.get("label_u"))
+        if self.cfg.train.channels_last:
+            batch = Batch(to_channels_last(batch.image_l), batch.label_l, to_channels_last(batch.image_u),
+                          batch.label_u)
+        return batch
+
+    def _step(self, epoch: int, it: int, active: list[str], stats: EpochStats, bar) -> None:
+        """One training step: batch, the method's loss, backward, optimiser and schedule steps, NaN checks."""
+        cfg, method = self.cfg, self.method
+        b_l, b_u = method.batch_split(epoch, it)
+        stats.b_l += b_l
+        stats.b_u += b_u
+        batch = self._next_batch(b_l, b_u)
+        for role in active:
+            self.optimizers[role].zero_grad(set_to_none=True)
+        # Equal shards on every process: batch Dice pools over them all, as one process with the whole batch.
+        even = b_l % self.dist.world_size == 0 and b_u % self.dist.world_size == 0
+        with self._autocast(), batch_dice_over_ranks(self.dist.loss_group if even else None):
+            out = method.training_step(batch, epoch, it)
+        loss = out.loss.detach().float()
+        check_every = max(int(cfg.train.check_every), 1)
+        per_step_check = check_every == 1 or cfg.train.on_nan == "skip"
+        check_now = per_step_check or (it + 1) % check_every == 0 or it == cfg.train.iters_per_epoch - 1
+        if per_step_check:
+            # The global mean (every rank holds equally many items), so all ranks take the same decision.
+            loss_value = distributed.mean_over_ranks(float(loss), self.dist)
+            if not math.isfinite(loss_value):
+                if cfg.train.on_nan != "skip":
+                    raise self._non_finite(loss_value, epoch, f"iteration {it + 1}")
+                stats.skipped += 1
+                self._step_schedulers()
+                return
+        backward_and_step(out.loss, self.models, self.optimizers, active, cfg.models)
+        self._step_schedulers()
+        method.after_optimizer_step(epoch, it)
+        stats.add(loss, out.logs)
+        if check_now and not per_step_check:
+            # Deferred check (train.check_every > 1): one sync per window; a non-finite window stops the run
+            # before anything is saved, so the checkpoint on disk stays the last good one.
+            value = distributed.mean_over_ranks(float(stats.window), self.dist)
+            if not math.isfinite(value):
+                raise self._non_finite(value, epoch, f"iterations {stats.window_start + 1}-{it + 1}")
+            stats.reset_window(it + 1)
+        if check_now and self.progress:
+            bar.set_postfix(loss=f"{float(loss):.4f}", b_u=b_u)
+        self._call("after_step", epoch, it)
+
+    def _epoch_row(self, epoch: int, stats: EpochStats) -> dict:
+        iters = self.cfg.train.iters_per_epoch
+        row = {"epoch": epoch, "phase": self.method.phase(epoch)}
+        row.update({k: round(v, 6) for k, v in distributed.merge_sums(stats.sums, stats.seen, self.dist).items()})
         for role, opt in self.optimizers.items():
             row[f"lr_{role}"] = current_lr(opt)
-        row["b_l"] = round(counts["b_l"] / cfg.train.iters_per_epoch, 3)
-        row["b_u"] = round(counts["b_u"] / cfg.train.iters_per_epoch, 3)
-        row["skipped_steps"] = skipped
-        row["seconds"] = round(time.time() - t0, 2)
-        self._end_epoch(epoch, row)
+        row["b_l"] = round(stats.b_l / iters, 3)
+        row["b_u"] = round(stats.b_u / iters, 3)
+        row["skipped_steps"] = stats.skipped
+        row["seconds"] = round(time.time() - stats.t0, 2)
+        return row
 
     def _step_schedulers(self) -> None:
         """Every role's schedule follows the global step, including roles whose optimiser did not step (their stage
@@ -326,78 +352,14 @@ class Trainer:
             f"such steps."
         )
 
-    def _end_epoch(self, epoch: int, row: dict) -> None:
-        cfg = self.cfg
-        last = epoch == cfg.train.epochs - 1
-        is_best = False
-        if self.data.val and cfg.train.val_every > 0 and ((epoch + 1) % cfg.train.val_every == 0 or last):
-            # Rank 0 validates; the others wait in the broadcast, so every rank agrees on the best checkpoint.
-            row["val_dice"] = distributed.broadcast_object(self.validate(epoch) if self.is_main else None, self.dist)
-            if row["val_dice"] > self.best_metric:
-                self.best_metric, is_best = row["val_dice"], True
-        self.history.append(row)
-        if self.is_main:
-            self.run.write_history(self.history)
-            for k, v in row.items():
-                if isinstance(v, int | float) and k != "epoch":
-                    self.tb.add_scalar(f"train/{k}" if not k.startswith("val") else f"val/{k}", v, epoch + 1)
-        lrs = " ".join(f"{k}={v:.2e}" for k, v in row.items() if k.startswith("lr_"))
-        val = f" val_dice={row['val_dice']:.4f}" if "val_dice" in row else ""
-        self.log(
-            f"epoch {epoch + 1}/{cfg.train.epochs} [{row['phase']}] loss={row['loss']:.4f} {lrs} "
-            f"b_l={row['b_l']:g} b_u={row['b_u']:g}{val} ({row['seconds']:.1f}s)"
-        )
-        self.start_epoch = epoch + 1
-        if (epoch + 1) % max(cfg.train.checkpoint_every, 1) == 0 or last:
-            self._save("last")
-        if is_best:
-            self._save("best")
-        if epoch + 1 in cfg.train.keep_epochs:  # e.g. the end of a warm-up stage, to branch ablations from
-            self._save(f"epoch{epoch + 1}")
-
-    # ------------------------------------------------------------------ validation
-    @torch.no_grad()
-    def validate(self, epoch: int) -> float:
-        from mnseg.evaluation.metrics import dice
-        from mnseg.inference.predict import predict_probabilities
-
-        cfg = self.cfg
-        predictor = self.method.predictor(cfg.infer.model)
-        # The bare modules: a DDP wrapper's forward on rank 0 alone must not wait for the other ranks.
-        # (The window loop puts each model in eval mode for the call and restores its mode.)
-        models = [unwrap(m) for m in (predictor if isinstance(predictor, list) else [predictor])]
-        scores = []
-        for i, case in enumerate(self.data.val):
-            probs = predict_probabilities(models, torch.from_numpy(case.image), cfg, self.device)
-            pred = probs.argmax(0).cpu().numpy()
-            ref = case.label
-            scored = pred if self.ctx.ignore_index is None else np.where(ref == self.ctx.ignore_index, 0, pred)
-            for c in range(1, self.ctx.num_classes):  # unannotated voxels count for nothing
-                scores.append(dice(scored == c, ref == c))
-            if i == 0 and self.tb is not None:
-                self._log_overlay(case, pred, epoch)
-        return float(np.mean(scores)) if scores else float("nan")
-
-    def _log_overlay(self, case, pred, epoch: int) -> None:
-        try:
-            from mnseg.reporting.report import overlay_rgb
-        except ImportError:
-            return
-        z = int(np.argmax((case.label > 0).sum(axis=(0, 1)))) if case.label is not None else case.image.shape[-1] // 2
-        img = case.image[0, :, :, z]
-        truth = overlay_rgb(img, case.label[:, :, z], self.ctx.num_classes)
-        guess = overlay_rgb(img, pred[:, :, z], self.ctx.num_classes)
-        picture = np.concatenate([truth, guess], axis=1)
-        self.tb.add_image("val/truth_vs_prediction", picture, epoch + 1, dataformats="HWC")
-
     # ------------------------------------------------------------------ checkpoints
-    def _save(self, tag: str) -> None:
+    def save(self, tag: str) -> None:
         """Called on every rank (their RNG states are gathered); rank 0 writes."""
         rngs = distributed.gather_objects(rng_state(), self.dist)
         if not self.is_main:
             return
         models = {r: unwrap(m).state_dict() for r, m in self.models.items()}
-        save_weights(weights_path(self.run.path, tag), models, self.start_epoch)  # what predict and export read
+        save_weights(self.run.weights(tag), models, self.start_epoch)  # what predict and export read
         save_checkpoint(
             self.run.checkpoint(tag),
             epoch=self.start_epoch,

@@ -35,10 +35,6 @@ def flatten(models: dict[str, dict]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def weights_path(run_dir: str | Path, tag: str) -> Path:
-    return Path(run_dir) / "checkpoints" / f"{tag}.safetensors"
-
-
 def weights_metadata(roles, epoch: int) -> dict[str, str]:
     import mnseg
 
@@ -106,24 +102,21 @@ def open_model(path: str | Path, checkpoint: str = "best") -> ModelFiles:
 
 
 def read_run_dir(run_dir: Path, checkpoint: str = "best") -> ModelFiles:
-    from mnseg.config.schema import read_yaml
     from mnseg.engine.run_dir import RunDir
 
     run = RunDir(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise MnsegError(f"{run_dir}: not an mnseg run directory (no config.yaml)")
-    config, plans = read_yaml(run_dir / "config.yaml"), run.read_json("plans.json")
+    config, plans = run.read_config(), run.read_plans()
     tags = [checkpoint, "last"] if checkpoint == "best" else [checkpoint]
     for tag in tags:
-        if weights_path(run_dir, tag).exists():
-            where = weights_path(run_dir, tag)
+        if run.weights(tag).exists():
+            where = run.weights(tag)
             models, meta = read_weights(where.read_bytes(), str(where))
             return ModelFiles(str(where), config, plans, models, meta)
     old = [run.checkpoint(t) for t in tags if run.checkpoint(t).exists()]
     if old:
         raise MnsegError(
             f"{old[0]}: a checkpoint from an earlier mnseg, without the safe weights file "
-            f"{weights_path(run_dir, tags[0]).name} beside it (predict and export never open a pickle: it could "
+            f"{run.weights(tags[0]).name} beside it (predict and export never open a pickle: it could "
             f"run code); convert the run once: mnseg convert-checkpoint {run_dir}"
         )
-    raise MnsegError(f"{run.checkpoints}: no weights ({' or '.join(weights_path(run_dir, t).name for t in tags)})")
+    raise MnsegError(f"{run.checkpoints}: no weights ({' or '.join(run.weights(t).name for t in tags)})")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mnseg.config.schema import Config
-from mnseg.engine.build import build_augmenter, build_model, place_model, resolve_device
+from mnseg.engine.build import build_augmenter, build_method, place_model, resolve_device
 from mnseg.errors import ConfigError, InputFileError, MnsegError
 
 
@@ -156,26 +156,11 @@ def load_run(
     Only the safe files are read (config, plans, safetensors weights: ``engine/weights.py``), never a pickle.
     """
     from mnseg.engine.weights import open_model
-    from mnseg.methods import method_class
-    from mnseg.methods.base import MethodContext
 
     files = open_model(run_dir, checkpoint)
     cfg, plans = Config.from_dict(files.config), files.plans
     dev = resolve_device(device)
-    cls = method_class(cfg.method.name)
-    ctx = MethodContext(
-        plans["num_classes"],
-        plans["in_channels"],
-        plans["ignore_label"],
-        cfg.train.batch_size,
-        cfg.train.epochs,
-        cfg.train.iters_per_epoch,
-        0,
-        0,
-        dev,
-    )
-    method = cls(cfg, ctx)
-    models = {r: build_model(cfg.models[r], plans["in_channels"], plans["num_classes"]) for r in cls.default_models}
+    method, models = build_method(cfg, plans, dev)
     method.attach(models, {}, {})  # before loading weights, so a method's setup() cannot overwrite them
     for role, m in models.items():
         if role not in files.weights:

@@ -23,6 +23,8 @@ mask, and per-voxel real logits there are left out of the BCE, so nobody-annotat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -30,7 +32,7 @@ from torch.func import functional_call
 import mnseg.models.discriminator  # noqa: F401  (registers "discriminator3d" for the engine)
 from mnseg.errors import ConfigError
 from mnseg.losses import hard_pseudo_label_ce, supervised_loss
-from mnseg.methods.base import Batch, Method, StepOutput
+from mnseg.methods.base import Batch, Method, Params, StepOutput
 
 ADV_ON = ("unlabeled", "all")
 
@@ -46,27 +48,38 @@ def bce_with_logits(logits: torch.Tensor, target: float, weight: torch.Tensor | 
     return (per_voxel * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+@dataclass
+class AdversarialParams(Params):
+    lambda_adv: float = 0.001
+    adv_on: str = "unlabeled"
+    self_training: bool = True
+    lambda_semi: float = 0.1
+    t_semi: float = 0.2
+    w_ce: float = 1.0  # weight of cross-entropy in the labelled loss
+    w_dice: float = 1.0  # weight of soft Dice
+    semi_start: int | None = None  # first iteration of the self-training term (default: a quarter of the run)
+
+
 class Adversarial(Method):
     """Adversarial: the segmenter learns to fool a 3D mask discriminator (Zhang et al. 2017; Hung et al. 2018)."""
 
     name = "adversarial"
-    paper = "Zhang et al., Deep Adversarial Networks for Biomedical Image Segmentation ..., MICCAI 2017"
+    params_class = AdversarialParams
     default_models = {"net": {"name": "unet3d"}, "disc": {"name": "discriminator3d"}}
     predict_role = "net"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.uses_unlabeled = True
-        self.lambda_adv = float(self.param("lambda_adv", 0.001))
-        self.adv_on = self.param("adv_on", "unlabeled")
+        self.lambda_adv = float(self.p.lambda_adv)
+        self.adv_on = self.p.adv_on
         if self.adv_on not in ADV_ON:
             raise ConfigError(f"method.params.adv_on='{self.adv_on}' unknown; choose one of {', '.join(ADV_ON)}")
-        self.self_training = bool(self.param("self_training", True))
-        self.lambda_semi = float(self.param("lambda_semi", 0.1))
-        self.t_semi = float(self.param("t_semi", 0.2))
+        self.self_training = bool(self.p.self_training)
+        self.lambda_semi = float(self.p.lambda_semi)
+        self.t_semi = float(self.p.t_semi)
         total = ctx.epochs * ctx.iters_per_epoch
-        self.semi_start = int(self.param("semi_start", total // 4))
-        self.weights = {k: float(self.param(k, 1.0)) for k in ("w_ce", "w_dice")}
+        self.semi_start = int(total // 4 if self.p.semi_start is None else self.p.semi_start)
+        self.weights = {k: float(getattr(self.p, k)) for k in ("w_ce", "w_dice")}
 
     def batch_split(self, epoch: int, iteration: int) -> tuple[int, int]:
         B = self.ctx.batch_size

@@ -2,11 +2,15 @@
 
 A method reads like its paper: which models it holds, how many labelled and
 unlabelled items each batch has, and the loss of one step. The engine owns
-devices, AMP, optimisers, schedules, logging, checkpoints and DDP.
+devices, AMP, optimisers, schedules, logging, checkpoints and DDP. This module and
+``engine/contract.py`` are all of the engine a method sees.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 from mnseg.config.schema import Config
-from mnseg.engine.schedules import Segment
+from mnseg.engine.contract import PatchSampler, Segment
 from mnseg.errors import ConfigError
 
 
@@ -57,15 +61,34 @@ class StepOutput:
     logs: dict[str, torch.Tensor | float] = field(default_factory=dict)  # tensors: no host sync per step
 
 
+@dataclass
+class Params:
+    """A method's parameters (``method.params`` in the YAML). Each method subclasses it in its own file: one field
+    per parameter, with its default; None where the default is derived from the run (the method says how)."""
+
+
+def parse_params(params_class: type[Params], given: Mapping[str, Any], method: str) -> Params:
+    """``method.params`` as the method's ``Params``; an unknown key is a ``ConfigError`` naming the closest one."""
+    names = [f.name for f in dataclasses.fields(params_class)]
+    for key in given:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"method.params.{key}: method '{method}' has no such parameter{hint} "
+                f"(its parameters: {', '.join(names) or 'none'})"
+            )
+    return params_class(**given)
+
+
 class Method:
-    """Base class; subclasses set ``default_models`` and override ``training_step``.
+    """Base class; subclasses set ``default_models`` and ``params_class``, and override ``training_step``.
 
     ``models`` is a dict role -> module built by the engine from ``cfg.models``;
     roles listed in ``frozen_roles`` get no optimiser (e.g. an EMA teacher).
     """
 
     name: ClassVar[str] = "base"
-    paper: ClassVar[str] = ""
     default_models: ClassVar[dict[str, dict]] = {"net": {"name": "unet3d"}}
     frozen_roles: ClassVar[tuple[str, ...]] = ()
     # role -> the role whose augmentation settings its training inputs get (when one batch feeds several models);
@@ -74,15 +97,18 @@ class Method:
     # roles whose augmentation the method applies to their 2D slices (in-plane), not to the 3D patch
     slice_augmented: ClassVar[tuple[str, ...]] = ()
     predict_role: ClassVar[str] = "net"
+    params_class: ClassVar[type[Params]] = Params
 
     def __init__(self, cfg: Config, ctx: MethodContext):
         self.cfg = cfg
         self.ctx = ctx
-        self.params: dict[str, Any] = dict(cfg.method.params)
+        self.p = parse_params(self.params_class, cfg.method.params, self.name)
         self.models: dict[str, nn.Module] = {}
         self.augmenters: dict[str, Any] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.uses_unlabeled = False
+        # The engine's patch sampler (``contract.PatchSampler``), set by the trainer before the first epoch; None
+        # outside training (prediction, unit tests).
+        self.batcher: PatchSampler | None = None
 
     # --- set-up ----------------------------------------------------------------------------------------
     def attach(
@@ -93,9 +119,6 @@ class Method:
 
     def setup(self) -> None:
         """Hook after models exist (e.g. copy the student into an EMA teacher)."""
-
-    def param(self, key: str, default: Any) -> Any:
-        return self.params.get(key, default)
 
     # --- schedule --------------------------------------------------------------------------------------
     def schedule_segments(self, role: str) -> list[Segment]:
@@ -132,7 +155,7 @@ class Method:
 
     def pick_predictor(self, which: str | None, short_names: dict[str, str], default: str):
         """Resolve a prediction choice: a short name (e.g. 'a' -> 'net_a'), a role name, or 'average' of the roles."""
-        which = which or self.param("predict", default)
+        which = which or getattr(self.p, "predict", None) or default
         options = {
             **{k: self.models[r] for k, r in short_names.items()},
             **{r: self.models[r] for r in short_names.values()},

@@ -18,13 +18,15 @@ Both networks see the same augmented patches, so their predictions are aligned v
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from mnseg.engine.schedules import sigmoid_rampup
+from mnseg.engine.contract import sigmoid_rampup
 from mnseg.errors import ConfigError
 from mnseg.losses import hard_pseudo_label_ce, supervised_loss
-from mnseg.methods.base import Batch, Method, StepOutput
+from mnseg.methods.base import Batch, Method, Params, StepOutput
 
 ROLES = ("net_a", "net_b")
 
@@ -45,22 +47,31 @@ def reinitialise(model: nn.Module, seed: int) -> None:
                 module.reset_parameters()
 
 
+@dataclass
+class CPSParams(Params):
+    lambda_cps: float = 1.5
+    rampup_epochs: float = 0  # ramp of the CPS weight, in epochs (0: none)
+    cps_on_labeled: bool = True
+    w_ce: float = 1.0  # weight of cross-entropy in the labelled loss
+    w_dice: float = 1.0  # weight of soft Dice
+    predict: str = "a"  # which network predicts: a, b or average
+
+
 class CPS(Method):
     """CPS: two differently initialised networks supervise each other with hard pseudo-labels (Chen et al. 2021)."""
 
     name = "cps"
-    paper = "Chen et al., Semi-Supervised Semantic Segmentation with Cross Pseudo Supervision, CVPR 2021"
+    params_class = CPSParams
     augmented_as = {"net_b": "net_a"}  # one augmented batch feeds both networks
     default_models = {"net_a": {"name": "unet3d"}, "net_b": {"name": "unet3d"}}
     predict_role = "net_a"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.uses_unlabeled = True
-        self.lambda_cps = float(self.param("lambda_cps", 1.5))
-        self.rampup_epochs = float(self.param("rampup_epochs", 0))
-        self.cps_on_labeled = bool(self.param("cps_on_labeled", True))
-        self.weights = {k: float(self.param(k, 1.0)) for k in ("w_ce", "w_dice")}
+        self.lambda_cps = float(self.p.lambda_cps)
+        self.rampup_epochs = float(self.p.rampup_epochs)
+        self.cps_on_labeled = bool(self.p.cps_on_labeled)
+        self.weights = {k: float(getattr(self.p, k)) for k in ("w_ce", "w_dice")}
         if self.lambda_cps < 0 or self.rampup_epochs < 0:
             raise ConfigError("method.params.lambda_cps and rampup_epochs must be >= 0")
 

@@ -35,6 +35,7 @@ features padded by the model are cropped back to the logits' size. 2D slice-wise
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 
 from mnseg.errors import ConfigError
 from mnseg.losses import supervised_loss
-from mnseg.methods.base import Batch, Method, StepOutput
+from mnseg.methods.base import Batch, Method, Params, StepOutput
 
 ROLES = ("net_a", "net_b")
 LAMBDA_C_FORMS = ("rampup", "literal")
@@ -187,11 +188,27 @@ def _prototype_contrast(
 
 
 # --- the method -------------------------------------------------------------------------------------------
+@dataclass
+class DualContrastParams(Params):
+    lambda_u: float = 1.0
+    lambda_c: float = 0.1
+    lambda_c_form: str = "rampup"
+    threshold_start: float = 0.6
+    threshold_end: float = 0.9
+    unreliable_quantile: float = 0.8
+    anchors_per_class: int = 256
+    temperature: float = 0.1
+    class_balanced: bool = True
+    w_ce: float = 1.0  # weight of cross-entropy in the labelled loss
+    w_dice: float = 1.0  # weight of soft Dice
+    predict: str = "a"  # which network predicts: a, b or average
+
+
 class DualContrast(Method):
     """Dual subnets: winner's pseudo-labels, confidence-gated L1, prototype contrast (Lu et al. 2025)."""
 
     name = "dual_contrast"
-    paper = "Lu, Wu, Kateb & Chaddad, Semi-Supervised Medical Image Segmentation via Dual Networks, 2025"
+    params_class = DualContrastParams
     augmented_as = {"net_b": "net_a"}  # one augmented batch feeds both networks
     default_models = {
         "net_a": {"name": "unet3d"},
@@ -201,23 +218,22 @@ class DualContrast(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.uses_unlabeled = True
-        self.weights = {k: float(self.param(k, 1.0)) for k in ("w_ce", "w_dice")}
-        self.lambda_u = float(self.param("lambda_u", 1.0))
-        self.lambda_c = float(self.param("lambda_c", 0.1))
-        self.lambda_c_form = self.param("lambda_c_form", "rampup")
+        self.weights = {k: float(getattr(self.p, k)) for k in ("w_ce", "w_dice")}
+        self.lambda_u = float(self.p.lambda_u)
+        self.lambda_c = float(self.p.lambda_c)
+        self.lambda_c_form = self.p.lambda_c_form
         if self.lambda_c_form not in LAMBDA_C_FORMS:
             raise ConfigError(
                 f"method.params.lambda_c_form='{self.lambda_c_form}' unknown; choose one of {', '.join(LAMBDA_C_FORMS)}"
             )
-        self.threshold_start = float(self.param("threshold_start", 0.6))
-        self.threshold_end = float(self.param("threshold_end", 0.9))
-        self.unreliable_quantile = float(self.param("unreliable_quantile", 0.8))
+        self.threshold_start = float(self.p.threshold_start)
+        self.threshold_end = float(self.p.threshold_end)
+        self.unreliable_quantile = float(self.p.unreliable_quantile)
         if not 0.0 <= self.unreliable_quantile <= 1.0:
             raise ConfigError(f"method.params.unreliable_quantile must be in [0, 1], got {self.unreliable_quantile}")
-        self.anchors_per_class = int(self.param("anchors_per_class", 256))
-        self.temperature = float(self.param("temperature", 0.1))
-        self.class_balanced = bool(self.param("class_balanced", True))
+        self.anchors_per_class = int(self.p.anchors_per_class)
+        self.temperature = float(self.p.temperature)
+        self.class_balanced = bool(self.p.class_balanced)
         self.generator = torch.Generator(device=ctx.device)
         self.generator.manual_seed(int(cfg.train.seed) + 11)
         self._features: dict[str, Tensor] = {}

@@ -10,11 +10,18 @@ Normalising by ln K keeps the term in [0, 1] for any class count (SSL4MIS does t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mnseg.losses import entropy_loss
 from mnseg.methods.base import Batch, StepOutput
-from mnseg.methods.semi import SemiSupervised
+from mnseg.methods.semi import SemiParams, SemiSupervised
+
+
+@dataclass
+class EntropyMinParams(SemiParams):
+    entropy_on_labeled: bool = False  # the labelled patches join the entropy term (SSL4MIS's code)
 
 
 class EntropyMin(SemiSupervised):
@@ -22,6 +29,7 @@ class EntropyMin(SemiSupervised):
 
     name = "entropy_min"
     default_models = {"net": {"name": "unet3d_mn"}}
+    params_class = EntropyMinParams
 
     def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
         step = self.global_step(epoch, iteration)
@@ -31,7 +39,7 @@ class EntropyMin(SemiSupervised):
         logits = self.models["net"](torch.cat([image_l, image_u]))
         loss_l = self.labelled_loss(logits[:b_l], label)
         logs = {"loss_l": loss_l.detach()}
-        first = 0 if self.param("entropy_on_labeled", False) else b_l
+        first = 0 if self.p.entropy_on_labeled else b_l
         if first == b_l and b_u == 0:
             return StepOutput(loss_l, logs)
         loss_u = entropy_loss(logits[first:])

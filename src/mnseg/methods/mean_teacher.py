@@ -13,14 +13,16 @@ from the unwrapped student. The student predicts (as UA-MT tests it); ``infer.mo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from mnseg.engine.checkpoint import unwrap
+from mnseg.engine.contract import unwrap
 from mnseg.errors import ConfigError
 from mnseg.losses import softmax_mse_loss
 from mnseg.methods.base import Batch, StepOutput
-from mnseg.methods.semi import SemiSupervised
+from mnseg.methods.semi import SemiParams, SemiSupervised
 
 
 def clamped_noise(like: Tensor, std: float, clip: float) -> Tensor:
@@ -28,25 +30,34 @@ def clamped_noise(like: Tensor, std: float, clip: float) -> Tensor:
     return torch.clamp(torch.randn_like(like) * std, -clip, clip)
 
 
+@dataclass
+class MeanTeacherParams(SemiParams):
+    ema_decay: float = 0.99
+    noise_std: float = 0.1
+    noise_clip: float = 0.2
+    consistency_on_labeled: bool = False
+    student_noise: bool = True  # the student's patch is noised too (false: clean, as UA-MT)
+
+
 class MeanTeacher(SemiSupervised):
     """Mean teacher: EMA-teacher softmax-MSE consistency on unlabelled patches (Tarvainen & Valpola 2017)."""
 
     name = "mean_teacher"
+    params_class = MeanTeacherParams
     default_models = {"student": {"name": "unet3d_mn"}, "teacher": {"name": "unet3d_mn"}}
     frozen_roles = ("teacher",)
     predict_role = "student"
     train_role = "student"
-    default_student_noise = True
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.ema_decay = float(self.param("ema_decay", 0.99))
+        self.ema_decay = float(self.p.ema_decay)
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ConfigError(f"method.params.ema_decay must lie in [0, 1], got {self.ema_decay}")
-        self.noise_std = float(self.param("noise_std", 0.1))
-        self.noise_clip = float(self.param("noise_clip", 0.2))
-        self.student_noise = bool(self.param("student_noise", self.default_student_noise))
-        self.on_labeled = bool(self.param("consistency_on_labeled", False))
+        self.noise_std = float(self.p.noise_std)
+        self.noise_clip = float(self.p.noise_clip)
+        self.student_noise = bool(self.p.student_noise)
+        self.on_labeled = bool(self.p.consistency_on_labeled)
 
     # --- the teacher ---------------------------------------------------------------------------------------
     def setup(self) -> None:

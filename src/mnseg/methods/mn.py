@@ -31,22 +31,17 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mnseg.engine.checkpoint import unwrap
-from mnseg.engine.schedules import (
-    Segment,
-    current_lr,
-    epoch_linear_unlabeled_count,
-    lr_guided_unlabeled_count,
-    uniform_unlabeled_count,
-)
+from mnseg.engine.contract import Segment, current_lr, unwrap
 from mnseg.errors import ConfigError
 from mnseg.losses import pseudo_label_loss, supervised_loss
-from mnseg.methods.base import Batch, Method, StepOutput
+from mnseg.methods.base import Batch, Method, Params, StepOutput
 
 SAMPLING = ("lr", "epoch-linear", "uniform", "fixed")
 CHOICES = {
@@ -57,19 +52,67 @@ CHOICES = {
 }
 
 
+def lr_guided_unlabeled_count(lr_now: float, lr_init: float, lr_final: float, batch_size: int) -> int:
+    """M&N's LR-guided sampling: b_u = floor((lr_init - lr_now) / (lr_init - lr_final) * B), clipped to [0, B]."""
+    if lr_init == lr_final:
+        return 0
+    share = (lr_init - lr_now) / (lr_init - lr_final)
+    return int(min(max(math.floor(share * batch_size + 1e-9), 0), batch_size))
+
+
+def epoch_linear_unlabeled_count(epoch_in_stage: int, stage_epochs: int, batch_size: int) -> int:
+    """What the published M&N code does: the unlabelled share grows linearly with the epoch."""
+    if stage_epochs <= 1:
+        return batch_size
+    return int(min(math.floor(epoch_in_stage / (stage_epochs - 1) * batch_size + 1e-9), batch_size))
+
+
+def uniform_unlabeled_count(n_labeled: int, n_unlabeled: int, batch_size: int, rng: np.random.Generator) -> int:
+    """Ablation: every batch item drawn uniformly from the pooled labelled and unlabelled cases."""
+    total = n_labeled + n_unlabeled
+    return int(rng.binomial(batch_size, n_unlabeled / total)) if total else 0
+
+
+@dataclass
+class MNParams(Params):
+    """M&N's parameters (the paper's, then the choices it leaves open, then the switches beyond it)."""
+
+    sup_epochs: int | None = None  # stage 1 epochs, each model alone on labels (default: an eighth of the run)
+    w_ce: float = 1.0  # L_l = w_ce CE + w_dice Dice
+    w_dice: float = 1.0
+    w_kl: float = 1.0  # L_u = w_kl KL(P || model) + w_dice Dice(model, P)
+    lrg: str = "lr"  # b_u sampling: lr (LR-guided) | epoch-linear | uniform | fixed
+    fixed_ratio: float = 0.5  # lrg=fixed: b_u = round(fixed_ratio * B)
+    schedule: str = "restart"  # restart: each model's schedule restarts at stage 2 | single: one over the run
+    fixed_pseudo: bool = False  # P from frozen copies of the models at the end of stage 1
+    fg_refresh_every: int = 2  # co-training epochs between refreshes of the unlabelled crops' foreground (0: never)
+    slices_2d: int | None = None  # slices of each crop the 2D model trains on (default: all)
+    predict: str = "3d"  # the 3D model (the paper's output), 2d or average
+    soft_dice: str = "linear"  # Dice form for probability targets: linear | squared
+    min_labeled: int = 0  # b_u <= B - min_labeled
+    unlabeled_on_top: bool = False  # b_l = B always, the b_u unlabelled items on top
+    w_u: float = 1.0  # factor on L_u (0: the starvation ablation)
+    pseudo: str = "partner"  # P: the partner's softmax | ensemble (the mean of both models')
+    pseudo_weight: str = "none"  # each voxel's L_u weighted by: none | confidence (max_c P)
+    fg_refresh: str = "net3d"  # unlabelled crop centres from: net3d | agree (both models name the same class)
+    pre2d_epochs: int = 0  # epochs before stage 1 in which the 2D model alone trains on labels
+    oracle_pseudo: bool = False  # diagnostic: the unlabelled imagesTr cases' true labels as P
+
+
 class MN(Method):
     """M&N: 2D pretrained (LoRA) + 3D UNet co-training with LR-guided sampling (Yeung et al.)."""
 
     name = "mn"
+    params_class = MNParams
     default_models = {"net2d": {"name": "effunet", "finetune": "lora"}, "net3d": {"name": "unet3d_mn"}}
     predict_role = "net3d"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.sup_epochs = int(self.param("sup_epochs", max(self.ctx.epochs // 8, 1)))
+        self.sup_epochs = int(max(self.ctx.epochs // 8, 1) if self.p.sup_epochs is None else self.p.sup_epochs)
         # epochs before stage 1 in which the 2D model alone trains on labels: a longer warm-up of the partner
         # (its updates cost no 3D updates); 0 in the paper
-        self.pre2d = int(self.param("pre2d_epochs", 0))
+        self.pre2d = int(self.p.pre2d_epochs)
         if not 0 <= self.pre2d < self.ctx.epochs:
             raise ConfigError(f"method.params.pre2d_epochs={self.pre2d} must lie between 0 and train.epochs-1")
         if not 0 < self.sup_epochs < self.ctx.epochs - self.pre2d:
@@ -77,16 +120,16 @@ class MN(Method):
                 f"method.params.sup_epochs={self.sup_epochs} must lie between 1 and "
                 f"train.epochs-1-pre2d_epochs={self.ctx.epochs - 1 - self.pre2d}"
             )
-        self.lrg = self.param("lrg", "lr")
+        self.lrg = self.p.lrg
         if self.lrg not in SAMPLING:
             raise ConfigError(f"method.params.lrg='{self.lrg}' unknown; choose one of {', '.join(SAMPLING)}")
-        self.weights = {k: float(self.param(k, 1.0)) for k in ("w_ce", "w_dice", "w_kl", "w_u")}
-        self.fixed_pseudo = bool(self.param("fixed_pseudo", False))
-        self.choice = {k: self.param(k, options[0]) for k, options in CHOICES.items()}
+        self.weights = {k: float(getattr(self.p, k)) for k in ("w_ce", "w_dice", "w_kl", "w_u")}
+        self.fixed_pseudo = bool(self.p.fixed_pseudo)
+        self.choice = {k: getattr(self.p, k) for k in CHOICES}
         for key, value in self.choice.items():
             if value not in CHOICES[key]:
                 raise ConfigError(f"method.params.{key}='{value}' unknown; choose one of {', '.join(CHOICES[key])}")
-        self.min_labeled = int(self.param("min_labeled", 0))
+        self.min_labeled = int(self.p.min_labeled)
         if not 0 <= self.min_labeled <= self.ctx.batch_size:
             raise ConfigError(f"method.params.min_labeled={self.min_labeled} must lie between 0 and "
                               f"train.batch_size={self.ctx.batch_size}")
@@ -106,7 +149,7 @@ class MN(Method):
     def schedule_segments(self, role: str) -> list[Segment]:
         optim = self.cfg.models[role].optim
         it = self.ctx.iters_per_epoch
-        if self.param("schedule", "restart") == "single":
+        if self.p.schedule == "single":
             return [Segment(self.ctx.epochs * it, optim.lr, optim.final_lr, optim.warmup_epochs * it)]
         own_pre = self.pre2d if role == "net2d" else 0  # the 2D warm-up extends the 2D model's stage 1
         idle = [Segment(self.pre2d * it, 0.0, 0.0)] if self.pre2d and role != "net2d" else []
@@ -148,8 +191,8 @@ class MN(Method):
         elif self.lrg == "uniform":
             b_u = uniform_unlabeled_count(self.ctx.n_labeled, self.ctx.n_unlabeled, B, self._rng)
         else:
-            b_u = int(round(float(self.param("fixed_ratio", 0.5)) * B))
-        if self.param("unlabeled_on_top", False):
+            b_u = int(round(float(self.p.fixed_ratio) * B))
+        if self.p.unlabeled_on_top:
             return B, b_u  # B labelled items always, the LR-guided count of unlabelled ones on top
         b_u = min(b_u, B - self.min_labeled)  # the labelled floor (0 by default: the paper's formula)
         return B - b_u, b_u
@@ -165,7 +208,7 @@ class MN(Method):
             self.generators = {
                 r: copy.deepcopy(unwrap(m)).eval().requires_grad_(False) for r, m in self.models.items()
             }
-        refresh = int(self.param("fg_refresh_every", 2))
+        refresh = int(self.p.fg_refresh_every)
         if (
             epoch >= self.cotrain_start
             and refresh > 0
@@ -181,7 +224,7 @@ class MN(Method):
         or (``fg_refresh: agree``) those where both models name the same class, so that crops centred on a rare
         class are not ones where the partner's pseudo-mask says another class."""
         from mnseg.data.sampling import foreground_coords
-        from mnseg.inference.predict import predict_probabilities
+        from mnseg.engine.contract import predict_probabilities
 
         roles = ("net3d", "net2d") if self.choice["fg_refresh"] == "agree" else ("net3d",)
         models = [self.generators.get(r, self.models[r]) for r in roles]  # the window loop sets eval mode
@@ -203,7 +246,7 @@ class MN(Method):
     def _depth_subset(self, role: str, *tensors):
         """Optionally train the 2D model on a random subset of each patch's slices (``slices_2d``; all by default,
         as the paper). The subset is taken after pseudo-masks exist, so the 3D generator still sees whole patches."""
-        k = self.param("slices_2d", None)
+        k = self.p.slices_2d
         depth = tensors[0].shape[-1]
         if role != "net2d" or not k or int(k) >= depth:
             return tensors
@@ -225,7 +268,7 @@ class MN(Method):
         b_l, b_u = batch.b_l, batch.b_u
         model = self.models[role]
         image_l, (label,) = self.augment(role, batch.image_l, [batch.label_l], ["label"])
-        oracle = batch.label_u if self.param("oracle_pseudo", False) else None
+        oracle = batch.label_u if self.p.oracle_pseudo else None
         if b_u and oracle is not None:  # diagnostic: the unlabelled items' true labels as pseudo-masks
             image_u, (oracle,) = self.augment(role, batch.image_u, [oracle], ["label"])
         elif b_u:

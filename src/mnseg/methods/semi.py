@@ -11,34 +11,42 @@ B labelled and B unlabelled patches (UA-MT/SSL4MIS: labelled_bs = unlabelled_bs)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor
 
-from mnseg.engine.schedules import sigmoid_rampup
+from mnseg.engine.contract import sigmoid_rampup
 from mnseg.errors import ConfigError
 from mnseg.losses import supervised_loss
-from mnseg.methods.base import Method
+from mnseg.methods.base import Method, Params
+
+
+@dataclass
+class SemiParams(Params):
+    consistency: float = 0.1  # w_max, the unlabelled term's weight after the ramp
+    rampup: float = 1.0  # the ramp's length as a fraction of the run's iterations (0: no ramp)
+    unlabeled_batch_size: int | None = None  # b_u (default: B, as many as labelled)
+    w_ce: float = 0.5  # L_sup weights: 0.5/0.5 as UA-MT's and SSL4MIS's 0.5 (CE + Dice)
+    w_dice: float = 0.5
 
 
 class SemiSupervised(Method):
     """Base for one trained network (``train_role``) plus an unlabelled-data term with a ramped weight."""
 
     train_role: ClassVar[str] = "net"
-    default_weight: ClassVar[float] = 0.1
-    default_rampup: ClassVar[float] = 1.0
+    params_class = SemiParams
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.uses_unlabeled = True
-        self.w_max = float(self.param("consistency", self.default_weight))
-        self.rampup = float(self.param("rampup", self.default_rampup))
+        self.w_max = float(self.p.consistency)
+        self.rampup = float(self.p.rampup)
         if self.w_max < 0 or not 0.0 <= self.rampup <= 1.0:
             raise ConfigError(
                 f"method.params: consistency must be >= 0 and rampup a fraction of the run in [0, 1], "
                 f"got consistency={self.w_max}, rampup={self.rampup}"
             )
-        self.unlabeled_batch_size = self.param("unlabeled_batch_size", None)
+        self.unlabeled_batch_size = self.p.unlabeled_batch_size
         if self.unlabeled_batch_size is not None and int(self.unlabeled_batch_size) < 0:
             raise ConfigError(f"method.params.unlabeled_batch_size must be >= 0, got {self.unlabeled_batch_size}")
 
@@ -70,7 +78,7 @@ class SemiSupervised(Method):
         return supervised_loss(
             logits,
             label,
-            w_ce=float(self.param("w_ce", 0.5)),
-            w_dice=float(self.param("w_dice", 0.5)),
+            w_ce=float(self.p.w_ce),
+            w_dice=float(self.p.w_dice),
             ignore_index=self.ctx.ignore_index,
         )

@@ -27,14 +27,16 @@ Each model's learning-rate schedule (warm-up + cosine) spans its own stage; in t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mnseg.engine.schedules import Segment
+from mnseg.engine.contract import Segment
 from mnseg.errors import ConfigError
 from mnseg.losses import pseudo_label_loss, supervised_loss
-from mnseg.methods.base import Batch, Method, StepOutput
+from mnseg.methods.base import Batch, Method, Params, StepOutput
 
 PSEUDO = ("hard", "soft")
 PREDICT = ("student", "teacher", "average")
@@ -67,53 +69,62 @@ def soft_edge_labels(
     return soft * weight, annotated
 
 
+@dataclass
+class Sparse2DenseParams(Params):
+    pseudo: str = "hard"
+    soft_edges: bool = False
+    edge_width: int = 2
+    annotated_slices_only: bool = True
+    w_ce: float = 1.0  # weight of cross-entropy in the labelled loss
+    w_dice: float = 1.0  # weight of soft Dice
+    teacher_epochs: int | None = None  # stage 1 (the 2D teacher) epochs (default: half the run)
+    labeled_per_batch: int | None = None  # labelled items per student batch (default: B // 2)
+    predict: str = "student"
+
+
 class Sparse2Dense(Method):
     """Sparse-to-dense: 2D teacher on annotated slices -> dense pseudo-labels -> 3D student (Bujak et al. 2026)."""
 
     name = "sparse2dense"
-    paper = (
-        "Bujak et al., Optimization in Sparse 2D to Dense 3D Weakly Supervised Learning: Application to "
-        "Multi-Label Segmentation of Large ex vivo MRI Data (2026)"
-    )
+    params_class = Sparse2DenseParams
     default_models = {"teacher": {"name": "effunet", "finetune": "whole"}, "student": {"name": "unet3d"}}
     predict_role = "student"
     slice_augmented = ("teacher",)  # teacher_augment_2d: in-plane on the annotated slices
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.uses_unlabeled = True
-        self.teacher_epochs = int(self.param("teacher_epochs", max(ctx.epochs // 2, 1)))
+        self.teacher_epochs = int(max(ctx.epochs // 2, 1) if self.p.teacher_epochs is None else self.p.teacher_epochs)
         if not 0 < self.teacher_epochs < ctx.epochs:
             raise ConfigError(
                 f"method.params.teacher_epochs={self.teacher_epochs} must lie between 1 and "
                 f"train.epochs-1={ctx.epochs - 1} (stage 1 trains the teacher, the rest the student)"
             )
-        self.pseudo = str(self.param("pseudo", "hard"))
+        self.pseudo = str(self.p.pseudo)
         if self.pseudo not in PSEUDO:
             raise ConfigError(f"method.params.pseudo='{self.pseudo}' unknown; choose one of {', '.join(PSEUDO)}")
-        self.soft_edges = bool(self.param("soft_edges", False))
-        self.edge_width = int(self.param("edge_width", 2))
+        self.soft_edges = bool(self.p.soft_edges)
+        self.edge_width = int(self.p.edge_width)
         if self.edge_width < 1:
             raise ConfigError(f"method.params.edge_width must be at least 1 voxel, got {self.edge_width}")
-        self.weights = {k: float(self.param(k, 1.0)) for k in ("w_ce", "w_dice")}
-        self.annotated_slices_only = bool(self.param("annotated_slices_only", True))
-        labeled = self.param("labeled_per_batch", None)
+        self.weights = {k: float(getattr(self.p, k)) for k in ("w_ce", "w_dice")}
+        self.annotated_slices_only = bool(self.p.annotated_slices_only)
+        labeled = self.p.labeled_per_batch
         self.labeled_per_batch = ctx.batch_size // 2 if labeled is None else int(labeled)
         if not 0 <= self.labeled_per_batch <= ctx.batch_size:
             raise ConfigError(
                 f"method.params.labeled_per_batch={self.labeled_per_batch} must lie between 0 and "
                 f"train.batch_size={ctx.batch_size}"
             )
-        if self.param("predict", "student") not in PREDICT:
+        if self.p.predict not in PREDICT:
             raise ConfigError(
-                f"method.params.predict='{self.param('predict', 'student')}' unknown; choose one of "
+                f"method.params.predict='{self.p.predict}' unknown; choose one of "
                 f"{', '.join(PREDICT)}"
             )
         self.teacher_augment_2d = None
 
     def setup(self) -> None:
         from mnseg.data.augment import Augmenter
-        from mnseg.engine.checkpoint import unwrap
+        from mnseg.engine.contract import unwrap
 
         teacher = unwrap(self.models["teacher"])
         if not (hasattr(teacher, "inner") and hasattr(teacher, "axis")):
@@ -245,7 +256,7 @@ class Sparse2Dense(Method):
 
     # --- inference -----------------------------------------------------------------------------------------
     def predictor(self, which: str | None = None):
-        which = which or self.param("predict", "student")
+        which = which or self.p.predict
         if which not in PREDICT:
             raise ConfigError(f"sparse2dense predicts with {', '.join(PREDICT)}, not '{which}'")
         if which == "average":

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from mnseg.losses import supervised_loss
-from mnseg.methods.base import Batch, Method, StepOutput
+from mnseg.methods.base import Batch, Method, Params, StepOutput
+
+
+@dataclass
+class SupervisedParams(Params):
+    w_ce: float = 1.0  # weight of cross-entropy
+    w_dice: float = 1.0  # weight of soft Dice
 
 
 class Supervised(Method):
@@ -11,6 +19,7 @@ class Supervised(Method):
 
     name = "supervised"
     default_models = {"net": {"name": "unet3d"}}
+    params_class = SupervisedParams
 
     def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
         image, (label,) = self.augment("net", batch.image_l, [batch.label_l], ["label"])
@@ -18,8 +27,8 @@ class Supervised(Method):
         loss = supervised_loss(
             logits,
             label,
-            w_ce=self.param("w_ce", 1.0),
-            w_dice=self.param("w_dice", 1.0),
+            w_ce=self.p.w_ce,
+            w_dice=self.p.w_dice,
             ignore_index=self.ctx.ignore_index,
         )
         return StepOutput(loss, {"loss_l": loss.detach()})

@@ -15,14 +15,14 @@ The paper's transformation is an elastic deformation and its consistency covers 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from mnseg.errors import ConfigError
 from mnseg.methods.base import Batch, StepOutput
-from mnseg.methods.semi import SemiSupervised
+from mnseg.methods.semi import SemiParams, SemiSupervised
 
 
 @dataclass(frozen=True)
@@ -55,24 +55,36 @@ def sample_transforms(n: int, spatial_shape, flip_axes=(0, 1, 2), rotate: bool =
     return out
 
 
+@dataclass
+class TransformConsistencyParams(SemiParams):
+    flip_axes: list = field(default_factory=lambda: [0, 1, 2])
+    rot90: bool = True
+    affine: bool = False
+    affine_scale: list = field(default_factory=lambda: [0.9, 1.1])
+    affine_rotate_deg: float = 10.0
+    consistency_on_labeled: bool = False
+    detach_target: bool = False
+
+
 class TransformConsistency(SemiSupervised):
     """Transformation consistency: softmax-MSE between f(T x) and T f(x), flips/rot90 (Bortsova et al. 2019)."""
 
     name = "transform_consistency"
+    params_class = TransformConsistencyParams
     default_models = {"net": {"name": "unet3d_mn"}}
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.flip_axes = tuple(int(a) for a in self.param("flip_axes", [0, 1, 2]))
+        self.flip_axes = tuple(int(a) for a in self.p.flip_axes)
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ConfigError(f"method.params.flip_axes must be spatial axes 0, 1, 2, got {list(self.flip_axes)}")
-        self.rotate = bool(self.param("rot90", True))
+        self.rotate = bool(self.p.rot90)
         self.affine = None
-        if self.param("affine", False):
+        if self.p.affine:
             from mnseg.data.augment import AugmentConfig, Augmenter
 
-            scale = tuple(self.param("affine_scale", [0.9, 1.1]))
-            config = AugmentConfig(scale=scale, rotate_deg=float(self.param("affine_rotate_deg", 10.0)), gamma=None)
+            scale = tuple(self.p.affine_scale)
+            config = AugmentConfig(scale=scale, rotate_deg=float(self.p.affine_rotate_deg), gamma=None)
             self.affine = Augmenter(config, spatial_dims=3)
 
     def transform(self, images: Tensor, probs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -91,7 +103,7 @@ class TransformConsistency(SemiSupervised):
         image_l, (label,) = self.augment("net", batch.image_l, [batch.label_l], ["label"])
         image_u, _ = self.augment("net", batch.image_u)
         b_l, b_u = image_l.shape[0], image_u.shape[0]
-        first = 0 if self.param("consistency_on_labeled", False) else b_l
+        first = 0 if self.p.consistency_on_labeled else b_l
         images = torch.cat([image_l, image_u])
         if first == b_l and b_u == 0:
             loss_l = self.labelled_loss(net(image_l), label)
@@ -99,7 +111,7 @@ class TransformConsistency(SemiSupervised):
 
         logits = net(images)
         probs = torch.softmax(logits[first:].float(), dim=1)
-        if self.param("detach_target", False):
+        if self.p.detach_target:
             probs = probs.detach()
         moved_images, moved_probs, inside = self.transform(images[first:], probs)
         probs_of_moved = torch.softmax(net(moved_images).float(), dim=1)

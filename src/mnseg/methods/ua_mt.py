@@ -15,25 +15,33 @@ The student predicts.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mnseg.engine.schedules import sigmoid_rampup
+from mnseg.engine.contract import sigmoid_rampup
 from mnseg.errors import ConfigError
-from mnseg.methods.mean_teacher import MeanTeacher
+from mnseg.methods.mean_teacher import MeanTeacher, MeanTeacherParams
+
+
+@dataclass
+class UAMTParams(MeanTeacherParams):
+    uncertainty_passes: int = 8
+    uncertainty_chunk: int = 2
+    student_noise: bool = False  # UA-MT gives the student the clean patch
 
 
 class UAMT(MeanTeacher):
     """UA-MT: mean teacher with an MC-uncertainty mask on the consistency (Yu et al. 2019)."""
 
     name = "ua_mt"
-    default_student_noise = False
+    params_class = UAMTParams
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.passes = int(self.param("uncertainty_passes", 8))
-        self.chunk = int(self.param("uncertainty_chunk", 2))
+        self.passes = int(self.p.uncertainty_passes)
+        self.chunk = int(self.p.uncertainty_chunk)
         if self.passes < 1 or self.chunk < 1:
             raise ConfigError(
                 f"method.params.uncertainty_passes and uncertainty_chunk must be >= 1, "

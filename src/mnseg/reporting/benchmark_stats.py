@@ -51,7 +51,10 @@ class RunResult:
 
 def read_run_result(run_dir: str | Path, label: str) -> RunResult:
     """Read a finished run's summary.json, split.json and timing.json."""
-    run_dir = Path(run_dir)
+    from mnseg.engine.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    run_dir = run.path
 
     def load(path: Path, required: bool = True) -> dict:
         try:
@@ -63,14 +66,14 @@ def read_run_result(run_dir: str | Path, label: str) -> RunResult:
         except json.JSONDecodeError as exc:
             raise MnsegError(f"{path}: corrupt JSON ({exc})") from None
 
-    summary = load(run_dir / "test_predictions" / "summary.json")
-    split = load(run_dir / "split.json")
+    summary = load(run.test_summary)
+    split = load(run.path / run.SPLIT)
     return RunResult(
         label=label,
         num_labeled=len(split["labeled"]),
         seed=int(split["seed"]),
         summary=summary,
-        timing=load(run_dir / "timing.json", required=False),
+        timing=load(run.timing, required=False),
         transductive=bool(split["transductive"]),
         run_dir=str(run_dir),
     )

@@ -17,11 +17,11 @@ a table of what finished; ``report_only`` re-makes them from OUT alone (run fold
 from __future__ import annotations
 
 import datetime
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mnseg.engine.run_dir import RunDir
 from mnseg.errors import ConfigError, MnsegError
 from mnseg.utils.atomic import atomic_write_json, atomic_write_text
 from mnseg.utils.output_folder import claim_output_folder
@@ -173,12 +173,25 @@ EXECUTION_ONLY_TRAIN = ("device", "check_every", "checkpoint_every", "keep_epoch
 EXECUTION_ONLY_MODEL = ("activation_checkpoint",)
 
 
+def resolved_params(method: str, params: dict) -> dict:
+    """A method's parameters with every default filled in, so a preset that lists a default and one that leaves
+    it out describe the same run."""
+    import dataclasses
+
+    from mnseg.methods import method_class
+    from mnseg.methods.base import parse_params
+
+    cls = method_class(method)
+    return dataclasses.asdict(parse_params(cls.params_class, params, method))
+
+
 def _changed_cells(spec: BenchmarkSpec, cells: list[Cell]) -> list[str]:
     """Cells whose existing run was made with other settings (reusing them would mix two benchmarks)."""
-    from mnseg.config.schema import Config, read_yaml
+    from mnseg.config.schema import Config
 
     def comparable(cfg) -> dict:
         d = cfg.to_dict()
+        d["method"]["params"] = resolved_params(d["method"]["name"], d["method"]["params"])  # defaults filled in
         for key in EXECUTION_ONLY_TRAIN:
             d["train"].pop(key)
         for model in d["models"].values():
@@ -189,8 +202,9 @@ def _changed_cells(spec: BenchmarkSpec, cells: list[Cell]) -> list[str]:
 
     changed = []
     for cell in cells:
-        path = cell.run_dir(spec.out) / "config.yaml"
-        if path.exists() and comparable(Config.from_dict(read_yaml(path))) != comparable(cell_config(spec, cell)):
+        run = RunDir(cell.run_dir(spec.out))
+        if run.config.exists() and comparable(Config.from_dict(run.read_config())) != comparable(
+                cell_config(spec, cell)):
             changed.append(cell.name)
     return changed
 
@@ -199,77 +213,10 @@ def _changed_cells(spec: BenchmarkSpec, cells: list[Cell]) -> list[str]:
 
 
 def cell_state(run_dir: Path) -> str:
-    if (run_dir / "test_predictions" / "summary.json").exists():
+    run = RunDir(run_dir)
+    if run.tested():
         return "done"
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        return "resume"
-    return "new"
-
-
-def train_cell(cfg, run_dir: Path, progress: bool = True, log=print, sharing: int = 1,
-               resume: bool | None = None) -> None:
-    """Train (or resume) one run, adding its wall-clock, iterations and peak GPU memory to timing.json
-    after every epoch, so an interrupted run's earlier sessions still count. ``resume`` None: from the folder."""
-    from mnseg.engine.trainer import Trainer
-    from mnseg.utils.atomic import atomic_write_json
-
-    resume = cell_state(run_dir) == "resume" if resume is None else resume
-    timing_path = run_dir / "timing.json"
-
-    class TimedTrainer(Trainer):
-        def _end_epoch(self, epoch: int, row: dict) -> None:
-            super()._end_epoch(epoch, row)
-            import torch
-
-            now = time.perf_counter()
-            seconds = before["train_seconds"] + (now - started)
-            iterations = before["iterations"] + (self.start_epoch - first_epoch) * self.cfg.train.iters_per_epoch
-            peak = before["peak_gpu_memory_mb"]
-            if self.device.type == "cuda":
-                current = torch.cuda.max_memory_allocated(self.device) / 2**20
-                peak = max(peak or 0.0, current)
-            atomic_write_json(timing_path, {
-                "train_seconds": round(seconds, 3),
-                "iterations": iterations,
-                "iterations_per_second": round(iterations / seconds, 4) if seconds > 0 else None,
-                "peak_gpu_memory_mb": None if peak is None else round(peak, 1),
-                "device": str(self.device),
-                "runs_sharing_device": max(before["runs_sharing_device"], sharing),  # timings are shared ones
-            })
-
-    # A folder without last.pt holds nothing worth keeping (a run that died before its first checkpoint).
-    trainer = TimedTrainer(cfg, run_dir, resume=resume, overwrite=not resume, progress=progress, log=log)
-    before = {"train_seconds": 0.0, "iterations": 0, "peak_gpu_memory_mb": None, "runs_sharing_device": 1}
-    if resume and timing_path.exists():
-        import json
-
-        before.update({k: v for k, v in json.loads(timing_path.read_text()).items() if k in before})
-    trainer.setup()
-    from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - its first import is not training time
-
-    if trainer.device.type == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats(trainer.device)
-    first_epoch = trainer.start_epoch
-    started = time.perf_counter()
-    trainer.fit()
-
-
-def predict_and_score(run_dir: Path, dataset: Path, device: str | None, progress: bool = True) -> dict:
-    """Predict imagesTs with the run's model and score it against labelsTs into test_predictions/."""
-    from mnseg.data.dataset import DatasetFolder
-    from mnseg.evaluation.folders import evaluate_folders
-    from mnseg.inference.predict import load_run, predict_folder
-
-    root = DatasetFolder(dataset).root
-    out = run_dir / "test_predictions"
-    run = load_run(run_dir, "best", device or "auto")
-    failures = predict_folder(run, root / "imagesTs", out, overwrite=True, progress=progress, log=lambda *a: None)
-    if failures:
-        raise MnsegError(f"prediction failed for {len(failures)} test case(s): "
-                         + "; ".join(f"{case}: {msg}" for case, msg in failures))
-    return evaluate_folders(out, root / "labelsTs", dataset_json=root / "dataset.json", out_dir=out)
+    return "resume" if run.can_resume() else "new"
 
 
 # ----------------------------------------------------------------------------------------------- the whole grid
@@ -328,11 +275,15 @@ def run_benchmark(spec: BenchmarkSpec, max_runs: int | None = None, progress: bo
 def _run_cell(spec: BenchmarkSpec, cell: Cell, tag: str, progress: bool = True, log=print,
               sharing: int = 1) -> dict | None:
     """Train and score one cell; a failure is returned as a record (one failed cell must not stop the grid)."""
+    from mnseg.engine.hooks import TimingHook
+    from mnseg.workflows.pipeline import run_pipeline
+
     run_dir = cell.run_dir(spec.out)
     log(f"{tag} {cell.name}: {'resuming' if cell_state(run_dir) == 'resume' else 'training'}")
     try:
-        train_cell(cell_config(spec, cell), run_dir, progress=progress, log=log, sharing=sharing)
-        predict_and_score(run_dir, spec.dataset, spec.device, progress=progress)
+        # timing.json: wall-clock, iterations and peak GPU memory, over every session of the cell
+        run_pipeline(cell_config(spec, cell), run_dir, hooks=[TimingHook(sharing)], show_summary=False,
+                     progress=progress, log=log)
     except Exception as exc:  # noqa: BLE001 - reported in failures.json and results.md
         log(f"{tag} {cell.name}: FAILED: {type(exc).__name__}: {exc}")
         return _failure(spec, cell, f"{type(exc).__name__}: {exc}", traceback.format_exc())

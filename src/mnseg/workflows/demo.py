@@ -33,11 +33,6 @@ DEMO_ENTRIES = ("cache", "data", "runs", "report", "timing.json")
 TIMING = "timing.json"  # the demo's own record: data_seconds (summed over sessions), predict_seconds per method
 
 
-def _finished(run_dir: Path, epochs: int) -> bool:
-    rows = (run_dir / "history.csv").read_text().splitlines() if (run_dir / "history.csv").exists() else []
-    return (run_dir / "checkpoints" / "last.pt").exists() and len(rows) - 1 >= epochs
-
-
 def _read_json(path: Path) -> dict:
     import json
 
@@ -60,12 +55,12 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: 
     import torch
 
     from mnseg.data.synth import synthesize_dataset
-    from mnseg.evaluation.folders import evaluate_folders, format_summary_table
-    from mnseg.inference.predict import load_run, predict_folder
+    from mnseg.engine.hooks import TimingHook
+    from mnseg.engine.run_dir import RunDir
     from mnseg.reporting.report import MethodResult, write_report
     from mnseg.utils.atomic import atomic_write_json
     from mnseg.utils.output_folder import claim_output_folder
-    from mnseg.workflows.benchmark import train_cell
+    from mnseg.workflows.pipeline import run_pipeline
 
     out = Path(out).resolve()
     claim_output_folder(out, MARKER, DEMO_ENTRIES, "demo", "--out")
@@ -87,22 +82,13 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: 
     configs = demo_configs(dataset, out, device, num_labeled, seed, quick)
     results = []
     for step, (method, cfg) in enumerate(configs.items(), start=2):
-        run_dir = out / "runs" / method
-        log(f"[{step}/4] train {METHOD_LABELS[method]} -> {run_dir}")
-        if not _finished(run_dir, cfg.train.epochs):
-            resume = (run_dir / "checkpoints" / "last.pt").exists()
-            train_cell(cfg, run_dir, progress=progress, log=log, resume=resume)  # timing.json per epoch
-        t0 = time.time()
-        run = load_run(run_dir, "last", device)
-        pred_dir = run_dir / "test_predictions"
-        failures = predict_folder(run, dataset / "imagesTs", pred_dir, overwrite=True, progress=progress, log=log)
-        if failures:
-            raise RuntimeError(f"demo predictions failed: {failures}")
-        summary = evaluate_folders(pred_dir, dataset / "labelsTs", dataset_json=dataset / "dataset.json")
-        record.setdefault("predict_seconds", {})[method] = time.time() - t0
+        run = RunDir(out / "runs" / method)
+        log(f"[{step}/4] train {METHOD_LABELS[method]} -> {run.path}")
+        # a finished run is kept, an interrupted one resumes; timing.json per epoch
+        result = run_pipeline(cfg, run.path, checkpoint="last", hooks=[TimingHook()], progress=progress, log=log)
+        record.setdefault("predict_seconds", {})[method] = result.test_seconds
         atomic_write_json(out / TIMING, record)
-        log(format_summary_table(summary))
-        results.append(MethodResult(METHOD_LABELS[method], summary, run_dir / "history.csv", pred_dir))
+        results.append(MethodResult(METHOD_LABELS[method], result.summary, run.history, run.test_predictions))
 
     log("[4/4] report")
     import json
@@ -112,7 +98,7 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: 
     test_cases = sorted(
         (p.name[: -len("_0000.nii.gz")], p, dataset / "labelsTs" / p.name.replace("_0000.nii.gz", ".nii.gz"))
         for p in (dataset / "imagesTs").glob("*_0000.nii.gz"))
-    train = {m: _read_json(out / "runs" / m / "timing.json").get("train_seconds") for m in configs}
+    train = {m: _read_json(RunDir(out / "runs" / m).timing).get("train_seconds") for m in configs}
     total = record["data_seconds"] + sum(t or 0.0 for t in train.values()) + sum(record["predict_seconds"].values())
     notes = [
         f"Data: one real anatomy (MNI152 2009, shipped in nilearn) with synthetic variation: {DATASET_NAME}; "
