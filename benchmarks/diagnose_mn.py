@@ -1,10 +1,12 @@
 """Why does (or doesn't) M&N beat supervised training? Discriminating runs on one split, rerunnable on a CPU.
 
 Each variant is M&N at the CPU grid's size (preset cpu_grid_mn_paper: the paper's recipe, no switch beyond it)
-with one thing changed, next to the supervised baseline with the same labels and the same 500 3D updates:
+with one thing changed, next to the supervised baseline with the same labels and the same 1,500 3D updates, and
+"full", supervised training on every subject that is not held out (the ceiling of any method at that budget):
 
-    python benchmarks/diagnose_mn.py --out /tmp/diag                      # every variant, seed 0
+    python benchmarks/diagnose_mn.py --out /tmp/diag --variants sup,full,mn,bu0   # seed 0
     python benchmarks/diagnose_mn.py --out /tmp/diag --variants sup,mn_paper,mn --seeds 0,1,2 --jobs 2
+    python benchmarks/diagnose_mn.py --out /tmp/diag_short --budget short     # the first diagnosis: 500 updates
 
 Variants that change only co-training start from their base run's model at the end of the supervised stage, so
 stage 1 is trained once per base. Runs go to OUT/runs/<variant>/n<N>_seed<S> (finished runs are kept, so a rerun
@@ -32,13 +34,26 @@ from pathlib import Path
 import numpy as np
 
 PAPER = "cpu_grid_mn_paper"
-SUP_EPOCHS = 10  # of both cpu_grid_mn presets
-KEEP = f"train.keep_epochs=[{SUP_EPOCHS}]"
+KEEP = "train.keep_epochs=[{sup_epochs}]"
+# The budget: "long" is the cpu_grid presets' own (1,500 updates of the 3D network; M&N 30 supervised + 90
+# co-training epochs); "short" is the first diagnosis (2026-12-01): 500 updates, M&N 10 + 30 epochs, in which
+# even every label gains only +0.025 (docs/benchmarks.md).
+BUDGETS = {
+    "long": {"sup_epochs": 30, "mn_epochs": 120, "mn": [], "other": []},
+    "short": {"sup_epochs": 10, "mn_epochs": 40, "mn": ["train.epochs=40", "method.params.sup_epochs=10",
+                                                        "train.val_every=5"],
+              "other": ["train.epochs=25", "train.val_every=5"]},
+}
+BUDGET = "long"  # set by --budget
+SUP_EPOCHS = BUDGETS[BUDGET]["sup_epochs"]
 # name -> (preset, overrides, base): a variant with a base starts from the base run's model at the end of the
 # supervised stage (checkpoints/epoch10.pt; the changed switch acts in co-training only), so the diagnosis trains
 # stage 1 once per base, not once per variant. Every M&N variant changes one thing of PAPER, except "mn".
 VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     "sup": ("cpu_grid_supervised", [], None),
+    # every labelled subject but the validation ones (the same validation and test subjects): what labels on all
+    # the unlabelled subjects would give supervised training at the same budget, the ceiling of any method
+    "full": ("cpu_grid_supervised", [], None),
     "mn_paper": (PAPER, [KEEP], None),
     "bu0": (PAPER, ["method.params.lrg=fixed", "method.params.fixed_ratio=0"], "mn_paper"),  # the schedule alone
     "wu0": (PAPER, ["method.params.w_u=0"], "mn_paper"),  # starvation: unlabelled items take places, teach nothing
@@ -51,11 +66,15 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     "ensemble": (PAPER, ["method.params.pseudo=ensemble"], "mn_paper"),
     "confidence": (PAPER, ["method.params.pseudo_weight=confidence"], "mn_paper"),
     "mn": ("cpu_grid_mn", [KEEP], None),  # the default recipe (what the grid runs)
+    # the same controls for the default recipe: the schedule alone, and a labelled batch that never shrinks with
+    # crops aimed only where both models agree
+    "mn_bu0": ("cpu_grid_mn", ["method.params.lrg=fixed", "method.params.fixed_ratio=0"], "mn"),
+    "mn_top_agree": ("cpu_grid_mn", ["method.params.unlabeled_on_top=true", "method.params.fg_refresh=agree"], "mn"),
     # the 2D partner on slices enlarged to 64 px (2x) without stochastic depth: stage 1 differs, so no base
     "scale2d": (PAPER, [KEEP, "models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.auto_side=64",
                         "models.net2d.kwargs.drop_connect_rate=0.0"], None),
     # the 2D partner alone on labels for 30 more epochs first (600 updates that cost no 3D update)
-    "pre2d": (PAPER, ["method.params.pre2d_epochs=30", "train.epochs=70"], None),
+    "pre2d": (PAPER, ["method.params.pre2d_epochs=30", "train.epochs={pre2d_epochs}"], None),
     "mt": ("cpu_grid_mean_teacher", [], None),
 }
 
@@ -92,8 +111,21 @@ def _branch(run_dir: Path, base_dir: Path, overrides: list[str]) -> None:
     tmp.rename(run_dir)
 
 
-def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Path, log) -> Path:
+ALL_LABELLED = {"full"}
+
+
+def labelled_count(dataset: Path, variant: str, n: int) -> int:
+    """n, or for the ceiling every imagesTr subject but the 2 validation ones."""
+    return len(list((dataset / "labelsTr").glob("*.nii*"))) - 2 if variant in ALL_LABELLED else n
+
+
+def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Path, log, extra=()) -> Path:
     preset, overrides, base = VARIANTS[variant]
+    budget = BUDGETS[BUDGET]
+    fields = {"sup_epochs": budget["sup_epochs"], "pre2d_epochs": budget["mn_epochs"] + 30}
+    overrides = [o.format(**fields) for o in overrides]
+    if not base:  # a branch keeps its base's settings
+        overrides = [*budget["mn" if preset.startswith("cpu_grid_mn") else "other"], *overrides, *extra]
     run_dir = out / "runs" / variant / f"n{n}_seed{seed}"
     if (run_dir / "test_predictions" / "summary.json").exists():
         return run_dir
@@ -105,7 +137,8 @@ def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Pa
     if (run_dir / "checkpoints" / "last.pt").exists():
         rc = _train(["--resume", str(run_dir)], log_file)
     else:
-        rc = _train([str(dataset), "--config", preset, "--num-labeled", str(n), "--num-val", "2", "--seed", str(seed),
+        rc = _train([str(dataset), "--config", preset, "--num-labeled", str(labelled_count(dataset, variant, n)),
+                     "--num-val", "2", "--seed", str(seed),
                      "--run-dir", str(run_dir), "--overwrite", *overrides], log_file)
     log(f"{variant} n={n} seed={seed}: rc={rc} ({(time.time() - t0) / 60:.1f} min)")
     if rc != 0:
@@ -160,7 +193,13 @@ def main(argv=None) -> int:
     parser.add_argument("--num-labeled", type=int, default=2)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--budget", choices=list(BUDGETS), default="long")
+    parser.add_argument("--spacing", default="3", help="of the synthesized dataset (default 3 mm)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run that does not branch (e.g. train.epochs=75)")
     args = parser.parse_args(argv)
+    global BUDGET, SUP_EPOCHS
+    BUDGET, SUP_EPOCHS = args.budget, BUDGETS[args.budget]["sup_epochs"]
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -172,7 +211,7 @@ def main(argv=None) -> int:
         # every imagesTr subject beyond the labelled and validation ones is unlabelled, and has a label on disk
         # that only the oracle variant reads
         subprocess.run([sys.executable, "-m", "mnseg", "synth", str(dataset), "--variation", "strong", "--n-labeled",
-                        "22", "--n-unlabeled", "0", "--n-test", "10", "--spacing", "3"], check=True)
+                        "22", "--n-unlabeled", "0", "--n-test", "10", "--spacing", args.spacing], check=True)
     cells = [(v, args.num_labeled, s) for s in seeds for v in variants]
     needed = {(VARIANTS[v][2], n, s) for v, n, s in cells if VARIANTS[v][2]}
     snapshot = lambda b, n, s: out / "runs" / b / f"n{n}_seed{s}" / "checkpoints" / f"epoch{SUP_EPOCHS}.pt"  # noqa: E731
@@ -182,8 +221,10 @@ def main(argv=None) -> int:
     dirs = {}
     for stage in (first, then):
         with ThreadPoolExecutor(args.jobs) as pool:
-            dirs.update(zip(stage, pool.map(lambda c: run_one(dataset, out, *c, out / "cache", print), stage)))
-    results = [{"variant": v, "n": n, "seed": s, **read_run(dirs[(v, n, s)])} for v, n, s in cells]
+            train = lambda c: run_one(dataset, out, *c, out / "cache", print, args.set)  # noqa: E731
+            dirs.update(zip(stage, pool.map(train, stage)))
+    results = [{"variant": v, "n": labelled_count(dataset, v, n), "seed": s, **read_run(dirs[(v, n, s)])}
+               for v, n, s in cells]
     write_tables(out, results)
     print((out / "diagnosis.md").read_text())
     return 0
