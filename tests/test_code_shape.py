@@ -42,3 +42,20 @@ def test_no_function_is_longer_than_80_lines():
 def test_the_package_root_holds_few_modules():
     root = sorted(p.name for p in SRC.glob("*.py"))
     assert len(root) <= MAX_ROOT_MODULES, root
+
+
+def _named_in_design(path: Path, text: str) -> bool:
+    """A module is named by its path under src/mnseg (``engine/hooks.py``), or, in a row of its package, by its file
+    name alone (``mn.py`` among the ``methods/`` row), or by a glob (``commands/*.py``)."""
+    rel = path.relative_to(SRC).as_posix()
+    if f"`{rel}`" in text or f"`{path.parent.relative_to(SRC).as_posix()}/*.py`" in text:
+        return True
+    package = path.parent.relative_to(SRC).as_posix()
+    return any(f"`{package}/" in line and f"`{path.name}`" in line for line in text.splitlines())
+
+
+def test_design_md_lists_every_module():
+    text = (SRC.parents[1] / "docs" / "design.md").read_text()
+    missing = [p.relative_to(SRC).as_posix() for p in _sources()
+               if p.name != "__init__.py" and not _named_in_design(p, text)]
+    assert not missing, missing

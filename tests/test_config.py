@@ -78,3 +78,11 @@ def test_benchmark_checks_every_methods_settings_before_training(toy_dataset, tm
                          method_overrides={"mean_teacher": ["models.student.optim.lr=-1"]})
     with pytest.raises(ConfigError, match="mean_teacher: invalid settings: models.student.optim.lr"):
         check_spec(spec, need_dataset=False)
+
+
+def test_a_retired_key_of_an_older_run_config_is_dropped_on_reading():
+    from mnseg.config.schema import Config
+
+    d = Config().to_dict()
+    d["train"]["overlay_every"] = 0  # written by earlier versions into every run's config.yaml; never did anything
+    assert "overlay_every" not in Config.from_dict(d).to_dict()["train"]

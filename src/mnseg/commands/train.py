@@ -116,7 +116,6 @@ def run(args) -> int:
 
 def preflight(cfg, run_dir: str, resume: bool, overwrite: bool) -> None:
     """Path and folder errors in a second, before torch and the models are imported (which takes many)."""
-
     from mnseg.data.dataset import DatasetFolder
     from mnseg.engine.run_dir import RunDir, is_rank_zero
     from mnseg.utils.preflight import check_writable

@@ -29,7 +29,7 @@ def _problems(cfg: Config) -> list[str]:
     for name in ("epochs", "iters_per_epoch", "batch_size"):
         need(getattr(t, name) >= 1, f"train.{name} must be at least 1, got {getattr(t, name)}")
     need(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
-    for name in ("val_every", "checkpoint_every", "overlay_every", "check_every"):
+    for name in ("val_every", "checkpoint_every", "check_every"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
     need(isinstance(t.keep_epochs, list) and all(isinstance(e, int) and 1 <= e <= t.epochs for e in t.keep_epochs),
          f"train.keep_epochs must be a list of epochs between 1 and train.epochs={t.epochs}, got {t.keep_epochs!r}")

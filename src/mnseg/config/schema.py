@@ -85,7 +85,6 @@ class TrainConfig:
     val_every: int = 10
     checkpoint_every: int = 1
     keep_epochs: list = field(default_factory=list)  # also keep checkpoints/epoch<N>.pt after these epochs
-    overlay_every: int = 0  # TensorBoard prediction pictures every N epochs (0: at validation only)
     on_nan: str = "stop"  # stop | skip
     # NaN check (a host sync) every N steps: between checks the CPU prepares the next batch while the GPU still
     # works. A non-finite loss still stops the run before anything is saved; 1 names the exact step.
@@ -209,9 +208,15 @@ def _set_path(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+# Keys an earlier mnseg wrote that no longer do anything: dropped when a config is read, so the run directories and
+# exported models that hold them keep working.
+RETIRED_KEYS = {"TrainConfig": ("overlay_every",)}
+
+
 def _build(cls, d: dict, where: str):
     if not isinstance(d, dict):
         raise ConfigError(f"'{where or 'config'}' must be a mapping, got {d!r}")
+    d = {k: v for k, v in d.items() if k not in RETIRED_KEYS.get(cls.__name__, ())}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names

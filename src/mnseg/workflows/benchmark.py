@@ -165,10 +165,10 @@ OWN_ENTRIES = ("runs", "results.csv", "results.md", "dice_vs_labeled.png", "dice
 
 
 # Settings that change how a run executes, not what it learns: where it trains, how often it checks for a
-# non-finite loss, saves or draws pictures, whether kernels are compiled or tensors laid out channels-last (the
+# non-finite loss or saves, whether kernels are compiled or tensors laid out channels-last (the
 # same arithmetic up to rounding order, as on another device), and whether activations are recomputed (same values
 # and gradients).
-EXECUTION_ONLY_TRAIN = ("device", "check_every", "checkpoint_every", "keep_epochs", "overlay_every", "compile",
+EXECUTION_ONLY_TRAIN = ("device", "check_every", "checkpoint_every", "keep_epochs", "compile",
                         "compile_mode", "channels_last")
 EXECUTION_ONLY_MODEL = ("activation_checkpoint",)
 
