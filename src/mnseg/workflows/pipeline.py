@@ -2,7 +2,8 @@
 
 ``mnseg train``, the benchmark (one call per grid cell) and the demo (one call per method) all run it. The resume
 rule is the run directory's (``RunDir.can_resume``): a run with ``checkpoints/last.pt`` continues from it, and one
-that has trained all its epochs is not trained again (only tested); anything else starts (again).
+that has trained all its epochs is not set up again (only tested); anything else starts (again). ``mnseg train``
+says itself whether it resumes (``--resume``).
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ def train_run(cfg, run_dir: str | Path, resume: bool | None = None, overwrite: b
               progress: bool = True, log=print):
     """Train (or continue) one run; returns the trainer, or None when the run had nothing left to train.
 
-    ``resume`` None: by the resume rule. ``overwrite`` None: a run that does not resume may replace what a run
-    that died before its first checkpoint left (nothing worth keeping)."""
+    ``resume`` None: by the resume rule (a run that trained all its epochs is not set up again); True: continue
+    from last.pt, which is read even when no epoch is left. ``overwrite`` None: a run that does not resume may
+    replace what a run that died before its first checkpoint left (nothing worth keeping)."""
     from mnseg.engine.trainer import Trainer
     from mnseg.reporting.tensorboard import OverlayHook
 
     run = RunDir(run_dir)
-    resume = run.can_resume() if resume is None else resume
-    if resume and run.trained(cfg.train.epochs):
-        return None
+    if resume is None:  # the resume rule; an explicit resume (mnseg train --resume) always loads last.pt
+        resume = run.can_resume()
+        if resume and run.trained(cfg.train.epochs):
+            return None
     overwrite = not resume if overwrite is None else overwrite
     trainer = Trainer(cfg, run_dir, resume=resume, overwrite=overwrite, progress=progress, log=log,
                       hooks=[OverlayHook(), *hooks])
