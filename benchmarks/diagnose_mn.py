@@ -37,7 +37,7 @@ PAPER = "cpu_grid_mn_paper"
 KEEP = "train.keep_epochs=[{sup_epochs}]"
 # The budget: "long" is the cpu_grid presets' own (1,500 updates of the 3D network; M&N 30 supervised + 90
 # co-training epochs); "short" is the first diagnosis (2026-12-01): 500 updates, M&N 10 + 30 epochs, in which
-# even every label gains only +0.025 (docs/benchmarks.md).
+# even every label gains only +0.025 (docs/results.md).
 BUDGETS = {
     "long": {"sup_epochs": 30, "mn_epochs": 120, "mn": [], "other": []},
     "short": {"sup_epochs": 10, "mn_epochs": 40, "mn": ["train.epochs=40", "method.params.sup_epochs=10",

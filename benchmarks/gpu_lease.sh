@@ -37,7 +37,7 @@ if [ "${SPEED:-0}" = 1 ]; then
 fi
 
 # The schedule every grid cell shares: 1000 updates of every 3D network (25 epochs x 40); M&N's and
-# sparse2dense's 2D models train in epochs of their own on top, 1000 updates each too (see docs/benchmarks.md;
+# sparse2dense's 2D models train in epochs of their own on top, 1000 updates each too (see docs/results.md;
 # sparse2dense's teacher had 400 in the first sparse run: benchmarks/results/superseded/).
 SCHEDULE=(--set train.epochs=25 --set train.iters_per_epoch=40
   --set-method mn:train.epochs=43 --set-method mn:method.params.sup_epochs=7
