@@ -126,18 +126,19 @@ def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Pa
     overrides = [o.format(**fields) for o in overrides]
     if not base:  # a branch keeps its base's settings
         overrides = [*budget["mn" if preset.startswith("cpu_grid_mn") else "other"], *overrides, *extra]
-    run_dir = out / "runs" / variant / f"n{n}_seed{seed}"
+    labelled = labelled_count(dataset, variant, n)
+    run_dir = out / "runs" / variant / f"n{labelled}_seed{seed}"  # the ceiling's folder names its own count
     if (run_dir / "test_predictions" / "summary.json").exists():
         return run_dir
     os.environ["MNSEG_CACHE_DIR"] = str(cache)
     t0 = time.time()
-    log_file = run_dir.parent / f"n{n}_seed{seed}.log"
+    log_file = run_dir.parent / f"{run_dir.name}.log"
     if base and not (run_dir / "checkpoints" / "last.pt").exists():
         _branch(run_dir, out / "runs" / base / f"n{n}_seed{seed}", overrides)
     if (run_dir / "checkpoints" / "last.pt").exists():
         rc = _train(["--resume", str(run_dir)], log_file)
     else:
-        rc = _train([str(dataset), "--config", preset, "--num-labeled", str(labelled_count(dataset, variant, n)),
+        rc = _train([str(dataset), "--config", preset, "--num-labeled", str(labelled),
                      "--num-val", "2", "--seed", str(seed),
                      "--run-dir", str(run_dir), "--overwrite", *overrides], log_file)
     log(f"{variant} n={n} seed={seed}: rc={rc} ({(time.time() - t0) / 60:.1f} min)")
