@@ -70,6 +70,11 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # crops aimed only where both models agree
     "mn_bu0": ("cpu_grid_mn", ["method.params.lrg=fixed", "method.params.fixed_ratio=0"], "mn"),
     "mn_top_agree": ("cpu_grid_mn", ["method.params.unlabeled_on_top=true", "method.params.fg_refresh=agree"], "mn"),
+    # two answers to the default recipe's white/grey-matter loss (-0.01 against supervised, 2026-12-02), which
+    # mn_bu0 does not have (so the pseudo-masks cause it): at least 2 labelled items in every batch, and each
+    # voxel's unlabelled loss weighted by the pseudo-mask's confidence
+    "mn_floor2": ("cpu_grid_mn", ["method.params.min_labeled=2"], "mn"),
+    "mn_conf": ("cpu_grid_mn", ["method.params.pseudo_weight=confidence"], "mn"),
     # the 2D partner on slices enlarged to 64 px (2x) without stochastic depth: stage 1 differs, so no base
     "scale2d": (PAPER, [KEEP, "models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.auto_side=64",
                         "models.net2d.kwargs.drop_connect_rate=0.0"], None),

@@ -108,6 +108,26 @@ def test_benchmark_table_gives_a_verdict_and_bolds_only_supported_differences():
     assert "Bold Δ: a difference the test supports (p < 0.05)" in text and "n/a: HD95/ASD undefined" in text
 
 
+def test_per_class_delta_is_paired_by_seed_and_shown_in_the_class_table():
+    from mnseg.reporting.benchmark_stats import class_deltas, markdown_report
+
+    runs = [
+        _run("supervised", 2, 0, {"x": {"wm": 0.7, "les": 0.1}, "y": {"wm": 0.8, "les": 0.3}}),
+        _run("supervised", 2, 1, {"x": {"wm": 0.6, "les": 0.2}, "y": {"wm": 0.6, "les": 0.2}}),
+        _run("mn", 2, 0, {"x": {"wm": 0.68, "les": 0.5}, "y": {"wm": 0.78, "les": 0.5}}),
+        _run("mn", 2, 1, {"x": {"wm": 0.59, "les": 0.4}, "y": {"wm": 0.59, "les": 0.4}}),
+        _run("mn", 2, 2, {"x": {"wm": 0.1, "les": 0.1}, "y": {"wm": 0.1, "les": 0.1}}),  # no supervised at seed 2
+    ]
+    deltas = class_deltas(runs)
+    assert deltas[("mn", 2, "wm")] == pytest.approx(np.mean([0.73 - 0.75, 0.59 - 0.6]))
+    assert deltas[("mn", 2, "les")] == pytest.approx(np.mean([0.5 - 0.2, 0.4 - 0.2]))
+    assert ("supervised", 2, "wm") not in deltas
+    text = markdown_report("T", [], aggregate(runs), paired_comparisons(runs), [], deltas=deltas)
+    wm_line = next(ln for ln in text.splitlines() if ln.startswith("| mn | 2 | wm |"))
+    assert wm_line.rstrip(" |").endswith(f"{deltas[('mn', 2, 'wm')]:+.4f}")
+    assert "Per-class Δ Dice" in text
+
+
 # ----------------------------------------------------------------------------------------------- the grid
 
 

@@ -205,6 +205,22 @@ def paired_comparisons(runs: list[RunResult], baseline: str = BASELINE) -> list[
     return rows
 
 
+def class_deltas(runs: list[RunResult], baseline: str = BASELINE) -> dict[tuple[str, int, str], float]:
+    """(method, labelled count, class) -> mean over the seeds both ran of the method's class Dice (its mean over
+    test cases) minus supervised's at the same count and seed: what "no class is worse" is read from."""
+    base = {(r.num_labeled, r.seed): r.summary["mean"] for r in runs if r.label == baseline}
+    diffs: dict[tuple[str, int, str], list[float]] = {}
+    for run in runs:
+        ref = base.get((run.num_labeled, run.seed))
+        if run.label == baseline or ref is None:
+            continue
+        for cls in _classes(run.summary):
+            mine, theirs = _num(run.summary["mean"].get(cls, {}).get("dice")), _num(ref.get(cls, {}).get("dice"))
+            diffs.setdefault((run.label, run.num_labeled, cls), []).append(mine - theirs)
+    return {key: float(np.nanmean(vals)) if not all(map(math.isnan, vals)) else math.nan
+            for key, vals in diffs.items()}
+
+
 # ----------------------------------------------------------------------------------------------- markdown
 
 
@@ -215,6 +231,10 @@ def _pm(mean: float, std: float, digits: int) -> str:
 def _delta(c: Comparison) -> str:
     text = "n/a" if math.isnan(c.mean_diff) else f"{c.mean_diff:+.4f}"
     return f"**{text}**" if c.supported else text
+
+
+def _signed(value: float | None) -> str:
+    return "" if value is None else "n/a" if math.isnan(value) else f"{value:+.4f}"
 
 
 def _p(value: float) -> str:
@@ -241,8 +261,10 @@ def verdicts(agg: list[dict], comparisons: list[dict]) -> list[str]:
 
 
 def markdown_report(title: str, notes: list[str], agg: list[dict], comparisons: list[dict],
-                    failures: list[dict], units: str = "voxel") -> str:
-    """The benchmark table: verdicts, foreground mean with the paired test, then per class, then failures."""
+                    failures: list[dict], units: str = "voxel", deltas: dict | None = None) -> str:
+    """The benchmark table: verdicts, foreground mean with the paired test, then per class (with ``deltas``,
+    ``class_deltas``' output, as a column), then failures."""
+    deltas = deltas or {}
     paired = {(c["method"], c["num_labeled"]): c for c in comparisons}
     fg = {(r["method"], r["num_labeled"]): r for r in agg if r["class"] == FOREGROUND}
     main_rows = []
@@ -262,7 +284,8 @@ def markdown_report(title: str, notes: list[str], agg: list[dict], comparisons: 
         ])
     class_rows = [
         [r["method"], str(r["num_labeled"]), r["class"], *(_pm(r[f"{m}_mean"], r[f"{m}_std"], 4 if m in
-                                                                ("dice", "jaccard") else 2) for m in METRICS)]
+                                                                ("dice", "jaccard") else 2) for m in METRICS),
+         _signed(deltas.get((r["method"], r["num_labeled"], r["class"])))]
         for r in agg if r["class"] != FOREGROUND
     ]
     lines = [f"# {title}", "", *(f"- {n}" for n in notes), "", "## Verdict", ""]
@@ -273,13 +296,14 @@ def markdown_report(title: str, notes: list[str], agg: list[dict], comparisons: 
                      "Δ Dice vs supervised", "Pairs", "Wilcoxon p", "Train time (s)", "Iterations/s",
                      "Peak GPU memory (MB)"], main_rows)
     lines += ["", "## Per class", ""]
-    lines += _table(["Method", "Labelled", "Class", "Dice", "Jaccard", f"HD95 ({units})", f"ASD ({units})"],
-                    class_rows)
+    lines += _table(["Method", "Labelled", "Class", "Dice", "Jaccard", f"HD95 ({units})", f"ASD ({units})",
+                     "Δ Dice vs supervised"], class_rows)
     lines += ["", "Mean ± std over seeds (ddof=0) of each run's mean over test cases; n/a: undefined in every run.",
               "Δ Dice: mean over (seed, test case) pairs of the per-case foreground-mean Dice minus supervised's "
               "at the same labelled count and seed; Wilcoxon signed-rank, two-sided (p n/a: fewer than 2 pairs; "
               "1.0: all differences zero). Bold Δ: a difference the test supports (p < 0.05); the others are ties. "
-              "Empty peak GPU memory: trained on CPU.",
+              "Empty peak GPU memory: trained on CPU. Per-class Δ Dice: mean over the seeds both ran of the class "
+              "Dice minus supervised's at the same labelled count and seed.",
               "n/a: HD95/ASD undefined in every run (a mask empty in every test case); iterations/s n/a: the run "
               "wrote no timing.json."]
     if failures:

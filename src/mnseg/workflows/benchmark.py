@@ -388,6 +388,7 @@ def write_results(spec: BenchmarkSpec, cells: list[Cell], done: list[Cell], fail
     from mnseg.reporting.benchmark_plots import plot_class_bars, plot_dice_vs_labeled
     from mnseg.reporting.benchmark_stats import (
         aggregate,
+        class_deltas,
         markdown_report,
         paired_comparisons,
         read_run_result,
@@ -418,7 +419,8 @@ def write_results(spec: BenchmarkSpec, cells: list[Cell], done: list[Cell], fail
         + (f"; not finished yet: {len(not_run)}" if not_run else ""),
     ]
     units = runs[0].summary.get("units", "voxel") if runs else "voxel"
-    text = markdown_report("Label-efficiency benchmark", notes, agg, paired_comparisons(runs), failures, units)
+    text = markdown_report("Label-efficiency benchmark", notes, agg, paired_comparisons(runs), failures, units,
+                           class_deltas(runs))
     atomic_write_text(out / "results.md", text)
     files = [out / "results.csv", out / "results.md",
              plot_dice_vs_labeled(agg, out / "dice_vs_labeled.png", upper_label=UPPER_LABEL),
