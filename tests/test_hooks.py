@@ -48,3 +48,9 @@ def test_hooks_run_in_order_around_the_steps_and_timing_is_a_hook(toy_dataset, t
     timing = json.loads(trainer.run.timing.read_text())
     assert timing["iterations"] == 4 and timing["train_seconds"] > 0
     assert trainer.run.checkpoint("best").is_file() and trainer.tb is not None
+    # validation Dice per foreground class beside the mean (one validation case: the mean is theirs)
+    row = trainer.history[-1]
+    names = trainer.data.plans["class_names"][1:]
+    per_class = [row[f"val_dice_{name}"] for name in names]
+    assert len(names) >= 1 and all(0.0 <= v <= 1.0 for v in per_class)
+    assert abs(row["val_dice"] - sum(per_class) / len(per_class)) < 1e-9

@@ -58,12 +58,16 @@ class ValidationHook(Hook):
         every = t.cfg.train.val_every
         if not t.data.val or every <= 0 or not ((epoch + 1) % every == 0 or is_last_epoch(t, epoch)):
             return
-        row["val_dice"] = distributed.broadcast_object(self.validate() if t.is_main else None, t.dist)
+        mean, per_class = distributed.broadcast_object(self.validate() if t.is_main else None, t.dist)
+        row["val_dice"] = mean
+        row.update({f"val_dice_{name}": value for name, value in per_class.items()})
         if row["val_dice"] > t.best_metric:
             t.best_metric, t.improved = row["val_dice"], True
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self) -> tuple[float, dict[str, float]]:
+        """The mean Dice over validation cases and foreground classes, and each class's mean over the cases
+        (in history.csv as ``val_dice_<class>``: a rare class's swing is told apart from the large classes')."""
         from mnseg.evaluation.metrics import dice
         from mnseg.inference.predict import predict_probabilities
 
@@ -72,17 +76,21 @@ class ValidationHook(Hook):
         # The bare modules: a DDP wrapper's forward on rank 0 alone must not wait for the other ranks.
         # (The window loop puts each model in eval mode for the call and restores its mode.)
         models = [unwrap(m) for m in (predictor if isinstance(predictor, list) else [predictor])]
-        scores = []
+        names = t.data.plans.get("class_names") or []
+        scores: dict[str, list[float]] = {}
         for i, case in enumerate(t.data.val):
             probs = predict_probabilities(models, torch.from_numpy(case.image), t.cfg, t.device)
             pred = probs.argmax(0).cpu().numpy()
             ref = case.label
             scored = pred if t.ctx.ignore_index is None else np.where(ref == t.ctx.ignore_index, 0, pred)
             for c in range(1, t.ctx.num_classes):  # unannotated voxels count for nothing
-                scores.append(dice(scored == c, ref == c))
+                name = names[c] if len(names) == t.ctx.num_classes else str(c)
+                scores.setdefault(name, []).append(dice(scored == c, ref == c))
             if i == 0:
                 t.val_example = (case, pred)
-        return float(np.mean(scores)) if scores else float("nan")
+        every = [s for per_case in scores.values() for s in per_case]
+        return (float(np.mean(every)) if every else float("nan"),
+                {name: float(np.mean(v)) for name, v in scores.items()})
 
 
 class HistoryHook(Hook):
