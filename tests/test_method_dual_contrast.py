@@ -14,13 +14,8 @@ from mnseg.cli import main
 from mnseg.config.schema import Config
 from mnseg.errors import ConfigError
 from mnseg.methods.base import Batch, MethodContext
-from mnseg.methods.dual_contrast import (
-    DualContrast,
-    classifier_conv,
-    gated_l1_consistency,
-    lambda_c_at,
-    sample_anchors,
-)
+from mnseg.methods.dual_contrast import DualContrast, gated_l1_consistency, lambda_c_at, sample_anchors
+from mnseg.methods.voxel_contrast import classifier_conv
 from mnseg.models import create_model
 
 REGISTRY_LINE = ("mnseg.methods.dual_contrast", "DualContrast")
@@ -244,7 +239,7 @@ def test_features_come_from_the_classifier_input_and_bad_models_are_refused():
     logits, feats = method.forward_with_features("net_b", torch.randn(1, 1, 5, 6, 7))  # padded inside the model
     assert logits.shape == (1, 2, 5, 6, 7) and feats.shape == (1, 2, 5, 6, 7)
     models["net_b"](torch.randn(1, 1, 8, 8, 8))
-    assert not method._features, "features are kept only during the method's own forwards"
+    assert not method.taps.kept, "features are kept only during the method's own forwards"
     with pytest.raises(ConfigError, match="net_b"):
         make_method().attach({"net_a": tiny_unets()["net_a"], "net_b": nn.Conv3d(1, 2, 3, padding=1)}, {}, {})
 

@@ -6,7 +6,8 @@ masks (B, *S) (bool, or float weights in [0, 1]).
 Every loss averages only over the voxels that count (not ignored, inside the mask) and divides by
 ``max(count, 1)``, so a batch with nothing to learn from gives an exact 0 that is still connected to
 ``logits`` (``loss.backward()`` works, gradients are 0) instead of NaN. This needs no host sync, so it
-costs nothing on a GPU. Targets never receive gradient: they are detached here, not by the caller.
+costs nothing on a GPU. Targets never receive gradient: they are detached here, not by the caller
+(``paired_softmax_mse`` has no target: both of its predictions receive gradient).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "supervised_loss",
     "pseudo_label_loss",
     "softmax_mse_loss",
+    "paired_softmax_mse",
     "entropy_loss",
     "hard_pseudo_label_ce",
 ]
@@ -261,6 +263,16 @@ def softmax_mse_loss(
         target = torch.softmax(target, dim=1)
     per_voxel = ((torch.softmax(logits.float(), dim=1) - target) ** 2).mean(dim=1)
     return _masked_mean(per_voxel, _voxel_weight(mask, logits))
+
+
+def paired_softmax_mse(logits_a: Tensor, logits_b: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """mean over classes and (masked) voxels of (softmax a - softmax b)^2; unlike ``softmax_mse_loss`` neither side
+    is a target, so both receive gradient (the Pi-model's two stochastic passes)."""
+    _check_logits(logits_a)
+    if logits_b.shape != logits_a.shape:
+        raise ValueError(f"logits_b must have logits_a's shape {tuple(logits_a.shape)}, got {tuple(logits_b.shape)}")
+    diff = torch.softmax(logits_a.float(), dim=1) - torch.softmax(logits_b.float(), dim=1)
+    return _masked_mean((diff**2).mean(dim=1), _voxel_weight(mask, logits_a))
 
 
 def entropy_loss(logits: Tensor, *, mask: Tensor | None = None) -> Tensor:

@@ -28,6 +28,10 @@ METHODS = {
                     "mask discriminator + confidence self-training (Zhang et al. 2017; Hung et al. 2018)"),
     "transform_consistency": ("mnseg.methods.transform_consistency", "TransformConsistency",
                               "equivariance f(Tx) = T f(x) on unlabelled patches (Bortsova et al. 2019)"),
+    "pi_model": ("mnseg.methods.pi_model", "PiModel",
+                 "two stochastic passes (noise, dropout) of one network made to agree (Laine & Aila 2017)"),
+    "arco": ("mnseg.methods.arco", "Arco",
+             "mean teacher + voxel contrast, anchors by stratified group sampling (You et al. 2023, ARCO)"),
 }
 
 

@@ -39,39 +39,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mnseg.errors import ConfigError
 from mnseg.losses import supervised_loss
 from mnseg.methods.base import Batch, Method, Params, StepOutput
+from mnseg.methods.voxel_contrast import ClassifierInputs, class_prototypes
 
 ROLES = ("net_a", "net_b")
 LAMBDA_C_FORMS = ("rampup", "literal")
 
 
 # --- pieces of the loss, as functions so they can be checked on their own ---------------------------------
-def classifier_conv(model: nn.Module, num_classes: int) -> nn.Conv3d | None:
-    """The last 1x1x1 Conv3d with ``num_classes`` outputs: the layer whose input is the voxel features."""
-    found = None
-    for module in model.modules():
-        if (
-            isinstance(module, nn.Conv3d)
-            and module.out_channels == num_classes
-            and tuple(module.kernel_size) == (1, 1, 1)
-        ):
-            found = module
-    return found
-
-
-def match_spatial(features: Tensor, size: tuple[int, ...]) -> Tensor:
-    """Features at the logits' size: crop far-end padding (our models pad there), or upsample if smaller."""
-    if tuple(features.shape[2:]) == tuple(size):
-        return features
-    if all(f >= s for f, s in zip(features.shape[2:], size)):
-        return features[(Ellipsis, *(slice(0, s) for s in size))]
-    return F.interpolate(features, size=size, mode="trilinear", align_corners=False)
-
-
 def lambda_c_at(step: int, total_steps: int, form: str = "rampup", scale: float = 0.1) -> float:
     """rampup: scale e^(-4 (1 - t/T)^2) rising to ``scale``; literal (as printed): scale e^(4 (1 - t/T)^2)."""
     phase = 1.0 - min(max(step / max(total_steps, 1), 0.0), 1.0)
@@ -107,15 +86,6 @@ def upper_quantile_mask(values: Tensor, quantile: float) -> Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     k = min(max(int(math.ceil(quantile * flat.numel())), 1), flat.numel())
     return values > flat.kthvalue(k).values
-
-
-def class_prototypes(features: Tensor, classes: Tensor, reliable: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """(K, D) unit prototypes from normalised (N, D) features of reliable voxels, and which classes have one."""
-    onehot = F.one_hot(classes.clamp(0, num_classes - 1), num_classes).to(features.dtype)
-    onehot = onehot * reliable.to(features.dtype).unsqueeze(1)
-    sums = onehot.t() @ features  # (K, D)
-    present = onehot.sum(dim=0) > 0
-    return F.normalize(sums, dim=1), present
 
 
 def sample_anchors(
@@ -236,34 +206,15 @@ class DualContrast(Method):
         self.class_balanced = bool(self.p.class_balanced)
         self.generator = torch.Generator(device=ctx.device)
         self.generator.manual_seed(int(cfg.train.seed) + 11)
-        self._features: dict[str, Tensor] = {}
-        self._capture = False
+        self.taps = ClassifierInputs(self.name)  # voxel features: each model's classifier input
 
     # --- set-up: feature hooks ------------------------------------------------------------------------------
     def setup(self) -> None:
         for role in ROLES:
-            conv = classifier_conv(self.models[role], self.ctx.num_classes)
-            if conv is None:
-                raise ConfigError(
-                    f"dual_contrast: model '{role}' ({self.cfg.models[role].name}) has no 1x1x1 Conv3d with "
-                    f"{self.ctx.num_classes} outputs to take voxel features from; use a 3D model (unet3d, swinunetr)"
-                )
-            conv.register_forward_hook(self._hook(role))
-
-    def _hook(self, role: str):
-        def keep_input(module, inputs, output):
-            if self._capture:
-                self._features[role] = inputs[0]
-
-        return keep_input
+            self.taps.attach(role, self.models[role], self.ctx.num_classes, self.cfg.models[role].name)
 
     def forward_with_features(self, role: str, image: Tensor) -> tuple[Tensor, Tensor]:
-        self._capture = True
-        try:
-            logits = self.models[role](image)
-        finally:
-            self._capture = False
-        return logits, match_spatial(self._features.pop(role), tuple(logits.shape[2:]))
+        return self.taps.forward(role, self.models[role], image)
 
     # --- schedules ------------------------------------------------------------------------------------------
     def batch_split(self, epoch: int, iteration: int) -> tuple[int, int]:
