@@ -1,4 +1,5 @@
-"""Adversarial training: hand-computed losses, disjoint gradients of segmenter and discriminator, CLI run."""
+"""Adversarial training (Hung et al.; DAN): hand-computed losses, disjoint gradients of segmenter and discriminator,
+DAN's targets and image input, CLI run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 import mnseg.methods
 from mnseg.cli import main
-from mnseg.config.schema import Config
+from mnseg.config.schema import Config, load_config
 from mnseg.errors import ConfigError
 from mnseg.methods.adversarial import Adversarial
 from mnseg.methods.base import Batch, MethodContext
@@ -102,6 +103,110 @@ def test_losses_match_hand_computation():
     assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
 
 
+def test_dan_losses_match_hand_computation():
+    """DAN: D judges (prediction, image) pairs, labelled = real (1), unlabelled = fake (0); S fools it on x_u."""
+    lam_adv = 0.01
+    method = make_method({"formulation": "dan", "lambda_adv": lam_adv}, ignore_index=2)
+    assert not method.self_training  # DAN has no confidence self-training
+    ws, bs = [1.5, -1.0], [0.0, 0.3]
+    wd, bd = [2.0, -1.0, 0.7], [0.1]  # discriminator: logit = wd . (p_0, p_1, x) + bd
+    disc = conv(3, 1, wd, bd)
+    disc.use_image = True
+    method.attach({"net": conv(1, 2, ws, bs), "disc": disc}, {}, {})
+    seen = []
+    disc.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    x_l, x_u = np.array([1.0, -0.5, 0.2, 2.0]), np.array([0.3, -2.0, 1.0, 0.0])
+    y = np.array([0, 1, 2, 0])  # the ignored voxel does not matter to D here: it sees predictions only
+    batch = Batch(
+        torch.tensor(x_l, dtype=torch.float32).view(1, 1, 4, 1, 1),
+        torch.tensor(y).view(1, 4, 1, 1),
+        torch.tensor(x_u, dtype=torch.float32).view(1, 1, 4, 1, 1),
+    )
+    out = method.training_step(batch, 0, 0)
+
+    seg = lambda x: np.stack([ws[0] * x + bs[0], ws[1] * x + bs[1]])  # noqa: E731
+    judge = lambda p, x: wd[0] * p[0] + wd[1] * p[1] + wd[2] * x + bd[0]  # noqa: E731
+    valid = (y != 2).astype(float)
+    y0 = np.where(y == 2, 0, y)
+    z_l, z_u = seg(x_l), seg(x_u)
+    p_l, p_u = softmax(z_l), softmax(z_u)
+    loss_sup = ce(z_l, y0, valid) + dice_loss(z_l, y0, valid)
+    loss_adv = bce(judge(p_u, x_u), 1.0)  # the segmenter wants its unlabelled pairs judged real
+    loss_disc = bce(judge(p_l, x_l), 1.0) + bce(judge(p_u, x_u), 0.0)  # labelled real, unlabelled fake
+    assert float(out.logs["loss_sup"]) == pytest.approx(loss_sup, rel=1e-5)
+    assert float(out.logs["loss_adv"]) == pytest.approx(loss_adv, rel=1e-5)
+    assert float(out.logs["loss_disc"]) == pytest.approx(loss_disc, rel=1e-5)
+    assert "loss_semi" not in out.logs
+    assert float(out.loss.detach()) == pytest.approx(loss_sup + lam_adv * loss_adv + loss_disc, rel=1e-5)
+    # D's inputs: (fool x_u), real (x_l), fake (x_u); each the softmax prediction with the image as last channel
+    fool, real, fake = (t.view(3, 4).numpy() for t in seen)
+    np.testing.assert_allclose(real, np.concatenate([p_l, x_l[None]]), rtol=1e-5)
+    np.testing.assert_allclose(fake, np.concatenate([p_u, x_u[None]]), rtol=1e-5)
+    np.testing.assert_allclose(fool, fake, rtol=1e-5)
+
+
+def test_dan_gradient_directions():
+    """L_D pushes D's logits up on labelled pairs and down on unlabelled ones (D only); L_adv pushes D's judgement
+    of the unlabelled pairs up through S alone, so a step of S makes them look more like labelled ones."""
+    method = make_method({"formulation": "dan", "w_ce": 0.0, "w_dice": 0.0, "lambda_adv": 1.0}, b=2)
+    models = tiny_models(use_image=True)
+    method.attach(models, {}, {})
+    batch = tiny_batch()
+    image = torch.cat([batch.image_l, batch.image_u])
+    label = torch.cat([batch.label_l, torch.zeros_like(batch.label_l)])
+    outputs = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outputs.append(out)
+
+    handle = models["disc"].register_forward_hook(keep)
+    probs = torch.softmax(models["net"](image), 1)
+    loss_d, _ = method.discriminator_loss(probs, image, label, 2)
+    loss_d.backward()
+    d_real, d_fake = outputs
+    assert d_real.shape[0] == 2 and d_fake.shape[0] == 2
+    assert (d_real.grad < 0).all() and (d_fake.grad > 0).all()  # descent: labelled -> real (1), unlabelled -> fake
+    assert no_gradient(grads(models["net"])) and has_gradient(grads(models["disc"]))
+    handle.remove()
+
+    models["disc"].zero_grad()
+
+    def fake_score():
+        with torch.no_grad():
+            p = torch.softmax(models["net"](image[2:]), 1)
+            return float(models["disc"](method.disc_input(p, image[2:])).mean())
+
+    before = fake_score()
+    logits = models["net"](image)
+    loss_s, _ = method.segmenter_loss(logits, torch.softmax(logits, 1), image, label, 2, step=0)
+    loss_s.backward()
+    assert no_gradient(grads(models["disc"])) and has_gradient(grads(models["net"]))
+    torch.optim.SGD(models["net"].parameters(), lr=0.1).step()
+    assert fake_score() > before
+
+
+def test_dan_needs_the_image_and_labelled_reals():
+    method = make_method({"formulation": "dan"})
+    with pytest.raises(ConfigError, match="use_image"):
+        method.attach(tiny_models(use_image=False), {}, {})
+    with pytest.raises(ConfigError, match="unlabeled"):
+        make_method({"formulation": "dan", "adv_on": "all"})
+    with pytest.raises(ConfigError, match="formulation"):
+        make_method({"formulation": "gan"})
+    assert make_method({"formulation": "dan", "self_training": True}).self_training
+    assert make_method().self_training and make_method().formulation == "hung"
+    cfg = load_config("adversarial_dan")
+    assert cfg.method.params["formulation"] == "dan" and cfg.models["disc"].kwargs["use_image"]
+    no_unlabelled = make_method({"formulation": "dan"}, b=2, n_unlabeled=0)
+    models = tiny_models(use_image=True)
+    no_unlabelled.attach(models, {}, {})
+    out = no_unlabelled.training_step(tiny_batch(b_u=0), 0, 0)
+    assert float(out.logs["loss_disc"]) == 0.0 and "loss_adv" not in out.logs  # no fake: D learns nothing
+    out.loss.backward()
+    assert has_gradient(grads(models["net"]))
+
+
 def tiny_models(use_image=False):
     torch.manual_seed(0)
     net = create_model("unet3d", in_channels=1, num_classes=2, depth=3, base_filters=2)
@@ -128,10 +233,10 @@ def no_gradient(gs):
     return all(g is None or not g.any() for g in gs)
 
 
-@pytest.mark.parametrize("use_image", [False, True])
-def test_segmenter_and_discriminator_gradients_are_disjoint(use_image):
+@pytest.mark.parametrize("use_image, formulation", [(False, "hung"), (True, "hung"), (True, "dan")])
+def test_segmenter_and_discriminator_gradients_are_disjoint(use_image, formulation):
     """L_S trains only the segmenter, L_D only the discriminator; one backward of L_S + L_D gives each its own."""
-    method = make_method({"semi_start": 0, "lambda_adv": 0.01}, b=2)
+    method = make_method({"semi_start": 0, "lambda_adv": 0.01, "formulation": formulation, "self_training": True}, b=2)
     models = tiny_models(use_image)
     method.attach(models, {}, {})
     batch = tiny_batch()

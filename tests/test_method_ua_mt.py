@@ -1,4 +1,4 @@
-"""ua_mt: mean teacher whose consistency is masked by the teacher's predictive entropy over noisy passes."""
+"""ua_mt: mean teacher whose consistency is masked by the teacher's predictive entropy over MC-dropout passes."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from numpy_reference import np_softmax
 
 import mnseg.methods
 from mnseg.cli import main
-from mnseg.config.schema import Config
+from mnseg.config.schema import Config, load_config
+from mnseg.engine.build import build_model
 from mnseg.losses import softmax_mse_loss
 from mnseg.methods.base import Batch
-from mnseg.methods.ua_mt import UAMT
+from mnseg.methods.ua_mt import UAMT, dropout_active
 from mnseg.models import create_model
 
 TINY_RUN = "--num-labeled 2 --epochs 2 --iters-per-epoch 2 --batch-size 2 --patch-size 16,16,16 --no-progress".split()
@@ -129,6 +130,66 @@ def test_uncertainty_uses_t_noisy_teacher_passes(monkeypatch):
     assert calls == [6, 6, 4]  # 3 + 3 + 2 copies of the 2-item batch = 8 passes
 
 
+def test_ramps_of_threshold_and_weight_follow_the_paper():
+    """H(t) = (3/4 + 1/4 e^(-5(1-t/t_max)^2)) ln K and lambda(t) = 0.1 e^(-5(1-t/t_max)^2), over the whole run."""
+    method = make_method(epochs=4, iters=5)  # t_max = 20
+    for t in (0, 5, 13, 20, 25):
+        ramp = math.exp(-5 * (1 - min(t, 20) / 20) ** 2)
+        assert method.threshold(t) == pytest.approx((0.75 + 0.25 * ramp) * math.log(2))
+        assert method.unlabeled_weight(t) == pytest.approx(0.1 * ramp)
+
+
+# --- Monte-Carlo dropout ------------------------------------------------------------------------------------------
+def dropout_teacher():
+    """A batch-norm UNet with channel dropout p = 0.5 (the preset's placement), in eval mode as the engine leaves it."""
+    torch.manual_seed(0)
+    kwargs = dict(depth=3, base_filters=4, norm="batch", dropout=0.5, dropout_at="bottleneck_head")
+    return create_model("unet3d", **kwargs).eval(), kwargs
+
+
+def batch_norm_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("mc_dropout", [True, False])
+def test_dropout_makes_the_passes_differ_without_noise_and_keeps_norm_statistics(mc_dropout):
+    teacher, _ = dropout_teacher()
+    method = make_method(teacher=teacher, params={"noise_std": 0.0, "uncertainty_passes": 3, "uncertainty_chunk": 1,
+                                                  "mc_dropout": mc_dropout})
+    seen = []
+    teacher.register_forward_hook(lambda m, i, out: seen.append(torch.softmax(out.float(), 1)))
+    before = batch_norm_state(teacher)
+    x = torch.randn(1, 1, 8, 8, 8)
+    u = method.uncertainty(x)
+    assert len(seen) == 3
+    differ = [not torch.allclose(seen[0], other) for other in seen[1:]]
+    assert all(differ) if mc_dropout else not any(differ)  # no input noise: only dropout can tell passes apart
+    mean = torch.stack(seen).mean(0)
+    torch.testing.assert_close(u, -(mean * torch.log(mean + 1e-6)).sum(1, keepdim=True))  # eq. 3 over the passes
+    after = batch_norm_state(teacher)
+    assert before.keys() == after.keys() and len(before) > 0
+    assert all(torch.equal(before[k], after[k]) for k in before), "the passes must not touch norm statistics"
+    assert not any(m.training for m in teacher.modules()), "the teacher is back in eval mode, dropout included"
+
+
+def test_dropout_active_switches_dropout_layers_only():
+    teacher, _ = dropout_teacher()
+    with dropout_active(teacher) as count:
+        assert count == 1 and teacher.channel_dropout.training
+        assert not any(m.training for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    assert not teacher.channel_dropout.training
+
+
+def test_preset_networks_have_dropout_and_match():
+    cfg = load_config("ua_mt")
+    assert cfg.method.params.get("mc_dropout", True)
+    built = {r: build_model(cfg.models[r], 1, 2) for r in ("student", "teacher")}
+    for role, model in built.items():
+        assert cfg.models[role].kwargs["dropout"] > 0, role
+        assert any(isinstance(m, torch.nn.Dropout3d) and m.p == 0.5 for m in model.modules()), role
+    assert built["student"].state_dict().keys() == built["teacher"].state_dict().keys()
+
+
 # --- (b) gradients ---------------------------------------------------------------------------------------------
 def test_gradient_reaches_student_not_teacher():
     torch.manual_seed(0)
@@ -146,6 +207,26 @@ def test_gradient_reaches_student_not_teacher():
     for name, p in student.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_training_step_with_dropout_teacher_trains_student_only_and_keeps_teacher_statistics():
+    teacher, kwargs = dropout_teacher()
+    torch.manual_seed(1)
+    student = create_model("unet3d", **kwargs)
+    cfg = Config.from_dict(
+        {"method": {"name": "ua_mt", "params": {"rampup": 0.0}}, "models": {"student": {}, "teacher": {}}}
+    )
+    ctx = tiny_context(batch_size=1, epochs=1, iters_per_epoch=2, n_labeled=1, n_unlabeled=1)
+    method = attach_with_sgd(UAMT(cfg, ctx), {"student": student, "teacher": teacher}, trained=["student"])
+    teacher.eval()  # as the trainer leaves a frozen role
+    before = batch_norm_state(teacher)
+    label = torch.randint(0, 2, (1, 8, 8, 8))
+    out = method.training_step(Batch(torch.randn(1, 1, 8, 8, 8), label, torch.randn(1, 1, 8, 8, 8)), 0, 1)
+    out.loss.backward()
+    assert "certain_fraction" in out.logs and "loss_u" in out.logs
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, batch_norm_state(teacher)[k]) for k, v in before.items())
 
 
 # --- (c) end to end through the CLI -------------------------------------------------------------------------

@@ -106,6 +106,27 @@ def test_unet_norm_option_selects_the_norm_layer():
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())
 
 
+def test_unet_dropout_placement():
+    """dropout_at: 'all' (DynUNet: after every conv) or 'bottleneck_head' (UA-MT's V-Net: two channel dropouts)."""
+    plain = create_model("unet3d", depth=3, base_filters=4)
+    everywhere = create_model("unet3d", depth=3, base_filters=4, dropout=0.2)
+    vnet = create_model("unet3d", depth=3, base_filters=4, dropout=0.5, dropout_at="bottleneck_head")
+    drops = lambda m: [x for x in m.modules() if isinstance(x, torch.nn.modules.dropout._DropoutNd)]  # noqa: E731
+    assert not drops(plain) and len(drops(everywhere)) > 2
+    assert [type(d) for d in drops(vnet)] == [torch.nn.Dropout3d] and drops(vnet)[0].p == 0.5
+    assert plain.state_dict().keys() == everywhere.state_dict().keys() == vnet.state_dict().keys()
+    vnet.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 1, 8, 8, 8)
+    vnet.eval()
+    torch.testing.assert_close(vnet(x), plain.eval()(x))  # eval: dropout off, the same network
+    calls = []
+    vnet.channel_dropout.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    vnet.train()(x)
+    assert calls == [(1, 16, 2, 2, 2), (1, 4, 8, 8, 8)]  # the bottleneck's output, then the classifier's input
+    with pytest.raises(ConfigError, match="dropout_at"):
+        create_model("unet3d_mn", dropout=0.5, dropout_at="decoder")
+
+
 @pytest.mark.parametrize("size, hidden", [("b0", [32, 64, 160, 256]), ("b1", [64, 128, 320, 512])])
 def test_segformer_sizes_follow_the_published_variants(size, hidden):
     model = create_model("segformer", size=size, num_classes=4)

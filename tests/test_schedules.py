@@ -44,3 +44,49 @@ def test_lr_guided_count_matches_formula(B):
 
 def test_epoch_linear_count():
     assert [epoch_linear_unlabeled_count(e, 5, 4) for e in range(5)] == [0, 1, 2, 3, 4]
+
+
+def test_step_segment_multiplies_by_gamma_every_step_size_iterations():
+    """The dual-network paper's SGD schedule: 0.01, x 0.1 every 2,500 iterations, 6,000 iterations."""
+    seg = Segment(6000, 0.01, 0.0, 0, decay="step", step_size=2500, gamma=0.1)
+    expected = {0: 0.01, 2499: 0.01, 2500: 1e-3, 4999: 1e-3, 5000: 1e-4, 5999: 1e-4}
+    for t, lr in expected.items():
+        assert seg.lr_at(t) == pytest.approx(lr)
+    assert lr_at([seg], 6000) == pytest.approx(1e-4)  # past the end the decay goes on where it was
+    warm = Segment(10, 1.0, 0.0, 2, decay="step", step_size=4, gamma=0.5)
+    assert [warm.lr_at(t) for t in range(10)] == pytest.approx([0.5, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25])
+    with pytest.raises(ValueError):
+        Segment(10, 1.0, decay="step").lr_at(3)
+
+
+def test_optim_config_selects_the_step_schedule_and_sgd_momentum():
+    from mnseg.config.checks import check_config
+    from mnseg.config.schema import Config
+    from mnseg.engine.build import build_optimizer
+    from mnseg.errors import ConfigError
+    from mnseg.methods.base import MethodContext
+    from mnseg.methods.supervised import Supervised
+
+    optim = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+             "schedule": "step", "step_size": 3, "step_gamma": 0.1}
+    cfg = Config.from_dict({"models": {"net": {"optim": optim}}, "train": {"epochs": 2, "iters_per_epoch": 4}})
+    check_config(cfg)
+    method = Supervised(cfg, MethodContext(2, 1, None, 2, 2, 4, 2, 0))
+    (seg,) = method.schedule_segments("net")
+    assert (seg.steps, seg.decay, seg.step_size, seg.gamma) == (8, "step", 3, 0.1)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer(torch.nn.Linear(1, 1), cfg.models["net"].optim, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["momentum"] == 0.9 and not opt.defaults["nesterov"] and opt.defaults["weight_decay"] == 1e-4
+    sched = make_scheduler(torch.optim.SGD([p], lr=1.0), [seg])
+    seen = []
+    for _ in range(8):
+        seen.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert seen == pytest.approx([0.01] * 3 + [1e-3] * 3 + [1e-4] * 2)
+    assert Config().models["net"].optim.schedule == "cosine"  # the default stays warm-up + cosine
+    for bad in ({"schedule": "linear"}, {"schedule": "step", "step_size": 0}, {"step_gamma": 0.0},
+                {"momentum": 1.0}, {"name": "sgd", "momentum": 0.0}):
+        with pytest.raises(ConfigError):
+            check_config(Config.from_dict({"models": {"net": {"optim": bad}}}))

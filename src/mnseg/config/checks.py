@@ -13,6 +13,7 @@ from mnseg.errors import ConfigError
 __all__ = ["check_config"]
 
 ON_NAN = ("stop", "skip")
+SCHEDULES = ("cosine", "step")
 
 
 def _problems(cfg: Config) -> list[str]:
@@ -55,6 +56,14 @@ def _problems(cfg: Config) -> list[str]:
             need(getattr(o, name) >= 0, f"models.{role}.optim.{name} must be >= 0, got {getattr(o, name)}")
         need(o.final_lr <= o.lr, f"models.{role}.optim.final_lr ({o.final_lr}) must not exceed its lr ({o.lr})")
         need(o.warmup_epochs >= 0, f"models.{role}.optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
+        need(o.schedule in SCHEDULES, f"models.{role}.optim.schedule must be one of {', '.join(SCHEDULES)}, "
+             f"got {o.schedule!r}")
+        need(o.schedule != "step" or o.step_size >= 1,
+             f"models.{role}.optim.step_size must be at least 1 (iterations) with schedule: step, got {o.step_size}")
+        need(0.0 < o.step_gamma <= 1.0, f"models.{role}.optim.step_gamma must be in (0, 1], got {o.step_gamma}")
+        need(0.0 <= o.momentum < 1.0, f"models.{role}.optim.momentum must be in [0, 1), got {o.momentum}")
+        need(not (o.name.lower() == "sgd" and o.nesterov and o.momentum == 0),
+             f"models.{role}.optim.nesterov needs momentum > 0 (set nesterov: false)")
         need(o.grad_clip is None or o.grad_clip >= 0,
              f"models.{role}.optim.grad_clip must be >= 0 (or null: no clipping), got {o.grad_clip}")
         need(m.lora_rank >= 1, f"models.{role}.lora_rank must be at least 1, got {m.lora_rank}")

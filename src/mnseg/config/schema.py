@@ -29,6 +29,14 @@ class OptimConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 0
     grad_clip: float | None = 12.0
+    # cosine: warm-up, then cosine to final_lr at the run's end; step: lr x step_gamma every step_size iterations
+    # (final_lr unused), as the SGD schedules of UA-MT/MCF-era code. Methods with their own segments (mn,
+    # sparse2dense) always use cosine.
+    schedule: str = "cosine"
+    step_size: int = 0  # iterations between two decays (schedule: step)
+    step_gamma: float = 0.1
+    momentum: float = 0.99  # SGD only: nnU-Net's 0.99 with Nesterov by default
+    nesterov: bool = True
 
 
 @dataclass

@@ -122,7 +122,9 @@ def build_optimizer(model: nn.Module, ocfg: OptimConfig, device: torch.device) -
     if name == "adam":
         return torch.optim.Adam(params, lr=ocfg.lr, weight_decay=ocfg.weight_decay, **fused)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=ocfg.lr, momentum=0.99, nesterov=True, weight_decay=ocfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=ocfg.lr, momentum=ocfg.momentum, nesterov=ocfg.nesterov, weight_decay=ocfg.weight_decay
+        )
     raise ConfigError(f"unknown optimiser '{ocfg.name}' (adamw, adam, sgd)")
 
 

@@ -2,7 +2,8 @@
 imports. The rest of the contract is ``methods/base.py`` (``Method``, ``MethodContext``, ``Batch``,
 ``StepOutput``).
 
-- ``Segment``: a learning-rate segment (warm-up + cosine) a method returns from ``schedule_segments``;
+- ``Segment``: a learning-rate segment (warm-up + cosine, or step decay) a method returns from
+  ``schedule_segments``; ``segment``: the one a model's ``optim`` settings ask for;
   ``current_lr``: the learning rate an optimiser steps with now; ``sigmoid_rampup``: the ramp of consistency
   weights.
 - ``unwrap``: the bare module behind a DDP wrapper (EMA teachers and frozen copies are made from it).
@@ -16,9 +17,9 @@ from __future__ import annotations
 from typing import Protocol
 
 from mnseg.engine.checkpoint import unwrap
-from mnseg.engine.schedules import Segment, current_lr, sigmoid_rampup
+from mnseg.engine.schedules import Segment, current_lr, segment, sigmoid_rampup
 
-__all__ = ["PatchSampler", "Segment", "current_lr", "predict_probabilities", "sigmoid_rampup", "unwrap"]
+__all__ = ["PatchSampler", "Segment", "current_lr", "predict_probabilities", "segment", "sigmoid_rampup", "unwrap"]
 
 
 class PatchSampler(Protocol):

@@ -1,14 +1,22 @@
-"""Adversarial training: a discriminator tells true masks from predictions; the segmenter learns to fool it.
+"""Adversarial training: a discriminator judges segmentations; the segmenter learns to fool it on unlabelled data.
 
-Zhang et al., "Deep Adversarial Networks for Biomedical Image Segmentation Utilizing Unannotated Images"
-(DAN), MICCAI 2017; confidence-map self-training from Hung et al., "Adversarial Learning for
-Semi-Supervised Semantic Segmentation", BMVC 2018. Roles: ``net`` (segmenter S) and ``disc``
+Two formulations (``formulation``). ``hung`` (default): Hung et al., "Adversarial Learning for Semi-Supervised
+Semantic Segmentation", BMVC 2018: D tells ground-truth masks from predictions, with confidence-map
+self-training. ``dan``: Zhang et al., "Deep Adversarial Networks for Biomedical Image Segmentation Utilizing
+Unannotated Images" (DAN), MICCAI 2017: D (their evaluation network) judges image-segmentation pairs and tells
+the segmentations of annotated images from those of unannotated ones. Roles: ``net`` (segmenter S) and ``disc``
 (discriminator D, ``discriminator3d``: per-voxel real/fake logits over softmax maps, optionally with the image).
 
 Each step, on B labelled and B unlabelled patches, P = softmax(S(x)), Y* the one-hot ground truth:
+  hung:
     L_D   = BCE(D(Y*), 1) + BCE(D(P_detached), 0)                     trains D only
     L_adv = BCE(D(P_u), 1)                                             trains S only (D held fixed)
     L_semi = CE(P_u, argmax P_u) on voxels where sigmoid(D(P_u)) > T_semi, after ``semi_start`` iterations
+  dan (D always sees the image: ``models.disc.kwargs.use_image: true``):
+    L_D   = BCE(D(x_l, P_l_detached), 1) + BCE(D(x_u, P_u_detached), 0)     labelled = real, unlabelled = fake
+    L_adv = BCE(D(x_u, P_u), 1)                                        trains S only (D held fixed)
+    (no L_semi unless ``self_training: true``)
+  both:
     L_S   = L_sup(P_l, Y*) + lambda_adv L_adv + lambda_semi L_semi
     L     = L_S + L_D
 L_D is computed on detached predictions, so it pushes nothing into S; L_adv runs D with detached copies of
@@ -35,10 +43,14 @@ from mnseg.losses import hard_pseudo_label_ce, supervised_loss
 from mnseg.methods.base import Batch, Method, Params, StepOutput
 
 ADV_ON = ("unlabeled", "all")
+FORMULATIONS = ("hung", "dan")
 
 
 def bce_with_logits(logits: torch.Tensor, target: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean BCE of (B, 1, *S) logits against a constant real (1) / fake (0) target; weighted voxels only."""
+    """Mean BCE of (B, 1, *S) logits against a constant real (1) / fake (0) target; weighted voxels only.
+    An empty batch gives a connected 0."""
+    if logits.numel() == 0:
+        return logits.float().sum() * 0.0
     per_voxel = F.binary_cross_entropy_with_logits(
         logits.float(), torch.full_like(logits, target, dtype=torch.float32), reduction="none"
     )
@@ -50,9 +62,10 @@ def bce_with_logits(logits: torch.Tensor, target: float, weight: torch.Tensor | 
 
 @dataclass
 class AdversarialParams(Params):
+    formulation: str = "hung"  # hung: D judges true masks vs predictions; dan: labelled vs unlabelled predictions
     lambda_adv: float = 0.001
     adv_on: str = "unlabeled"
-    self_training: bool = True
+    self_training: bool | None = None  # Hung et al.'s confidence self-training (default: on for hung, off for dan)
     lambda_semi: float = 0.1
     t_semi: float = 0.2
     w_ce: float = 1.0  # weight of cross-entropy in the labelled loss
@@ -61,7 +74,7 @@ class AdversarialParams(Params):
 
 
 class Adversarial(Method):
-    """Adversarial: the segmenter learns to fool a 3D mask discriminator (Zhang et al. 2017; Hung et al. 2018)."""
+    """Adversarial: the segmenter learns to fool a 3D discriminator (Hung et al. 2018; DAN, Zhang et al. 2017)."""
 
     name = "adversarial"
     params_class = AdversarialParams
@@ -70,11 +83,19 @@ class Adversarial(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
+        self.formulation = self.p.formulation
+        if self.formulation not in FORMULATIONS:
+            raise ConfigError(
+                f"method.params.formulation='{self.formulation}' unknown; choose one of {', '.join(FORMULATIONS)}"
+            )
         self.lambda_adv = float(self.p.lambda_adv)
         self.adv_on = self.p.adv_on
         if self.adv_on not in ADV_ON:
             raise ConfigError(f"method.params.adv_on='{self.adv_on}' unknown; choose one of {', '.join(ADV_ON)}")
-        self.self_training = bool(self.p.self_training)
+        if self.formulation == "dan" and self.adv_on != "unlabeled":
+            raise ConfigError("method.params.adv_on must be 'unlabeled' with formulation dan (labelled = real)")
+        default_st = self.formulation == "hung"
+        self.self_training = default_st if self.p.self_training is None else bool(self.p.self_training)
         self.lambda_semi = float(self.p.lambda_semi)
         self.t_semi = float(self.p.t_semi)
         total = ctx.epochs * ctx.iters_per_epoch
@@ -84,6 +105,12 @@ class Adversarial(Method):
     def batch_split(self, epoch: int, iteration: int) -> tuple[int, int]:
         B = self.ctx.batch_size
         return B, (B if self.ctx.n_unlabeled > 0 else 0)
+
+    def setup(self) -> None:
+        if self.formulation == "dan" and not getattr(self.models["disc"], "use_image", False):
+            raise ConfigError(
+                "adversarial: formulation dan judges image-segmentation pairs; set models.disc.kwargs.use_image=true"
+            )
 
     # --- the discriminator's view -------------------------------------------------------------------------
     def disc_input(self, maps: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -135,19 +162,28 @@ class Adversarial(Method):
         return loss, logs
 
     def discriminator_loss(self, probs, image, label, b_l: int) -> tuple[torch.Tensor, dict]:
-        """L_D = BCE(D(Y*), real) + BCE(D(P), fake) on detached predictions (gradient into D only)."""
+        """L_D = BCE(D(real), 1) + BCE(D(fake), 0) on detached predictions (gradient into D only).
+
+        hung: real = Y* (the ground truth), fake = P of every item. dan: real = (x_l, P_l), fake = (x_u, P_u).
+        """
         disc = self.models["disc"]
-        fake = probs.detach()
-        real, valid = self.real_maps(label[:b_l], fake[:b_l])
-        d_real = disc(self.disc_input(real, image[:b_l]))
-        d_fake = disc(self.disc_input(fake, image))
-        weight = valid if valid is not None and d_real.shape[2:] == valid.shape[2:] else None
+        detached = probs.detach()
+        weight = None
+        if self.formulation == "dan":
+            d_real = disc(self.disc_input(detached[:b_l], image[:b_l]))
+            # no unlabelled items: no fake, so no L_D (a connected 0)
+            d_fake = disc(self.disc_input(detached[b_l:], image[b_l:])) if detached.shape[0] > b_l else d_real[:0]
+        else:
+            real, valid = self.real_maps(label[:b_l], detached[:b_l])
+            d_real = disc(self.disc_input(real, image[:b_l]))
+            d_fake = disc(self.disc_input(detached, image))
+            weight = valid if valid is not None and d_real.shape[2:] == valid.shape[2:] else None
         loss = bce_with_logits(d_real, 1.0, weight) + bce_with_logits(d_fake, 0.0)
-        logs = {
-            "loss_disc": loss.detach(),
-            "d_real": torch.sigmoid(d_real.float()).mean().detach(),
-            "d_fake": torch.sigmoid(d_fake.float()).mean().detach(),
-        }
+        if d_fake.numel() == 0:
+            loss = loss * 0.0
+        logs = {"loss_disc": loss.detach(), "d_real": torch.sigmoid(d_real.float()).mean().detach()}
+        if d_fake.numel():
+            logs["d_fake"] = torch.sigmoid(d_fake.float()).mean().detach()
         return loss, logs
 
     def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mnseg.config.schema import Config
-from mnseg.engine.contract import PatchSampler, Segment
+from mnseg.engine.contract import PatchSampler, Segment, segment
 from mnseg.errors import ConfigError
 
 
@@ -122,10 +122,10 @@ class Method:
 
     # --- schedule --------------------------------------------------------------------------------------
     def schedule_segments(self, role: str) -> list[Segment]:
-        """Default: one warm-up + cosine segment over the whole run."""
+        """Default: one segment over the whole run, warm-up + cosine or step decay (``optim.schedule``)."""
         optim = self.cfg.models[role].optim
         steps = self.ctx.epochs * self.ctx.iters_per_epoch
-        return [Segment(steps, optim.lr, optim.final_lr, optim.warmup_epochs * self.ctx.iters_per_epoch)]
+        return [segment(optim, steps, optim.warmup_epochs * self.ctx.iters_per_epoch)]
 
     def active_roles(self, epoch: int) -> list[str]:
         """Roles whose optimiser steps in this epoch."""

@@ -7,12 +7,17 @@ same B labelled + B unlabelled patches. P_a, P_b are their softmax outputs, z_a,
 
     L_s = L_sup(P_a, Y*) + L_sup(P_b, Y*)                       (CE + Dice, ignore label skipped)
 Pseudo-label: the subnet with the lower supervised loss this step ("winner" w) provides  Y^ = argmax P_w.
-    M = [max P_a > T(t)] & [max P_b > T(t)] & [argmax P_a != argmax P_b]        (unlabelled voxels)
-    L_u = mean_M ||P_a - onehot(Y^)||_1 + mean_M ||P_b - onehot(Y^)||_1
-T(t) moves linearly from ``threshold_start`` to ``threshold_end`` over the run ("adjusted during training").
 Entropy split: H = -sum_c P_w log P_w / log K; unlabelled voxels with H above its ``unreliable_quantile``
-quantile in the batch are unreliable (U), the rest reliable; labelled (not ignored) voxels are reliable
-with their true class. For each subnet n (its own feature space):
+quantile in the batch are unreliable (U), the rest reliable (R); labelled (not ignored) voxels are reliable
+with their true class. The unlabelled loss (eq. 2) is the entropy-filtered pseudo-supervision plus L_reg:
+    L_pl  = sum_n [CE(P_n, Y^) + Dice(P_n, Y^)] over R                     (``pseudo_supervision``)
+    M     = [max P_a > T(t)] & [max P_b > T(t)] & [argmax P_a != argmax P_b]        (unlabelled voxels)
+    L_reg = mean_M ||M P_a - M P_b||_1                                      (``reg_form: pair``, default)
+    L_u   = L_pl + L_reg
+L_reg pulls the two subnets towards each other where both are confident but disagree, so it trains both;
+``reg_form: winner`` is mnseg's earlier form, mean_M ||P_a - onehot Y^||_1 + mean_M ||P_b - onehot Y^||_1.
+T(t) moves linearly from ``threshold_start`` to ``threshold_end`` over the run ("adjusted during training").
+For each subnet n (its own feature space):
     mu_c   = normalise(mean of normalise(z_n) over reliable voxels of class c)      (class prototypes)
     L_pull = mean_{i in A} -log( exp(z_i . sg(mu_{y_i}) / tau) / sum_k exp(z_i . sg(mu_k) / tau) )
     L_push = mean_{c != k} (1 + mu_c . mu_k) / 2
@@ -48,6 +53,7 @@ from mnseg.methods.voxel_contrast import ClassifierInputs, class_prototypes
 
 ROLES = ("net_a", "net_b")
 LAMBDA_C_FORMS = ("rampup", "literal")
+REG_FORMS = ("pair", "winner")
 
 
 # --- pieces of the loss, as functions so they can be checked on their own ---------------------------------
@@ -58,19 +64,34 @@ def lambda_c_at(step: int, total_steps: int, form: str = "rampup", scale: float 
     return float(scale * math.exp(sign * 4.0 * phase * phase))
 
 
-def gated_l1_consistency(probs_a: Tensor, probs_b: Tensor, pseudo: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """L_u: L1 of both subnets to onehot(pseudo) on voxels where both are confident above T but disagree.
+def gated_l1_consistency(
+    probs_a: Tensor, probs_b: Tensor, pseudo: Tensor, threshold: float, form: str = "pair"
+) -> tuple[Tensor, Tensor]:
+    """L_reg on voxels where both subnets are confident above T but disagree (the gate M).
 
-    Returns the loss and the (B, *S) gate M. Averages over M (0, still connected, when M is empty).
+    ``pair`` (the paper): mean_M sum_c |P_a - P_b|, gradient into both. ``winner``: the L1 of each subnet to
+    onehot(pseudo), summed. Returns the loss and the (B, *S) gate M; averages over M (0, still connected, when
+    M is empty).
     """
     conf_a, label_a = probs_a.max(dim=1)
     conf_b, label_b = probs_b.max(dim=1)
     gate = (conf_a > threshold) & (conf_b > threshold) & (label_a != label_b)
-    target = F.one_hot(pseudo, probs_a.shape[1]).movedim(-1, 1).to(probs_a.dtype)
     weight = gate.to(probs_a.dtype)
     count = weight.sum().clamp_min(1.0)
+    if form == "pair":
+        return ((probs_a - probs_b).abs().sum(dim=1) * weight).sum() / count, gate
+    target = F.one_hot(pseudo, probs_a.shape[1]).movedim(-1, 1).to(probs_a.dtype)
     loss = sum(((p - target).abs().sum(dim=1) * weight).sum() / count for p in (probs_a, probs_b))
     return loss, gate
+
+
+def filtered_pseudo_supervision(
+    logits: Tensor, pseudo: Tensor, unreliable: Tensor, w_ce: float = 1.0, w_dice: float = 1.0
+) -> Tensor:
+    """w_ce CE + w_dice Dice of (B, K, *S) logits against the pseudo-label (B, *S), unreliable voxels left out."""
+    left_out = logits.shape[1]  # a class index no pseudo-label has
+    target = torch.where(unreliable, torch.full_like(pseudo, left_out), pseudo)
+    return supervised_loss(logits, target, w_ce=w_ce, w_dice=w_dice, ignore_index=left_out)
 
 
 def normalised_entropy(probs: Tensor) -> Tensor:
@@ -163,6 +184,8 @@ class DualContrastParams(Params):
     lambda_u: float = 1.0
     lambda_c: float = 0.1
     lambda_c_form: str = "rampup"
+    reg_form: str = "pair"  # L_reg: pair (|M P_a - M P_b|, the paper) or winner (L1 to the winner's one-hot)
+    pseudo_supervision: bool = True  # eq. 2's CE + Dice against the entropy-filtered pseudo-labels
     threshold_start: float = 0.6
     threshold_end: float = 0.9
     unreliable_quantile: float = 0.8
@@ -196,6 +219,10 @@ class DualContrast(Method):
             raise ConfigError(
                 f"method.params.lambda_c_form='{self.lambda_c_form}' unknown; choose one of {', '.join(LAMBDA_C_FORMS)}"
             )
+        self.reg_form = self.p.reg_form
+        if self.reg_form not in REG_FORMS:
+            raise ConfigError(f"method.params.reg_form='{self.reg_form}' unknown; choose one of {', '.join(REG_FORMS)}")
+        self.pseudo_supervision = bool(self.p.pseudo_supervision)
         self.threshold_start = float(self.p.threshold_start)
         self.threshold_end = float(self.p.threshold_end)
         self.unreliable_quantile = float(self.p.unreliable_quantile)
@@ -255,32 +282,45 @@ class DualContrast(Method):
         logs = {f"loss_sup_{r[-1]}": loss_sup[r].detach() for r in ROLES}
         logs["a_wins"] = a_wins.float()
 
-        loss_u = self.unlabelled_loss(probs, pseudo, b_l, epoch, iteration, logs)
-        loss_c = self.contrastive_loss(feats, probs, winner, pseudo, label, b_l, logs)
+        unreliable = self.unreliable_voxels(winner, b_l)
+        loss_u = self.unlabelled_loss(logits, probs, pseudo, unreliable, b_l, epoch, iteration, logs)
+        loss_c = self.contrastive_loss(feats, pseudo, label, unreliable, b_l, logs)
         weight_c = self.contrast_weight(epoch, iteration)
         loss = loss_sup["net_a"] + loss_sup["net_b"] + self.lambda_u * loss_u + weight_c * loss_c
         logs.update({"loss_u": loss_u.detach(), "loss_c": loss_c.detach(), "lambda_c": weight_c})
         return StepOutput(loss, logs)
 
-    def unlabelled_loss(self, probs, pseudo, b_l: int, epoch: int, iteration: int, logs: dict) -> Tensor:
-        """lambda_u's term: gated L1 on the unlabelled items (an exact, connected 0 when there are none)."""
+    def unreliable_voxels(self, winner: Tensor, b_l: int) -> Tensor:
+        """(B, *S) U: unlabelled voxels whose winner entropy lies above its ``unreliable_quantile`` (labelled: none)."""
+        unreliable = torch.zeros((winner.shape[0], *winner.shape[2:]), dtype=torch.bool, device=winner.device)
+        if winner.shape[0] > b_l:
+            unreliable[b_l:] = upper_quantile_mask(normalised_entropy(winner[b_l:]), self.unreliable_quantile)
+        return unreliable
+
+    def unlabelled_loss(self, logits, probs, pseudo, unreliable, b_l: int, epoch: int, iteration: int, logs: dict):
+        """lambda_u's term L_u = L_pl + L_reg on the unlabelled items (an exact, connected 0 when there are none)."""
         pa, pb = probs["net_a"][b_l:], probs["net_b"][b_l:]
         if pa.shape[0] == 0:
             return 0.0 * (probs["net_a"].sum() + probs["net_b"].sum())
-        loss, gate = gated_l1_consistency(pa, pb, pseudo[b_l:], self.threshold(epoch, iteration))
+        loss_reg, gate = gated_l1_consistency(pa, pb, pseudo[b_l:], self.threshold(epoch, iteration), self.reg_form)
         logs["gate_fraction"] = gate.float().mean().detach()
-        return loss
+        logs["loss_reg"] = loss_reg.detach()
+        if not self.pseudo_supervision:
+            return loss_reg
+        loss_pl = sum(
+            filtered_pseudo_supervision(logits[role][b_l:], pseudo[b_l:], unreliable[b_l:], **self.weights)
+            for role in ROLES
+        )
+        logs["loss_pl"] = loss_pl.detach()
+        return loss_pl + loss_reg
 
-    def contrastive_loss(self, feats, probs, winner, pseudo, label, b_l: int, logs: dict) -> Tensor:
+    def contrastive_loss(self, feats, pseudo, label, unreliable, b_l: int, logs: dict) -> Tensor:
         """lambda_c's term: prototype contrast in each subnet's feature space (shared split and classes)."""
         ignore = self.ctx.ignore_index
         labelled = torch.zeros_like(pseudo, dtype=torch.bool)
         labelled[:b_l] = True
         valid = labelled if ignore is None else labelled & (label != ignore)
         classes = torch.where(labelled, torch.where(valid, label, torch.zeros_like(label)), pseudo)
-        unreliable = torch.zeros_like(labelled)
-        if winner.shape[0] > b_l:
-            unreliable[b_l:] = upper_quantile_mask(normalised_entropy(winner[b_l:]), self.unreliable_quantile)
         reliable = valid | (~labelled & ~unreliable)
         total = 0.0
         for role in ROLES:

@@ -4,6 +4,12 @@
 per level (32..512), instance norm. Any input size works: the input is padded
 to a multiple of 2**(depth-1) (and to at least 2**depth, so the bottleneck has
 more than one voxel) and the logits are cropped back.
+
+Dropout (``dropout`` p, default 0: none) sits where ``dropout_at`` says: ``all`` is DynUNet's own placement
+(element-wise dropout after every convolution, the output convolution included); ``bottleneck_head`` is
+UA-MT's V-Net (``has_dropout``): channel dropout (``Dropout3d``/``Dropout2d``) on the bottleneck's output
+and on the features entering the output convolution, nowhere else. Dropout adds no parameters, so weights
+load with any setting.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from mnseg.errors import ConfigError
 from mnseg.models.registry import check_choice, crop_spatial, pad_to_multiple, register_model
 
 NORMS = {"instance": ("INSTANCE", {"affine": True}), "batch": ("BATCH", {})}
+DROPOUT_AT = ("all", "bottleneck_head")
 
 
 class PlainUNet(torch.nn.Module):
@@ -30,6 +37,7 @@ class PlainUNet(torch.nn.Module):
         norm: str = "instance",
         dropout: float = 0.0,
         name: str = "unet",
+        dropout_at: str = "all",
     ):
         super().__init__()
         if not isinstance(depth, int) or depth < 3:
@@ -39,6 +47,7 @@ class PlainUNet(torch.nn.Module):
         check_choice(name, "norm", norm, tuple(NORMS))
         if not 0.0 <= float(dropout) < 1.0:
             raise ConfigError(f"model {name!r}: dropout must be in [0, 1), got {dropout!r}")
+        check_choice(name, "dropout_at", dropout_at, DROPOUT_AT)
         self.spatial_dims = spatial_dims
         self.size_divisor = 2 ** (depth - 1)
         self.filters = [base_filters * 2**level for level in range(depth)]
@@ -50,9 +59,21 @@ class PlainUNet(torch.nn.Module):
             strides=[1] + [2] * (depth - 1),
             upsample_kernel_size=[2] * (depth - 1),
             filters=self.filters,
-            dropout=float(dropout) or None,
+            dropout=(float(dropout) or None) if dropout_at == "all" else None,
             norm_name=NORMS[norm],
         )
+        if dropout_at == "bottleneck_head" and float(dropout) > 0:
+            channel_dropout = torch.nn.Dropout3d if spatial_dims == 3 else torch.nn.Dropout2d
+            self.channel_dropout = channel_dropout(float(dropout))
+            self.net.bottleneck.register_forward_hook(self._drop_output)
+            self.net.output_block.register_forward_pre_hook(self._drop_input)
+
+    # bound methods (not closures), so a deep copy's hooks use the copy's own dropout module and mode
+    def _drop_output(self, module, inputs, output):
+        return self.channel_dropout(output)
+
+    def _drop_input(self, module, inputs):
+        return (self.channel_dropout(inputs[0]),)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # at least 2 voxels per axis at the bottleneck: instance/batch norm fail on a single voxel
@@ -68,12 +89,13 @@ def unet3d(
     base_filters: int = 32,
     norm: str = "instance",
     dropout: float = 0.0,
+    dropout_at: str = "all",
 ) -> PlainUNet:
     """3D UNet; filters base_filters * 2**level for ``depth`` levels."""
-    return PlainUNet(3, in_channels, num_classes, depth, base_filters, norm, dropout, name="unet3d")
+    return PlainUNet(3, in_channels, num_classes, depth, base_filters, norm, dropout, "unet3d", dropout_at)
 
 
 @register_model("unet3d_mn")
-def unet3d_mn(in_channels: int = 1, num_classes: int = 2, dropout: float = 0.0) -> PlainUNet:
+def unet3d_mn(in_channels: int = 1, num_classes: int = 2, dropout: float = 0.0, dropout_at: str = "all") -> PlainUNet:
     """The M&N paper's 3D UNet: 5 levels, filters 32..512, instance norm."""
-    return PlainUNet(3, in_channels, num_classes, 5, 32, "instance", dropout, name="unet3d_mn")
+    return PlainUNet(3, in_channels, num_classes, 5, 32, "instance", dropout, "unet3d_mn", dropout_at)
