@@ -386,3 +386,31 @@ def test_learning_curves_compare_the_3d_models_own_losses_and_validation_dice(tm
     # without validation the panel says how to get it rather than staying blank
     bare = curves_figure({"sup": {**curves["Supervised 3D UNet"], "val_dice": np.full(4, np.nan)}})
     assert "--num-val" in " ".join(t.get_text() for t in bare.axes[-1].texts)
+
+
+def test_report_as_one_picture_shows_the_verdict_curves_and_an_overlay(tmp_path, report_inputs):
+    """Issue 18: report.png beside report.md/html holds the verdict sentence, the validation curves and the median
+    example case's overlay, drawn from a tiny fake run folder."""
+    import matplotlib.image
+
+    from mnseg.reporting.picture import pick_overlays, report_figure
+
+    results, test_cases = report_inputs
+    out = tmp_path / "report"
+    markdown = write_report(out, "Toy comparison", results, test_cases, CLASS_NAMES).read_text()
+    png = out / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(report.png)" in markdown
+    pixels = _image_is_nontrivial(png)
+    curves = matplotlib.image.imread(out / "figures" / "learning_curves.png")
+    assert pixels.shape[0] > curves.shape[0] * pixels.shape[1] / curves.shape[1]  # taller than the curves alone
+    overlays = [(line[4:], out / "figures" / f"overlay_{line[4:].split(':')[0]}.png")
+                for line in markdown.splitlines() if line.startswith("### ")]
+    assert len(overlays) == 3 and pick_overlays(overlays) == [overlays[1]]  # the median case
+    assert pick_overlays(overlays, 2) == overlays[:2] and pick_overlays(overlays[:1], 3) == overlays[:1]
+    verdict = next(line.strip("*") for line in markdown.splitlines() if "tied supervised" in line)
+    fig = report_figure("Toy comparison", [verdict], out / "figures" / "learning_curves.png", pick_overlays(overlays))
+    texts = " ".join(t.get_text().replace("\n", " ") for ax in fig.axes for t in ax.texts)
+    assert "Toy comparison" in texts and verdict in texts
+    assert [ax.get_title(loc="left") for ax in fig.axes[1:]] == ["learning curves",
+                                                                 f"example test case {overlays[1][0]}"]
+    assert all(ax.get_images() for ax in fig.axes[1:])
