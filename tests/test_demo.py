@@ -13,9 +13,18 @@ def test_quick_demo_writes_a_report_with_both_methods(tmp_path):
     assert len(pngs) >= 2
     assert (out / "report" / "report.html").exists()
     assert "## Verdict" in report and "tied" in report  # two test cases: no difference can reach p < 0.05
-    # Running again reuses the data and the finished runs, and reports their training time, not its own.
+    # one labelled subject is held out, so every method has a validation curve (issue 18)
     import json
 
+    from mnseg.reporting.curves import read_history
+
+    for method in ("supervised", "mn"):
+        val = read_history(out / "runs" / method / "history.csv")["val_dice"]
+        assert (val >= 0).sum() == len(val)  # validated after every quick epoch
+        split = json.loads((out / "runs" / method / "split.json").read_text())
+        assert len(split["val"]) == 1 and len(split["labeled"]) == 3 and not set(split["val"]) & set(split["labeled"])
+    assert "1 labelled subject(s) held out for the validation curves" in report
+    # Running again reuses the data and the finished runs, and reports their training time, not its own.
     mtime = (out / "runs" / "mn" / "checkpoints" / "last.pt").stat().st_mtime_ns
     timing = json.loads((out / "runs" / "mn" / "timing.json").read_text())
     assert timing["train_seconds"] > 0 and f"mn {_seconds(timing['train_seconds'])}" in report

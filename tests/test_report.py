@@ -74,12 +74,7 @@ def report_inputs(tmp_path):
         "epoch,phase,loss,lr,val_dice,seconds\n"
         + "".join(f"{e},sup,{1.0 / (e + 1):.4f},0.01,{'' if e % 2 else 0.1 * e},1.5\n" for e in range(8))
     )
-    (tmp_path / "mn_history.csv").write_text(
-        "epoch,phase,loss_2d,loss_3d,b_l,b_u\n"
-        + "".join(
-            f"{e},{'2d' if e % 2 else '3d'},{0.9 / (e + 1):.4f},{0.8 / (e + 1):.4f},2,4\n" for e in range(8)
-        )
-    )
+    (tmp_path / "mn_history.csv").write_text(MN_HISTORY)
     results = [
         MethodResult(
             "supervised",
@@ -344,3 +339,78 @@ def test_error_map_colours_small_classes_opaque_and_an_error_column_per_method(t
         return int(((pixels[..., 0] > 0.9) & (pixels[..., 1] < 0.1) & (pixels[..., 2] > 0.9)).sum())
 
     assert magenta(errors) > magenta(perfect) + 20  # false positives of the shifted mask (beyond the legend's)
+
+
+MN_HISTORY = (  # the columns and phases M&N writes: stage 1 trains both models, then they alternate
+    "epoch,phase,loss,loss_2d,loss_3d,b_l,b_u,loss_l,loss_u,val_dice\n"
+    "0,supervised,3.5,2.0,1.5,2,0,,,\n"
+    "1,supervised,3.0,1.8,1.2,2,0,,,0.40\n"
+    "2,cotrain-3d,1.1,,,1,1,1.0,0.5,\n"
+    "3,cotrain-2d,1.9,,,1,1,1.7,0.9,0.50\n"
+    "4,cotrain-3d,0.9,,,1,1,0.8,0.4,\n"
+    "5,cotrain-2d,1.6,,,0,2,,0.8,0.55\n"
+)
+
+
+def test_learning_curves_compare_the_3d_models_own_losses_and_validation_dice(tmp_path):
+    """Issue 18: M&N's curve is its 3D model's loss on the 3D model's epochs only (no sum of both models, no
+    2D/3D zig-zag), validation Dice is drawn for every method, and each panel names each method once."""
+    from mnseg.reporting.curves import curves_figure, learning_curves, model_curves, read_history_and_phases
+
+    (tmp_path / "mn.csv").write_text(MN_HISTORY)
+    (tmp_path / "sup.csv").write_text(
+        "epoch,phase,loss,loss_l,val_dice\n" + "".join(
+            f"{e},supervised,{1.5 - 0.1 * e},{1.5 - 0.1 * e},{'' if e % 2 == 0 else 0.1 * e}\n" for e in range(4)))
+    curves = {name: model_curves(*read_history_and_phases(tmp_path / f"{csv}.csv"))
+              for name, csv in (("Supervised 3D UNet", "sup"), ("M&N", "mn"))}
+    mn = curves["M&N"]
+    finite = np.isfinite(mn["labelled"])
+    assert mn["epoch"][finite].tolist() == [1, 2, 3, 5]  # stage 1 and the 3D model's co-training epochs
+    assert mn["labelled"][finite].tolist() == [1.5, 1.2, 1.0, 0.8]  # loss_3d, then the 3D model's loss_l
+    assert mn["loss_u"][np.isfinite(mn["loss_u"])].tolist() == [0.5, 0.4]  # never the 2D model's
+    fig = curves_figure(curves)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["labelled loss of the predicting model", "loss_u (unlabelled crops)", "validation Dice"]
+    for ax in fig.axes:
+        labels = ax.get_legend_handles_labels()[1]
+        assert len(labels) == len(set(labels)) and set(labels) <= {"Supervised 3D UNet", "M&N"}
+    val = fig.axes[2]
+    assert sorted(line.get_label() for line in val.get_lines()) == ["M&N", "Supervised 3D UNet"]
+    mn_val = next(line for line in val.get_lines() if line.get_label() == "M&N")
+    assert mn_val.get_xdata().tolist() == [2, 4, 6] and mn_val.get_ydata().tolist() == [0.40, 0.50, 0.55]
+    caption = " ".join(t.get_text() for t in fig.texts)
+    assert "loss_u:" in caption and "pseudo-masks" in caption and "3D model's own losses" in caption
+    png = learning_curves([type("R", (), {"name": n, "history_csv": tmp_path / f"{c}.csv"})()
+                           for n, c in (("sup", "sup"), ("mn", "mn"))], tmp_path / "curves.png", [])
+    _image_is_nontrivial(png)
+    # without validation the panel says how to get it rather than staying blank
+    bare = curves_figure({"sup": {**curves["Supervised 3D UNet"], "val_dice": np.full(4, np.nan)}})
+    assert "--num-val" in " ".join(t.get_text() for t in bare.axes[-1].texts)
+
+
+def test_report_as_one_picture_shows_the_verdict_curves_and_an_overlay(tmp_path, report_inputs):
+    """Issue 18: report.png beside report.md/html holds the verdict sentence, the validation curves and the median
+    example case's overlay, drawn from a tiny fake run folder."""
+    import matplotlib.image
+
+    from mnseg.reporting.picture import pick_overlays, report_figure
+
+    results, test_cases = report_inputs
+    out = tmp_path / "report"
+    markdown = write_report(out, "Toy comparison", results, test_cases, CLASS_NAMES).read_text()
+    png = out / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(report.png)" in markdown
+    pixels = _image_is_nontrivial(png)
+    curves = matplotlib.image.imread(out / "figures" / "learning_curves.png")
+    assert pixels.shape[0] > curves.shape[0] * pixels.shape[1] / curves.shape[1]  # taller than the curves alone
+    overlays = [(line[4:], out / "figures" / f"overlay_{line[4:].split(':')[0]}.png")
+                for line in markdown.splitlines() if line.startswith("### ")]
+    assert len(overlays) == 3 and pick_overlays(overlays) == [overlays[1]]  # the median case
+    assert pick_overlays(overlays, 2) == overlays[:2] and pick_overlays(overlays[:1], 3) == overlays[:1]
+    verdict = next(line.strip("*") for line in markdown.splitlines() if "tied supervised" in line)
+    fig = report_figure("Toy comparison", [verdict], out / "figures" / "learning_curves.png", pick_overlays(overlays))
+    texts = " ".join(t.get_text().replace("\n", " ") for ax in fig.axes for t in ax.texts)
+    assert "Toy comparison" in texts and verdict in texts
+    assert [ax.get_title(loc="left") for ax in fig.axes[1:]] == ["learning curves",
+                                                                 f"example test case {overlays[1][0]}"]
+    assert all(ax.get_images() for ax in fig.axes[1:])

@@ -15,6 +15,8 @@ def add_arguments(p):
     p.add_argument("--out", default="mnseg_demo", help="output folder (default: mnseg_demo)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--num-labeled", type=int, default=3, help="labelled subjects given to both methods (default 3)")
+    p.add_argument("--num-val", type=int, default=1,
+                   help="labelled subjects held out for the validation curves (default 1; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo data, the split and training (default 0)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds); its numbers mean nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
@@ -23,5 +25,6 @@ def add_arguments(p):
 def run(args) -> int:
     from mnseg.workflows.demo import run_demo
 
-    run_demo(args.out, args.device, args.num_labeled, args.seed, args.quick, progress=not args.no_progress)
+    run_demo(args.out, args.device, args.num_labeled, args.seed, args.quick, progress=not args.no_progress,
+             num_val=args.num_val)
     return 0

@@ -1,7 +1,8 @@
 """Human-readable comparison of methods: a verdict, a metrics table, learning curves and overlay pictures.
 
-``write_report`` writes ``report.md`` (linking the PNGs in ``figures/``) and ``report.html`` (self-contained:
-the same PNGs inlined, so the one file can be mailed). The verdict and the bold cells come from a paired
+``write_report`` writes ``report.md`` (linking the PNGs in ``figures/``), ``report.html`` (self-contained:
+the same PNGs inlined, so the one file can be mailed) and ``report.png`` (the verdict, curves and an overlay as
+one picture). The verdict and the bold cells come from a paired
 Wilcoxon test over test cases against the baseline (the first method unless named), so a difference
 that chance explains is not presented as a win. The example cases are the best, median and worst by
 Dice, with an error map per method (pictures: ``mnseg.reporting.overlays``). Figures are drawn with matplotlib's
@@ -24,6 +25,7 @@ import numpy as np
 from mnseg.errors import InputFileError
 from mnseg.reporting.curves import learning_curves
 from mnseg.reporting.overlays import NOT_DRAWN, overlay_figure, ras_spacing, to_ras
+from mnseg.reporting.picture import report_picture
 from mnseg.reporting.verdict import SIGNIFICANCE, Comparison, compare, verdict_sentence
 from mnseg.utils.atomic import atomic_write_text
 
@@ -50,7 +52,8 @@ def write_report(
     notes: Sequence[str] = (),
     baseline: str | None = None,
 ) -> Path:
-    """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``; return the markdown path.
+    """Write ``report.md``, ``report.html``, ``report.png`` (the verdict, curves and an overlay in one picture:
+    ``mnseg.reporting.picture``) and ``figures/*.png`` into ``out_dir``; return the markdown path.
 
     ``test_cases`` are ``(case_id, image_path, label_path)``; predictions are read from
     ``pred_dir/CASE.nii.gz`` (or ``.nii``). A method without predictions or history is reported as such.
@@ -82,6 +85,7 @@ def write_report(
     report_md = out_dir / "report.md"
     atomic_write_text(report_md, markdown)
     atomic_write_text(out_dir / "report.html", page)
+    report_picture(out_dir / "report.png", title, _verdict_lines(verdict), curves_png, overlays)
     return report_md
 
 
@@ -323,6 +327,7 @@ def _verdict_lines(verdict: list[str]) -> list[str]:
 def _render_markdown(title, notes, verdict, table, units, n_cases, baseline, curves_png, overlays, out_dir) -> str:
     lines = [f"# {title}", "", "## Verdict", ""]
     lines += [f"**{_md_escape(v)}**" for v in _verdict_lines(verdict)] + [""]
+    lines += ["The verdict, the learning curves and an example case in one picture: [report.png](report.png)", ""]
     if notes:
         lines += [f"- {note}" for note in notes] + [""]
     lines += ["## Test metrics", ""]
