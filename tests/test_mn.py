@@ -133,7 +133,8 @@ def test_sampling_switches():
     import numpy as np
 
     lin, _ = _method(lrg="epoch-linear")
-    assert [lin.batch_split(e, 0)[1] for e in range(SUP, EPOCHS)] == [0, 1, 2, 3, 4, 5]
+    # 3 co-training epochs per model, b_u = floor(e / 3 * B) for each model's own e = 0, 1, 2 (the authors' code)
+    assert [lin.batch_split(e, 0)[1] for e in range(SUP, EPOCHS)] == [0, 0, 1, 1, 3, 3]
     uni, _ = _method(lrg="uniform")
     counts = [uni.batch_split(SUP, 0)[1] for _ in range(400)]
     assert abs(np.mean(counts) - B * 6 / 8) < 0.3  # 6 of 8 cases are unlabelled

@@ -68,6 +68,8 @@ def _problems(cfg: Config) -> list[str]:
              f"models.{role}.optim.grad_clip must be >= 0 (or null: no clipping), got {o.grad_clip}")
         need(m.lora_rank >= 1, f"models.{role}.lora_rank must be at least 1, got {m.lora_rank}")
         need(0.0 <= m.lora_dropout < 1.0, f"models.{role}.lora_dropout must be in [0, 1), got {m.lora_dropout}")
+        need(not m.lora_train_bias_norm or m.finetune == "lora",
+             f"models.{role}.lora_train_bias_norm needs finetune: lora, got finetune: {m.finetune}")
     return problems
 
 

@@ -53,6 +53,7 @@ class ModelConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    lora_train_bias_norm: bool = False  # LoRA also trains every bias and LayerNorm of the encoder (M&N's code)
     slice_axis: int = -1  # 2D models run slice by slice along this axis of (X, Y, Z)
     slice_batch: int | None = None
     # "bfloat16": frozen pretrained Linear/Conv weights (LoRA / decoder fine-tuning) stored in bf16, so autocast

@@ -23,7 +23,8 @@ def build_model(mcfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Mod
     model = create_model(mcfg.name, in_channels=in_channels, num_classes=num_classes, **dict(mcfg.kwargs))
     if mcfg.finetune:
         model = apply_finetuning(
-            model, mcfg.finetune, rank=mcfg.lora_rank, alpha=mcfg.lora_alpha, dropout=mcfg.lora_dropout
+            model, mcfg.finetune, rank=mcfg.lora_rank, alpha=mcfg.lora_alpha, dropout=mcfg.lora_dropout,
+            train_bias_norm=mcfg.lora_train_bias_norm,
         )
     if mcfg.frozen_dtype and not has_frozen_parameters(model):
         raise ConfigError(

@@ -6,11 +6,16 @@ Roles: ``net2d`` (f, pretrained 2D model fine-tuned with LoRA, run slice by slic
 
 Stage 1 (epochs < ``sup_epochs``): f and g each learn from labelled patches, L_l = w_ce CE + w_dice Dice.
 Stage 2, alternating epochs (1st, 3rd, ... co-training epoch trains g on f's pseudo-masks; 2nd, 4th, ...
-trains f on g's): every batch has b_l labelled and b_u unlabelled patches and
+trains f on g's; ``cotrain_first: net2d`` swaps them, as the authors' code): every batch has b_l labelled and
+b_u unlabelled patches and
     L_c = b_l / B * L_l + b_u / B * L_u,   L_u = w_kl KL(P || model) + w_dice Dice(model, P),
 P the other model's softmax in eval mode, without gradient. LR-guided sampling:
     b_u = floor((lr_init - lr_now) / (lr_init - lr_final) * B),
 lr_now the trained model's current learning rate, read from its optimiser (set by its scheduler).
+``lrg: epoch-linear`` is the authors' code instead: b_u = floor(e / N * B), e the trained model's own co-training
+epochs so far, N its co-training epochs (so b_u peaks at B - 1). An engine epoch of stage 2 trains one model: each
+model gets half of the train.epochs - sup_epochs co-training epochs (mn_paper sets train.epochs to match the
+authors' 3,500 per model). docs/methods/mn.md goes through the paper equation by equation.
 
 Choices the paper leaves open (documented in docs/methods.md): by default each model's schedule restarts at
 stage 2 (warm-up + cosine over stage 1, then cosine from lr_init to lr_final over stage 2), so b_u runs from 0
@@ -49,6 +54,7 @@ CHOICES = {
     "pseudo": ("partner", "ensemble"),
     "pseudo_weight": ("none", "confidence"),
     "fg_refresh": ("net3d", "agree"),
+    "cotrain_first": ("net3d", "net2d"),
 }
 
 
@@ -61,10 +67,11 @@ def lr_guided_unlabeled_count(lr_now: float, lr_init: float, lr_final: float, ba
 
 
 def epoch_linear_unlabeled_count(epoch_in_stage: int, stage_epochs: int, batch_size: int) -> int:
-    """What the published M&N code does: the unlabelled share grows linearly with the epoch."""
-    if stage_epochs <= 1:
-        return batch_size
-    return int(min(math.floor(epoch_in_stage / (stage_epochs - 1) * batch_size + 1e-9), batch_size))
+    """The published M&N code's b_u (train.py, create_loaders): floor(e / N * B), e the model's own co-training
+    epochs before this one (0 .. N-1), N its co-training epochs; the same float expression, so it peaks at B - 1."""
+    if stage_epochs <= 0:
+        return 0
+    return int(min(max(math.floor(epoch_in_stage / stage_epochs * batch_size), 0), batch_size))
 
 
 def uniform_unlabeled_count(n_labeled: int, n_unlabeled: int, batch_size: int, rng: np.random.Generator) -> int:
@@ -97,6 +104,7 @@ class MNParams(Params):
     fg_refresh: str = "net3d"  # unlabelled crop centres from: net3d | agree (both models name the same class)
     pre2d_epochs: int = 0  # epochs before stage 1 in which the 2D model alone trains on labels
     oracle_pseudo: bool = False  # diagnostic: the unlabelled imagesTr cases' true labels as P
+    cotrain_first: str = "net3d"  # the role the 1st, 3rd, ... co-training epoch trains (net2d: the authors' code)
 
 
 class MN(Method):
@@ -160,10 +168,18 @@ class MN(Method):
         ]
 
     def trained_role(self, epoch: int) -> str | None:
-        """None in stage 1 (both train); then net3d on odd co-training epochs (1st, 3rd, ...), net2d on even."""
+        """None in stage 1 (both train); then ``cotrain_first`` (net3d) on the 1st, 3rd, ... co-training epochs,
+        the other role on the 2nd, 4th, ..."""
         if epoch < self.cotrain_start:
             return None
-        return "net3d" if (epoch - self.cotrain_start) % 2 == 0 else "net2d"
+        first = self.choice["cotrain_first"]
+        second = "net2d" if first == "net3d" else "net3d"
+        return first if (epoch - self.cotrain_start) % 2 == 0 else second
+
+    def role_cotrain_epochs(self, role: str) -> int:
+        """How many co-training epochs train ``role``: the first role gets the odd one out."""
+        n = self.cotrain_epochs
+        return (n + 1) // 2 if role == self.choice["cotrain_first"] else n // 2
 
     def active_roles(self, epoch: int) -> list[str]:
         if epoch < self.pre2d:
@@ -186,8 +202,9 @@ class MN(Method):
             seg = self.schedule_segments(role)[-1]
             lr_init = seg.lr_init
             b_u = lr_guided_unlabeled_count(current_lr(self.optimizers[role]), lr_init, seg.lr_final, B)
-        elif self.lrg == "epoch-linear":
-            b_u = epoch_linear_unlabeled_count(epoch - self.cotrain_start, self.cotrain_epochs, B)
+        elif self.lrg == "epoch-linear":  # counted in the trained model's own co-training epochs, as the authors
+            own = (epoch - self.cotrain_start) // 2
+            b_u = epoch_linear_unlabeled_count(own, self.role_cotrain_epochs(role), B)
         elif self.lrg == "uniform":
             b_u = uniform_unlabeled_count(self.ctx.n_labeled, self.ctx.n_unlabeled, B, self._rng)
         else:

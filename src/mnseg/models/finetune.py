@@ -3,8 +3,11 @@
 A model names its pretrained part in ``encoder_module_names`` (dotted
 submodule names) and its default LoRA targets in ``lora_target_modules`` (a
 peft regex over module names). Everything outside the encoder (decoder, head,
-input mapping) always trains. The chosen settings are stored on the model as
-``finetuning`` so a checkpoint loader can re-apply them before loading weights.
+input mapping) always trains. ``train_bias_norm`` (LoRA only) also trains every
+bias and every LayerNorm inside the encoder, as M&N's published code does (peft's
+``bias="all"`` plus its LayerNorms in ``modules_to_save``); off by default.
+The chosen settings are stored on the model as ``finetuning`` so a checkpoint
+loader can re-apply them before loading weights.
 
 Batch-norm running statistics inside a frozen encoder still adapt in train mode
 (only parameters are frozen): medical images differ from ImageNet and adapted
@@ -33,16 +36,18 @@ def apply_finetuning(
     alpha: float = 16,
     dropout: float = 0.0,
     target_modules=None,
+    train_bias_norm: bool = False,
 ) -> torch.nn.Module:
     """Set which parameters train (and add LoRA adapters for ``lora``); returns the same module.
 
     Forward contract and ``spatial_dims`` are unchanged. For ``lora`` on a model
-    without a declared encoder, the whole model counts as encoder (only LoRA trains).
+    without a declared encoder, the whole model counts as encoder (only LoRA trains);
+    ``train_bias_norm`` adds the encoder's biases and LayerNorm weights to what trains.
     """
     from mnseg.models.slicewise import SliceWise
 
     if isinstance(model, SliceWise):
-        apply_finetuning(model.inner, strategy, rank, alpha, dropout, target_modules)
+        apply_finetuning(model.inner, strategy, rank, alpha, dropout, target_modules, train_bias_norm)
         model.finetuning = model.inner.finetuning
         return model
     if strategy not in STRATEGIES:
@@ -61,8 +66,12 @@ def apply_finetuning(
         if not targets:
             raise ConfigError(f"model {name} has no default LoRA target modules; pass target_modules")
         _inject_lora(model, name, rank, alpha, dropout, targets)
-        _set_trainable(model, encoder or ("",), train_encoder=lambda param_name: "lora_" in param_name)
+        extra = bias_and_layernorm_names(model) if train_bias_norm else set()
+        _set_trainable(model, encoder or ("",), train_encoder=lambda param_name: "lora_" in param_name
+                       or param_name in extra)
         settings.update(rank=rank, alpha=alpha, dropout=dropout, target_modules=targets)
+        if train_bias_norm:
+            settings["train_bias_norm"] = True
     model.finetuning = settings
     return model
 
@@ -79,6 +88,15 @@ def _inject_lora(model, name, rank, alpha, dropout, targets) -> None:
         inject_adapter_in_model(config, model)
     except ValueError as error:
         raise ConfigError(f"cannot add LoRA to model {name} with target_modules={targets!r}: {error}") from error
+
+
+def bias_and_layernorm_names(model: torch.nn.Module) -> set[str]:
+    """Names of every bias parameter and of every ``torch.nn.LayerNorm``'s parameters (weight and bias)."""
+    names = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            names.update(f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters())
+    return names
 
 
 def _set_trainable(model, encoder: tuple[str, ...], train_encoder) -> None:

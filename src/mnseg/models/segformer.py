@@ -1,11 +1,18 @@
 """SegFormer (Hugging Face transformers) as a 2D segmentation model.
 
-``pretrained`` is a hub id or a local folder saved with ``save_pretrained``;
-the classifier is re-initialised for ``num_classes``. Without network access a
+``pretrained`` is a hub id or a local folder saved with ``save_pretrained``.
+Two heads (``head``): ``bilinear`` (default) re-initialises the classifier for
+``num_classes`` and upsamples its 1/4-resolution logits bilinearly; ``transposed``
+is M&N's published head: the classifier becomes an identity, the decode head's
+1/4-resolution features are concatenated with the (ImageNet-mapped) input taken
+at every 4th pixel, and a learned 4x4 stride-4 transposed convolution maps them
+to ``num_classes`` logits at full resolution. With ``transposed`` the pretrained
+decode head counts as part of the pretrained model (``encoder_module_names``),
+as in the authors' code, where peft freezes it with the encoder. Without network access a
 hub id only works if it is already in the local Hugging Face cache, so the
 error says to pass a local folder. Inputs go through ``ImageNetInput`` (grey
 repeated to RGB, ImageNet normalisation), sizes are padded to a multiple of 32,
-and the 1/4-resolution logits are upsampled bilinearly to the input size.
+and the output is cropped back to the input size.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ def load_segformer(pretrained: str | None, size: str, num_classes: int):
         ) from error
 
 
+HEADS = ("bilinear", "transposed")
+
+
 class SegFormer2D(torch.nn.Module):
     spatial_dims = 2
     size_divisor = 32
@@ -66,24 +76,36 @@ class SegFormer2D(torch.nn.Module):
     )
 
     def __init__(self, in_channels: int, num_classes: int, size: str = "b0", pretrained: str | None = None,
-                 input_range: str = "zscore"):
+                 input_range: str = "zscore", head: str = "bilinear"):
         super().__init__()
         check_choice("segformer", "size", size, tuple(VARIANTS))
+        check_choice("segformer", "head", head, HEADS)
         self.input_map = ImageNetInput(in_channels, input_range)
         self.net = load_segformer(pretrained, size, num_classes)
+        self.head = head
+        if head == "transposed":
+            self.net.decode_head.classifier = torch.nn.Identity()  # the decode head now returns its features
+            width = self.net.config.decoder_hidden_size
+            self.up = torch.nn.ConvTranspose2d(width + 3, num_classes, kernel_size=4, stride=4)
+            self.encoder_module_names = ("net",)  # encoder and decode head, both pretrained
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padded, size = pad_to_multiple(x, self.size_divisor, 2)
-        logits = self.net(pixel_values=self.input_map(padded)).logits
-        logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        rgb = self.input_map(padded)
+        out = self.net(pixel_values=rgb).logits  # (N, num_classes or decoder width, H/4, W/4)
+        if self.head == "transposed":
+            logits = self.up(torch.cat([out, rgb[:, :, ::4, ::4]], dim=1))
+        else:
+            logits = F.interpolate(out, size=padded.shape[-2:], mode="bilinear", align_corners=False)
         return crop_spatial(logits, size)
 
 
 @register_model("segformer")
 def segformer(
     in_channels: int = 1, num_classes: int = 2, size: str = "b0", pretrained: str | None = None,
-    input_range: str = "zscore",
+    input_range: str = "zscore", head: str = "bilinear",
 ) -> SegFormer2D:
     """SegFormer b0..b5 (random init), or ``pretrained`` hub id / local folder (its own size); ``input_range`` as
-    effunet's (set by the engine from the dataset's normalisation)."""
-    return SegFormer2D(in_channels, num_classes, size, pretrained, input_range)
+    effunet's (set by the engine from the dataset's normalisation); ``head``: bilinear (re-initialised classifier,
+    bilinear upsampling) or transposed (M&N's: identity classifier, input concatenated, learned 4x transposed conv)."""
+    return SegFormer2D(in_channels, num_classes, size, pretrained, input_range, head)
