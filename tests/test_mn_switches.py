@@ -105,6 +105,25 @@ def test_ensemble_and_confidence_pseudo_masks_by_hand():
     assert method.models["net3d"].training  # the trained model's mode is restored after its eval pass
 
 
+def test_partner_weight_sets_the_partners_share_in_the_ensemble_pseudo_mask():
+    batch = _batch(2, 3)
+    method, _ = _method(pseudo="ensemble", partner_weight=0.25)
+    got = _step_loss(method, batch)
+    with torch.no_grad():
+        partner = torch.softmax(method.models["net2d"].eval()(batch.image_u), 1)
+        own = torch.softmax(method.models["net3d"].eval()(batch.image_u), 1)
+        p = 0.25 * partner + 0.75 * own
+        method.models["net3d"].train()
+        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
+        from mnseg.losses import supervised_loss
+
+        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], p)
+    assert got == pytest.approx(float(expected), rel=1e-4)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(Exception, match="partner_weight"):
+            _method(partner_weight=bad)
+
+
 def test_refresh_agreement_keeps_only_voxels_where_both_models_name_the_class():
     a = np.array([[[0, 1, 2, 3]]])
     b = np.array([[[0, 1, 1, 3]]])

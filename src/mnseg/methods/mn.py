@@ -26,7 +26,7 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
 - ``min_labeled: k``: b_u <= B - k, a labelled floor (the authors' code keeps b_l >= 1);
 - ``unlabeled_on_top``: b_l = B always, the LR-guided b_u unlabelled items on top (as mean teacher's B + B);
 - ``w_u``: a factor on L_u (0: the starvation ablation);
-- ``pseudo: ensemble``: P is the mean of both models' softmax;
+- ``pseudo: ensemble``: P is the mean of both models' softmax (``partner_weight``: the partner's share in it, 0.5);
 - ``pseudo_weight: confidence``: each voxel's L_u weighted by max_c P;
 - ``fg_refresh: agree``: unlabelled crops centred on voxels where both models name the same class;
 - ``pre2d_epochs: k``: the 2D model alone trains on labels for k epochs before stage 1 (no 3D updates);
@@ -101,6 +101,7 @@ class MNParams(Params):
     w_u: float = 1.0  # factor on L_u (0: the starvation ablation)
     pseudo: str = "partner"  # P: the partner's softmax | ensemble (the mean of both models')
     pseudo_weight: str = "none"  # each voxel's L_u weighted by: none | confidence (max_c P)
+    partner_weight: float = 0.5  # pseudo: ensemble: P = w P_partner + (1 - w) P_self
     fg_refresh: str = "net3d"  # unlabelled crop centres from: net3d | agree (both models name the same class)
     pre2d_epochs: int = 0  # epochs before stage 1 in which the 2D model alone trains on labels
     oracle_pseudo: bool = False  # diagnostic: the unlabelled imagesTr cases' true labels as P
@@ -137,6 +138,8 @@ class MN(Method):
         for key, value in self.choice.items():
             if value not in CHOICES[key]:
                 raise ConfigError(f"method.params.{key}='{value}' unknown; choose one of {', '.join(CHOICES[key])}")
+        if not 0.0 <= float(self.p.partner_weight) <= 1.0:
+            raise ConfigError(f"method.params.partner_weight={self.p.partner_weight} must lie between 0 and 1")
         self.min_labeled = int(self.p.min_labeled)
         if not 0 <= self.min_labeled <= self.ctx.batch_size:
             raise ConfigError(f"method.params.min_labeled={self.min_labeled} must lie between 0 and "
@@ -330,7 +333,10 @@ class MN(Method):
             model.eval()
             probs.append(torch.softmax(model(image_u).float(), dim=1))
             model.train(was_training)
-        return torch.stack(probs).mean(0)
+        w = float(self.p.partner_weight)
+        if len(probs) == 1 or w == 0.5:  # the plain mean (bit for bit as before the weight existed)
+            return torch.stack(probs).mean(0)
+        return w * probs[0] + (1.0 - w) * probs[1]
 
     def _class_shares(self, prefix: str, labels: Tensor, num_classes: int) -> dict[str, Tensor]:
         """Share of each foreground class among the (annotated) voxels, ``<prefix>_share_<class>``. Side by side,
