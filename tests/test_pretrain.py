@@ -156,3 +156,41 @@ def test_train_starts_from_the_pretrained_network(ramp_dataset, tmp_path, capsys
                f"data.cache_dir={cache}", *TINY, f"models.net.init={pre}"])
     assert rc == 0
     assert "models.net.init: 34 of 34 weights from" in capsys.readouterr().out
+
+
+def test_orientations_are_distinct_and_undone_exactly():
+    from mnseg.methods.pretext import allowed_orientations, orient, unorient
+
+    x = torch.randn(1, 4, 4, 3)
+    seen = [orient(x, k) for k in range(8)]
+    assert all(not torch.equal(seen[i], seen[j]) for i in range(8) for j in range(i))
+    assert all(torch.equal(unorient(orient(x, k), k), x) for k in range(8))
+    assert allowed_orientations([16, 16, 8]) == tuple(range(8)) and allowed_orientations([16, 8, 8]) == (0, 2, 4, 6)
+    assert all(orient(torch.randn(1, 6, 4, 2), k).shape == (1, 6, 4, 2) for k in (0, 2, 4, 6))
+
+
+def test_block_mask_covers_the_asked_fraction_of_cells():
+    from mnseg.methods.pretext import block_mask
+
+    mask = block_mask(3, (16, 16, 8), 4, 0.25, "cpu")
+    assert mask.shape == (3, 1, 16, 16, 8) and mask.dtype == torch.bool
+    cells = mask[:, 0, ::4, ::4, ::4]
+    assert cells.flatten(1).sum(1).tolist() == [8, 8, 8]  # 0.25 of the 4 x 4 x 2 cells, each item
+    assert torch.equal(mask, cells.repeat_interleave(4, 1).repeat_interleave(4, 2).repeat_interleave(4, 3)
+                       .unsqueeze(1))
+
+
+def test_nt_xent_matches_its_definition():
+    import math
+
+    from mnseg.methods.pretext import nt_xent
+
+    torch.manual_seed(0)
+    a, b, tau = torch.randn(3, 5), torch.randn(3, 5), 0.5
+    z = torch.nn.functional.normalize(torch.cat([a, b]), dim=1)
+    total = 0.0
+    for i in range(6):
+        pos = (i + 3) % 6
+        denom = sum(math.exp(float(z[i] @ z[j]) / tau) for j in range(6) if j != i)
+        total += -(float(z[i] @ z[pos]) / tau - math.log(denom))
+    assert float(nt_xent(a, b, tau)) == pytest.approx(total / 6, rel=1e-5)
