@@ -181,7 +181,7 @@ def test_split_val_is_held_out_before_labelled_choice(tmp_path):
     unlabeled_train = sum(c.case_id.startswith("toytr") for c in split.unlabeled)
     assert len(split.labeled) + len(split.val) + unlabeled_train == 6
     assert _ids(make_split(folder, num_labeled=None, seed=1, num_val=2).val) == _ids(split.val)
-    with pytest.raises(ConfigError, match="between 1 and 4"):
+    with pytest.raises(ConfigError, match="between 0 and 4"):
         make_split(folder, num_labeled=5, num_val=2)
 
 
@@ -194,14 +194,22 @@ def test_split_transductive_adds_test_without_labels(toy_dataset):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"num_labeled": 0}, "between 1 and 4"),
-    ({"num_labeled": 5}, "between 1 and 4"),
+    ({"num_labeled": -1}, "between 0 and 4"),
+    ({"num_labeled": 5}, "between 0 and 4"),
     ({"num_val": 4}, "no labelled training case"),
     ({"num_val": -1}, "non-negative"),
 ])
 def test_split_bad_settings(toy_dataset, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         make_split(DatasetFolder(toy_dataset), **kwargs)
+
+
+def test_split_without_labelled_cases_puts_all_of_imagestr_in_the_pool(toy_dataset):
+    split = make_split(DatasetFolder(toy_dataset), num_labeled=0)
+    assert split.labeled == [] and split.num_labeled == 0
+    assert sum(c.case_id.startswith("toytr") for c in split.unlabeled) == 4
+    assert all(c.label is None for c in split.unlabeled)
+    assert not any(c.case_id.startswith("toyts") for c in split.unlabeled)
 
 
 def test_split_json_round_trip(toy_dataset):

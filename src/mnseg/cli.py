@@ -15,7 +15,8 @@ from mnseg import __version__
 from mnseg.errors import MnsegError
 
 COMMANDS = [
-    "check", "convert", "synth", "train", "predict", "evaluate", "export", "convert-checkpoint", "demo", "benchmark"
+    "check", "convert", "synth", "pretrain", "train", "predict", "evaluate", "export", "convert-checkpoint", "demo",
+    "benchmark",
 ]
 
 

@@ -42,7 +42,7 @@ def _problems(cfg: Config) -> list[str]:
     need(isinstance(patch, list | tuple) and len(patch) == 3 and all(isinstance(p, int) and p >= 1 for p in patch),
          f"data.patch_size must be three positive whole numbers (X, Y, Z), got {patch!r}")
     need(0.0 <= d.fg_prob <= 1.0, f"data.fg_prob must be a probability in [0, 1], got {d.fg_prob}")
-    need(d.num_labeled is None or d.num_labeled >= 1, f"data.num_labeled must be at least 1, got {d.num_labeled}")
+    need(d.num_labeled is None or d.num_labeled >= 0, f"data.num_labeled must be >= 0, got {d.num_labeled}")
     need(d.num_val >= 0, f"data.num_val must be >= 0, got {d.num_val}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
 
@@ -70,7 +70,24 @@ def _problems(cfg: Config) -> list[str]:
         need(0.0 <= m.lora_dropout < 1.0, f"models.{role}.lora_dropout must be in [0, 1), got {m.lora_dropout}")
         need(not m.lora_train_bias_norm or m.finetune == "lora",
              f"models.{role}.lora_train_bias_norm needs finetune: lora, got finetune: {m.finetune}")
+    problems += _label_problems(cfg)
     return problems
+
+
+def _label_problems(cfg: Config) -> list[str]:
+    """A method that reads no label (pretraining) runs without labelled or validation cases; any other needs some."""
+    from mnseg.methods import METHODS, method_class
+
+    if cfg.method.name not in METHODS:
+        return []  # the trainer names the unknown method
+    d = cfg.data
+    if method_class(cfg.method.name).label_free:
+        if d.num_labeled != 0 or d.num_val:
+            return [f"method {cfg.method.name} reads no label: it needs data.num_labeled=0 and data.num_val=0, got "
+                    f"{d.num_labeled} and {d.num_val} (mnseg pretrain sets both)"]
+    elif d.num_labeled == 0:
+        return [f"method {cfg.method.name} trains on labelled cases; data.num_labeled=0 leaves none"]
+    return []
 
 
 def check_config(cfg: Config) -> None:

@@ -62,6 +62,10 @@ class ModelConfig:
     # Recompute activations in the backward pass instead of storing them (2D models: per slice_batch chunk; plain
     # UNets: per level): less GPU memory for a second forward. Values and gradients are unchanged.
     activation_checkpoint: bool = False
+    # Start from pretrained weights (engine/pretrained.py): a run directory, a checkpoint (.pt / .safetensors, e.g.
+    # a `mnseg pretrain` run's), a model zip or a plain state dict; matched by name, every unmatched one logged.
+    init: str | None = None
+    init_role: str | None = None  # which role of a file holding several (default: same name, else the best match)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
 

@@ -45,8 +45,8 @@ class PatchBatcher:
         seed: int,
         class_balanced: bool = True,
     ):
-        if not labeled:
-            raise ValueError("no labelled cases to train on")
+        if not labeled and not unlabeled:
+            raise ValueError("no cases to train on")
         self.labeled, self.unlabeled = labeled, unlabeled
         self.patch_size = tuple(int(p) for p in patch_size)
         self.fg_prob, self.class_balanced = fg_prob, class_balanced
@@ -69,7 +69,7 @@ class PatchBatcher:
         return img, lab
 
     def next_batch(self, b_l: int, b_u: int) -> dict[str, np.ndarray]:
-        c = self.labeled[0].image.shape[0]
+        c = (self.labeled or self.unlabeled)[0].image.shape[0]
         imgs_l, labs_l, imgs_u, labs_u = [], [], [], []
         for _ in range(b_l):
             img, lab = self._crop(self.labeled[self.rng.integers(len(self.labeled))], True)

@@ -94,7 +94,8 @@ def make_split(
     Order, all with one ``np.random.default_rng(seed)``: first ``num_val``
     ``imagesTr`` cases are drawn as the validation set; then ``num_labeled``
     of the remaining ``imagesTr`` cases are drawn to keep their labels (all of
-    them when ``num_labeled`` is None). Remaining ``imagesTr`` cases join the
+    them when ``num_labeled`` is None, none when it is 0: self-supervised pretraining, which reads no label).
+    Remaining ``imagesTr`` cases join the
     unlabelled pool with their label dropped, followed by ``imagesUnlabeled``
     and, only if ``transductive``, ``imagesTs`` (labels dropped too).
 
@@ -118,9 +119,9 @@ def make_split(
     else:
         if isinstance(num_labeled, bool) or not isinstance(num_labeled, (int, np.integer)):
             raise ConfigError(f"num_labeled must be an integer, found {num_labeled!r}")
-        if num_labeled < 1 or num_labeled > len(pool):
+        if num_labeled < 0 or num_labeled > len(pool):
             held = f" after holding out {num_val} for validation" if num_val else ""
-            raise ConfigError(f"num_labeled={num_labeled} must be between 1 and {len(pool)}: "
+            raise ConfigError(f"num_labeled={num_labeled} must be between 0 and {len(pool)}: "
                               f"{folder.root / 'imagesTr'} has {len(pool)} training case(s){held}")
         chosen = set(rng.permutation(len(pool))[:num_labeled].tolist())
         labeled = [c for i, c in enumerate(pool) if i in chosen]

@@ -14,8 +14,11 @@ import numpy as np
 from mnseg.data.io import save_nifti
 
 
-def toy_case(shape=(32, 32, 32), seed: int = 0, num_foreground: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """One image/label pair: class 1 an ellipsoid, class 2 (optional) a small ball inside it."""
+def toy_case(shape=(32, 32, 32), seed: int = 0, num_foreground: int = 1, noise: float = 0.35,
+             ramp: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """One image/label pair: class 1 an ellipsoid, class 2 (optional) a small ball inside it. ``ramp`` adds an
+    intensity ramp rising by that much along x and half as much along z, so a crop shows its orientation (the
+    rotation pretext task's tests)."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
     shape_arr = np.asarray(shape, dtype=np.float32)
@@ -23,7 +26,9 @@ def toy_case(shape=(32, 32, 32), seed: int = 0, num_foreground: int = 1) -> tupl
     radii = shape_arr * rng.uniform(0.18, 0.3, 3)
     d = sum(((grid[i] - centre[i]) / radii[i]) ** 2 for i in range(3))
     label = (d <= 1.0).astype(np.uint8)
-    image = rng.normal(0.0, 0.35, shape).astype(np.float32) + 1.0 * label
+    image = rng.normal(0.0, noise, shape).astype(np.float32) + 1.0 * label
+    if ramp:
+        image += ramp * (grid[0] / shape_arr[0] + 0.5 * grid[2] / shape_arr[2])
     if num_foreground >= 2:
         r2 = float(radii.min()) * 0.45
         d2 = sum((grid[i] - centre[i]) ** 2 for i in range(3)) / r2**2
@@ -43,6 +48,8 @@ def make_toy_dataset(
     seed: int = 0,
     num_foreground: int = 1,
     modality: str = "MRI",
+    noise: float = 0.35,
+    ramp: float = 0.0,
 ) -> Path:
     """Write a dataset folder with imagesTr/labelsTr, imagesUnlabeled and imagesTs/labelsTs."""
     root = Path(root)
@@ -53,7 +60,7 @@ def make_toy_dataset(
     for suffix, count, with_label in groups:
         for i in range(count):
             case_seed += 1
-            image, label = toy_case(shape, case_seed, num_foreground)
+            image, label = toy_case(shape, case_seed, num_foreground, noise, ramp)
             name = f"toy{suffix.lower()}_{i:03d}"
             save_nifti(image, affine, root / f"images{suffix}" / f"{name}_0000.nii.gz")
             if with_label:

@@ -149,14 +149,17 @@ def _min_median_max(rows: list[tuple]) -> dict[str, list[float]]:
 
 
 def validate_dataset(
-    root: str | os.PathLike, check_voxels: bool = True, progress: bool = False, require_training_labels: bool = True
+    root: str | os.PathLike, check_voxels: bool = True, progress: bool = False, require_training_labels: bool = True,
+    groups: tuple[str, ...] = GROUPS, read_labels: bool = True,
 ) -> ValidationReport:
     """Check a dataset folder's layout, dataset.json and (unless ``check_voxels=False``) every voxel.
 
     Without voxel checks only file names and NIfTI headers are read: shapes,
     dimensionality and affines are still compared, but truncated data, label
     values and NaN/Inf go unnoticed. ``require_training_labels=False`` accepts
-    imagesTr cases without a label (training decides, per split, which must have one).
+    imagesTr cases without a label (training decides, per split, which must have one). ``groups``: the image
+    folders whose files are opened (pretraining leaves imagesTs alone); ``read_labels=False`` opens no label file
+    (pretraining reads images only).
     """
     root = Path(root)
     report = ValidationReport(root=root, voxels_checked=check_voxels)
@@ -172,17 +175,17 @@ def validate_dataset(
         return report
     report.spec = spec
 
-    groups: dict[str, list[Case]] = {}
-    for group in GROUPS:
-        scan = scan_group(root, group, spec, require_labels=require_training_labels)
+    found: dict[str, list[Case]] = {}
+    for group in (g for g in GROUPS if g in groups):
+        scan = scan_group(root, group, spec, require_labels=require_training_labels and read_labels)
         report.problems += scan.problems
-        groups[group] = scan.cases
+        found[group] = scan.cases if read_labels else [Case(c.case_id, c.images) for c in scan.cases]
         report.case_counts[group] = len(scan.cases)
         if group == "imagesTr":
             _check_training_folder(report, root, spec, scan.num_case_ids)
 
     checker = _CaseChecker(report, spec, check_voxels)
-    todo = [(g, c) for g in GROUPS for c in groups[g]]
+    todo = [(g, c) for g in found for c in found[g]]
     if progress:
         from mnseg.utils.progress import progress_bar
 

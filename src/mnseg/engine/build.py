@@ -3,6 +3,8 @@ and place models on their device with the run's speed options (channels-last mem
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -179,6 +181,11 @@ def build_method(cfg, plans: dict, device: torch.device, n_labeled: int = 0, n_u
         device=device,
     )
     method = cls(cfg, ctx)
-    models = {role: build_model(cfg.models[role], plans["in_channels"], plans["num_classes"])
-              for role in cls.default_models}
+    models: dict[str, nn.Module] = {}
+    for role in cls.default_models:
+        mcfg = cfg.models[role]
+        derived = method.derived_kwargs(role, models)
+        if derived:
+            mcfg = dataclasses.replace(mcfg, kwargs={**mcfg.kwargs, **derived})
+        models[role] = build_model(mcfg, plans["in_channels"], plans["num_classes"])
     return method, models

@@ -36,7 +36,7 @@ def make_plans(cfg: Config, folder, split) -> dict:
     from mnseg.data.preprocess import resolve_target_spacing
 
     settings = preprocess_settings(cfg)
-    paths = [c.images[0] for c in split.labeled]
+    paths = [c.images[0] for c in split.labeled or split.unlabeled]  # no labelled case: pretraining
     target = resolve_target_spacing(settings, paths)
     spec = folder.spec
     return {
@@ -65,8 +65,12 @@ def prepare_data(
 
     folder = DatasetFolder(cfg.data.dataset)
     # imagesTr cases without a label are fine in the unlabelled pool; the split raises, naming the file, for a
-    # labelled or validation case without one.
-    validate_dataset(folder.root, require_training_labels=False).raise_if_invalid()
+    # labelled or validation case without one. Without labelled cases (num_labeled 0: pretraining) no label file
+    # is opened, nor imagesTs unless it joins the pool (transductive).
+    label_free = cfg.data.num_labeled == 0
+    groups = ("imagesTr", "imagesUnlabeled") + (("imagesTs",) if cfg.data.transductive or not label_free else ())
+    validate_dataset(folder.root, require_training_labels=False, groups=groups,
+                     read_labels=not label_free).raise_if_invalid()
     if split_dict is not None:
         split = Split.from_json_dict(split_dict, folder)
     else:

@@ -37,6 +37,7 @@ from mnseg.engine.build import (
 )
 from mnseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from mnseg.engine.hooks import Hook, default_hooks
+from mnseg.engine.pretrained import check_init_files, init_models
 from mnseg.engine.run_dir import RunDir
 from mnseg.engine.schedules import current_lr, make_scheduler
 from mnseg.engine.weights import save_weights
@@ -137,6 +138,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         check_config(cfg)  # before anything is written
+        if not self.resume:
+            check_init_files(cfg)
         self.dist = distributed.init_from_env(resolve_device(cfg.train.device))
         self.device = self.dist.device
         distributed.check_batch_divisible(cfg.train.batch_size, self.dist)
@@ -190,6 +193,8 @@ class Trainer:
         self.method, models = build_method(cfg, self.data.plans, self.device, len(self.data.labeled),
                                            len(self.data.unlabeled))
         self.ctx = self.method.ctx
+        if not self.resume:  # a resumed run has its own weights in last.pt
+            init_models(cfg, models, self.log)
         self.models = {role: place_model(m, cfg.models[role], cfg.train, self.device) for role, m in models.items()}
         if cfg.train.compile:
             for model in self.models.values():

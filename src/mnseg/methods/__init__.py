@@ -32,6 +32,8 @@ METHODS = {
                  "two stochastic passes (noise, dropout) of one network made to agree (Laine & Aila 2017)"),
     "arco": ("mnseg.methods.arco", "Arco",
              "mean teacher + voxel contrast, anchors by stratified group sampling (You et al. 2023, ARCO)"),
+    "pretrain": ("mnseg.methods.pretrain", "Pretrain",
+                 "self-supervised pretraining on unlabelled crops: rotation, contrastive or masked reconstruction"),
 }
 
 

@@ -98,6 +98,9 @@ class Method:
     slice_augmented: ClassVar[tuple[str, ...]] = ()
     predict_role: ClassVar[str] = "net"
     params_class: ClassVar[type[Params]] = Params
+    # True for a method that reads no label (self-supervised pretraining): its runs have no labelled or validation
+    # case (data.num_labeled 0, data.num_val 0), every batch is unlabelled crops.
+    label_free: ClassVar[bool] = False
 
     def __init__(self, cfg: Config, ctx: MethodContext):
         self.cfg = cfg
@@ -119,6 +122,11 @@ class Method:
 
     def setup(self) -> None:
         """Hook after models exist (e.g. copy the student into an EMA teacher)."""
+
+    def derived_kwargs(self, role: str, built: dict[str, nn.Module]) -> dict:
+        """Model options of ``role`` that follow from the roles built before it (``built``, in ``default_models``
+        order), e.g. a head's input width from the network it reads; they replace configured ones. Default none."""
+        return {}
 
     # --- schedule --------------------------------------------------------------------------------------
     def schedule_segments(self, role: str) -> list[Segment]:

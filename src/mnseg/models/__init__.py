@@ -4,7 +4,15 @@ Importing this package imports every family module so their
 ``@register_model`` decorators run.
 """
 
-from mnseg.models import discriminator, effunet, segformer, swinunetr, unet2d, unet3d  # noqa: F401  (registration)
+from mnseg.models import (  # noqa: F401  (registration)
+    discriminator,
+    effunet,
+    pretext_head,
+    segformer,
+    swinunetr,
+    unet2d,
+    unet3d,
+)
 from mnseg.models.finetune import apply_finetuning, count_parameters
 from mnseg.models.registry import create_model, list_models, model_kwargs, register_model
 from mnseg.models.slicewise import SliceWise
