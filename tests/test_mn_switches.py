@@ -120,7 +120,7 @@ def test_refresh_rule_agree_uses_both_models(monkeypatch):
     method, _ = _method(fg_refresh="agree")
     calls = []
 
-    def fake(model, image, cfg, device):
+    def fake(model, image, window, device):
         calls.append(model)
         probs = torch.zeros(2, *image.shape[1:])
         probs[1 if model is method.models["net3d"] else 0] = 1.0  # 3D says foreground, 2D says background
