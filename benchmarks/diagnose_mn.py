@@ -44,8 +44,6 @@ BUDGETS = {
                                                         "train.val_every=5"],
               "other": ["train.epochs=25", "train.val_every=5"]},
 }
-BUDGET = "long"  # set by --budget
-SUP_EPOCHS = BUDGETS[BUDGET]["sup_epochs"]
 # name -> (preset, overrides, base): a variant with a base starts from the base run's model at the end of the
 # supervised stage (checkpoints/epoch10.pt; the changed switch acts in co-training only), so the diagnosis trains
 # stage 1 once per base, not once per variant. Every M&N variant changes one thing of PAPER, except "mn".
@@ -95,15 +93,16 @@ def _train(cmd: list[str], log_file: Path) -> int:
                               stdout=fh, stderr=subprocess.STDOUT).returncode
 
 
-def _branch(run_dir: Path, base_dir: Path, overrides: list[str]) -> None:
-    """A new run directory holding the base run's stage-1 state, with this variant's settings in config.yaml."""
+def _branch(run_dir: Path, base_dir: Path, overrides: list[str], sup_epochs: int) -> None:
+    """A new run directory holding the base run's stage-1 state (its epoch ``sup_epochs``), with this variant's
+    settings in config.yaml."""
     import shutil
 
     import yaml
 
     from mnseg.config.schema import Config, apply_overrides, read_yaml
 
-    snapshot = base_dir / "checkpoints" / f"epoch{SUP_EPOCHS}.pt"
+    snapshot = base_dir / "checkpoints" / f"epoch{sup_epochs}.pt"
     if not snapshot.exists():
         raise RuntimeError(f"{snapshot} missing: the base run must finish first")
     tmp = run_dir.with_name(run_dir.name + ".tmp")
@@ -112,7 +111,7 @@ def _branch(run_dir: Path, base_dir: Path, overrides: list[str]) -> None:
     for name in ("plans.json", "split.json", "env.json"):
         shutil.copy(base_dir / name, tmp / name)
     with open(base_dir / "history.csv") as fh:
-        (tmp / "history.csv").write_text("".join(fh.readlines()[: SUP_EPOCHS + 1]))
+        (tmp / "history.csv").write_text("".join(fh.readlines()[: sup_epochs + 1]))
     cfg = Config.from_dict(apply_overrides(read_yaml(base_dir / "config.yaml"), overrides + ["train.keep_epochs=[]"]))
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     shutil.copy(snapshot, tmp / "checkpoints" / "last.pt")
@@ -127,9 +126,10 @@ def labelled_count(dataset: Path, variant: str, n: int) -> int:
     return len(list((dataset / "labelsTr").glob("*.nii*"))) - 2 if variant in ALL_LABELLED else n
 
 
-def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Path, log, extra=()) -> Path:
+def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Path, log, budget: dict,
+            extra=()) -> Path:
+    """Train (or resume, or branch) one cell under ``budget`` (an entry of BUDGETS); return its run directory."""
     preset, overrides, base = VARIANTS[variant]
-    budget = BUDGETS[BUDGET]
     fields = {"sup_epochs": budget["sup_epochs"], "pre2d_epochs": budget["mn_epochs"] + 30}
     overrides = [o.format(**fields) for o in overrides]
     if not base:  # a branch keeps its base's settings
@@ -142,7 +142,7 @@ def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Pa
     t0 = time.time()
     log_file = run_dir.parent / f"{run_dir.name}.log"
     if base and not (run_dir / "checkpoints" / "last.pt").exists():
-        _branch(run_dir, out / "runs" / base / f"n{n}_seed{seed}", overrides)
+        _branch(run_dir, out / "runs" / base / f"n{n}_seed{seed}", overrides, budget["sup_epochs"])
     if (run_dir / "checkpoints" / "last.pt").exists():
         rc = _train(["--resume", str(run_dir)], log_file)
     else:
@@ -207,8 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run that does not branch (e.g. train.epochs=75)")
     args = parser.parse_args(argv)
-    global BUDGET, SUP_EPOCHS
-    BUDGET, SUP_EPOCHS = args.budget, BUDGETS[args.budget]["sup_epochs"]
+    budget = BUDGETS[args.budget]
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -223,14 +222,14 @@ def main(argv=None) -> int:
                         "22", "--n-unlabeled", "0", "--n-test", "10", "--spacing", args.spacing], check=True)
     cells = [(v, args.num_labeled, s) for s in seeds for v in variants]
     needed = {(VARIANTS[v][2], n, s) for v, n, s in cells if VARIANTS[v][2]}
-    snapshot = lambda b, n, s: out / "runs" / b / f"n{n}_seed{s}" / "checkpoints" / f"epoch{SUP_EPOCHS}.pt"  # noqa: E731
+    snapshot = lambda b, n, s: out / "runs" / b / f"n{n}_seed{s}" / "checkpoints" / f"epoch{budget['sup_epochs']}.pt"  # noqa: E731
     missing = sorted(c for c in needed - set(cells) if not snapshot(*c).exists())
     first = [c for c in cells if not VARIANTS[c[0]][2]] + missing  # bases before branches
     then = [c for c in cells if VARIANTS[c[0]][2]]
     dirs = {}
     for stage in (first, then):
         with ThreadPoolExecutor(args.jobs) as pool:
-            train = lambda c: run_one(dataset, out, *c, out / "cache", print, args.set)  # noqa: E731
+            train = lambda c: run_one(dataset, out, *c, out / "cache", print, budget, args.set)  # noqa: E731
             dirs.update(zip(stage, pool.map(train, stage)))
     results = [{"variant": v, "n": labelled_count(dataset, v, n), "seed": s, **read_run(dirs[(v, n, s)])}
                for v, n, s in cells]

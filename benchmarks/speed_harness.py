@@ -474,14 +474,26 @@ def bench_training(
             entry["bf16_frozen_tensors"] = side.bf16_frozen_tensors()
             return entry
 
-        entry = result["variants"][variant.name] = _guarded(run, keep_going, device)
-        log(f"training {variant.name}: " + (entry["error"] if "error" in entry else (
+        _record(result, variant, run, compiled, "training", lambda entry: (
             f"{_side_line(entry['mnseg'])}, speed-up {entry['speedup']:.2f}x, memory ratio "
-            f"{_fmt(entry['memory_ratio'], '.2f')}")))
-        _free(device, compiled)
+            f"{_fmt(entry['memory_ratio'], '.2f')}"), keep_going, device, log)
+    return _promote_first(result, variants, ("mnseg", "speedup", "memory_ratio"))
+
+
+def _record(result: dict, variant: Variant, run: Callable[[], dict], compiled: bool, what: str,
+            summary: Callable[[dict], str], keep_going: bool, device: torch.device, log) -> None:
+    """One variant: ``run()`` (guarded), its entry under ``result["variants"]``, a log line (its summary or its
+    error), then its memory freed."""
+    entry = result["variants"][variant.name] = _guarded(run, keep_going, device)
+    log(f"{what} {variant.name}: " + (entry["error"] if "error" in entry else summary(entry)))
+    _free(device, compiled)
+
+
+def _promote_first(result: dict, variants: list[Variant], keys: tuple[str, ...]) -> dict:
+    """The first variant's figures also at the top level (as for a single variant), unless it failed."""
     first = result["variants"][variants[0].name]
     if "error" not in first:
-        result.update(mnseg=first["mnseg"], speedup=first["speedup"], memory_ratio=first["memory_ratio"])
+        result.update({k: first[k] for k in keys})
     return result
 
 
@@ -595,15 +607,10 @@ def bench_inference(
                 "foreground_fraction": float((mask > 0).float().mean()),
             }
 
-        entry = result["variants"][variant.name] = _guarded(run, keep_going, device)
-        log(f"inference {variant.name}: " + (entry["error"] if "error" in entry else (
+        _record(result, variant, run, compiled, "inference", lambda entry: (
             f"{entry['mnseg']['volumes_per_s']:.3f} vol/s, speed-up {entry['speedup']:.2f}x, mask Dice "
-            f"{entry['mask_dice']:.5f}")))
-        _free(device, compiled)
-    first = result["variants"][variants[0].name]
-    if "error" not in first:
-        result.update({k: first[k] for k in ("mnseg", "speedup", "mask_dice", "foreground_fraction")})
-    return result
+            f"{entry['mask_dice']:.5f}"), keep_going, device, log)
+    return _promote_first(result, variants, ("mnseg", "speedup", "mask_dice", "foreground_fraction"))
 
 
 def _synthetic_cases(preset: Preset, n: int, labelled: bool, rng: np.random.Generator):

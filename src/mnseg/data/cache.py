@@ -72,33 +72,26 @@ class PreprocessCache:
         }
 
     def get(
-        self,
-        case_id: str,
-        image_paths: Sequence[str | os.PathLike],
-        label_path: str | os.PathLike | None,
-        settings: PreprocessSettings,
-        modality: str | Sequence[str],
+        self, item: CacheItem, settings: PreprocessSettings, modality: str | Sequence[str],
         target_spacing: Sequence[float] | None,
     ) -> PreprocessedCase:
+        """The case ``item`` = (case_id, image_paths, label_path), from a valid entry or freshly built."""
+        case_id, image_paths, label_path = item
         fp = fingerprint(image_paths, label_path, settings, modality, target_spacing)
         cached = self._load(case_id, fp, label_path is not None, mmap_mode="r" if self.mmap else None)
         if cached is not None:
             return cached
-        case = self.build(case_id, image_paths, label_path, settings, modality, target_spacing)
+        case = self.build(item, settings, modality, target_spacing)
         if self.mmap:
             return self._load(case_id, fp, label_path is not None, mmap_mode="r") or case
         return case
 
     def is_valid(
-        self,
-        case_id: str,
-        image_paths: Sequence[str | os.PathLike],
-        label_path: str | os.PathLike | None,
-        settings: PreprocessSettings,
-        modality: str | Sequence[str],
+        self, item: CacheItem, settings: PreprocessSettings, modality: str | Sequence[str],
         target_spacing: Sequence[float] | None,
     ) -> bool:
         """Whether a trustworthy entry exists (arrays are memory-mapped to check them, not read)."""
+        case_id, image_paths, label_path = item
         fp = fingerprint(image_paths, label_path, settings, modality, target_spacing)
         return self._load(case_id, fp, label_path is not None, mmap_mode="r") is not None
 
@@ -118,11 +111,7 @@ class PreprocessCache:
         """
         from mnseg.utils.progress import progress_bar
 
-        todo = [
-            (cid, imgs, lbl)
-            for cid, imgs, lbl in items
-            if not self.is_valid(cid, imgs, lbl, settings, modality, target_spacing)
-        ]
+        todo = [item for item in items if not self.is_valid(item, settings, modality, target_spacing)]
         bar = progress_bar(total=len(items), initial=len(items) - len(todo), desc="preprocess", disable=not progress)
         try:
             if workers and workers > 0 and len(todo) > 1:
@@ -132,7 +121,7 @@ class PreprocessCache:
                 context = multiprocessing.get_context("spawn")
                 with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
                     futures = [
-                        pool.submit(_build, str(self.cache_dir), cid, list(imgs), lbl, settings, modality,
+                        pool.submit(_build, str(self.cache_dir), (cid, list(imgs), lbl), settings, modality,
                                     target_spacing)
                         for cid, imgs, lbl in todo
                     ]
@@ -140,23 +129,19 @@ class PreprocessCache:
                         future.result()  # re-raises a worker's error (e.g. an unreadable file)
                         bar.update(1)
             else:
-                for cid, imgs, lbl in todo:
-                    self.build(cid, imgs, lbl, settings, modality, target_spacing)
+                for item in todo:
+                    self.build(item, settings, modality, target_spacing)
                     bar.update(1)
         finally:
             bar.close()
         return [it[0] for it in todo]
 
     def build(
-        self,
-        case_id: str,
-        image_paths: Sequence[str | os.PathLike],
-        label_path: str | os.PathLike | None,
-        settings: PreprocessSettings,
-        modality: str | Sequence[str],
+        self, item: CacheItem, settings: PreprocessSettings, modality: str | Sequence[str],
         target_spacing: Sequence[float] | None,
     ) -> PreprocessedCase:
         """Compute one case and store it, whatever is cached."""
+        case_id, image_paths, label_path = item
         fp = fingerprint(image_paths, label_path, settings, modality, target_spacing)
         case = preprocess_case(case_id, image_paths, label_path, settings, modality, target_spacing)
         self._store(case, fp)
@@ -221,10 +206,10 @@ class PreprocessCache:
         return PreprocessedCase(case_id=case_id, image=image, label=label, geometry=geometry)
 
 
-def _build(cache_dir: str, case_id: str, image_paths, label_path, settings, modality, target_spacing) -> str:
+def _build(cache_dir: str, item: CacheItem, settings, modality, target_spacing) -> str:
     """Process-pool entry point (top level so it pickles under fork, spawn and forkserver)."""
-    PreprocessCache(cache_dir).build(case_id, image_paths, label_path, settings, modality, target_spacing)
-    return case_id
+    PreprocessCache(cache_dir).build(item, settings, modality, target_spacing)
+    return item[0]
 
 
 def _check_case_id(case_id: str) -> None:

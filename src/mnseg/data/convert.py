@@ -186,23 +186,36 @@ def convert_msd(task_dir: str | os.PathLike, out_dir: str | os.PathLike, overwri
     removed = _remove_stale(out, written) if overwrite else []
 
     kept = ("name", "description", "reference", "licence", "release")
-    dataset = {key: meta[key] for key in kept if key in meta}
-    dataset.update({
+    _write_dataset_json(
+        out, {key: meta[key] for key in kept if key in meta}, channels, labels, cases, removed,
+        {
+            "format": "msd",
+            "source": str(task.resolve()),
+            "original_labels": meta.get("labels"),
+            "original_modality": meta.get("modality"),
+        },
+    )
+    return out
+
+
+def _write_dataset_json(
+    out: Path, head: dict, channels: dict[str, str], labels: dict[str, int], cases: Sequence[_Case],
+    removed: Sequence[Path], converted_from: dict,
+) -> None:
+    """Write dataset.json last (it marks the folder finished): ``head``, the channels, labels and counts,
+    and where the data came from (``converted_from`` plus the test count and the stale files removed)."""
+    atomic_write_json(out / "dataset.json", {
+        **head,
         "channel_names": channels,
         "labels": labels,
         "numTraining": sum(c.subset == "Tr" for c in cases),
         "file_ending": FILE_ENDING,
         "converted_from": {
-            "format": "msd",
-            "source": str(task.resolve()),
-            "original_labels": meta.get("labels"),
-            "original_modality": meta.get("modality"),
+            **converted_from,
             "numTest": sum(c.subset == "Ts" for c in cases),
             "stale_files_removed": len(removed),
         },
     })
-    atomic_write_json(out / "dataset.json", dataset)
-    return out
 
 
 def _read_msd_json(path: Path) -> dict:

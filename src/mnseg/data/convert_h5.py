@@ -21,11 +21,12 @@ from mnseg.data.convert import (
     _paths_summary,
     _remove_stale,
     _start_output,
+    _write_dataset_json,
     check_labels,
 )
+from mnseg.data.geometry import check_spacing
 from mnseg.data.io import save_nifti
 from mnseg.errors import ConfigError, DatasetError, InputFileError
-from mnseg.utils.atomic import atomic_write_json
 
 DEFAULT_H5_LABELS = {"background": 0, "foreground": 1}
 
@@ -101,16 +102,6 @@ def _plan_h5(h5_dir: Path, train_list, test_list) -> list[_Case]:
     return cases
 
 
-def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(s) for s in spacing)
-    except (TypeError, ValueError):
-        raise ConfigError(f"spacing must be three positive numbers, got {spacing!r}") from None
-    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
-        raise ConfigError(f"spacing must be three positive numbers, got {spacing!r}")
-    return values
-
-
 def _read_h5_case(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import h5py
 
@@ -156,7 +147,7 @@ def convert_h5(
     h5_dir = Path(h5_dir).expanduser()
     if not h5_dir.is_dir():
         raise InputFileError(f"{h5_dir}: h5 folder not found")
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     labels = check_labels(dict(DEFAULT_H5_LABELS if labels is None else labels), "labels")
     if not isinstance(modality, str) or not modality.strip():
         raise ConfigError(f"modality must be a non-empty name such as MRI or CT, got {modality!r}")
@@ -183,22 +174,16 @@ def convert_h5(
             return None if src is None else str(Path(src).expanduser().resolve())
         return [str(s) for s in src]
 
-    atomic_write_json(out / "dataset.json", {
-        "name": h5_dir.name,
-        "channel_names": {"0": modality},
-        "labels": labels,
-        "numTraining": sum(c.subset == "Tr" for c in cases),
-        "file_ending": FILE_ENDING,
-        "converted_from": {
+    _write_dataset_json(
+        out, {"name": h5_dir.name}, {"0": modality}, labels, cases, removed,
+        {
             "format": "h5",
             "source": str(h5_dir.resolve()),
             "train_list": _list_record(train_list),
             "test_list": _list_record(test_list),
             "spacing": list(spacing),
             "modality": modality,
-            "numTest": sum(c.subset == "Ts" for c in cases),
             "cases": {c.name: str(c.image.resolve()) for c in cases},
-            "stale_files_removed": len(removed),
         },
-    })
+    )
     return out

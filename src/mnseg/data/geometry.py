@@ -13,11 +13,23 @@ from collections.abc import Sequence
 import numpy as np
 
 from mnseg.data.io import voxel_spacing
+from mnseg.errors import ConfigError
 
 # Spacings closer than this (mm) count as equal: the data then passes through untouched.
 SPACING_TOLERANCE = 1e-3
 
 Spacing = tuple[float, float, float]
+
+
+def check_spacing(spacing: Sequence[float], what: str = "spacing") -> Spacing:
+    """Three finite positive voxel sizes (mm) as floats; a ConfigError naming ``what`` otherwise."""
+    try:
+        values = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be three positive numbers (mm), got {spacing!r}") from None
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"{what} must be three positive numbers (mm), got {spacing!r}")
+    return values
 
 
 def ras_orientation(affine: np.ndarray) -> np.ndarray:

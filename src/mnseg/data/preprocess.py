@@ -49,13 +49,7 @@ class PreprocessSettings:
             if ts != "median":
                 raise ConfigError(f"target_spacing must be None, 'median' or three numbers (mm), got {ts!r}")
         elif ts is not None:
-            try:
-                ts = tuple(float(v) for v in ts)
-            except (TypeError, ValueError):
-                raise ConfigError(f"target_spacing must be three numbers (mm), got {ts!r}") from None
-            if len(ts) != 3 or not all(np.isfinite(v) and v > 0 for v in ts):
-                raise ConfigError(f"target_spacing must be three positive numbers (mm), got {list(ts)}")
-            self.target_spacing = ts
+            self.target_spacing = geo.check_spacing(ts, "target_spacing")
         if self.normalization not in NORMALIZATIONS:
             raise ConfigError(
                 f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}"

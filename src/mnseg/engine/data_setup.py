@@ -122,7 +122,7 @@ def load_cases(cache, items: list, settings, modality, target, progress: bool = 
         cache.prepare(items, settings, modality, target, progress=progress, workers=workers)
         progress = False
     cases = []
-    for case_id, images, label in progress_bar(items, desc="preprocess", disable=not progress):
-        cases.append(cache.get(case_id, images, label, settings, modality, target))
+    for item in progress_bar(items, desc="preprocess", disable=not progress):
+        cases.append(cache.get(item, settings, modality, target))
     return cases
 

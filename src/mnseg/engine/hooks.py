@@ -70,6 +70,7 @@ class ValidationHook(Hook):
         (in history.csv as ``val_dice_<class>``: a rare class's swing is told apart from the large classes')."""
         from mnseg.evaluation.metrics import dice
         from mnseg.inference.predict import predict_probabilities
+        from mnseg.inference.window import WindowSettings
 
         t = self.trainer
         predictor = t.method.predictor(t.cfg.infer.model)
@@ -78,8 +79,9 @@ class ValidationHook(Hook):
         models = [unwrap(m) for m in (predictor if isinstance(predictor, list) else [predictor])]
         names = t.data.plans.get("class_names") or []
         scores: dict[str, list[float]] = {}
+        window = WindowSettings.from_config(t.cfg)
         for i, case in enumerate(t.data.val):
-            probs = predict_probabilities(models, torch.from_numpy(case.image), t.cfg, t.device)
+            probs = predict_probabilities(models, torch.from_numpy(case.image), window, t.device)
             pred = probs.argmax(0).cpu().numpy()
             ref = case.label
             scored = pred if t.ctx.ignore_index is None else np.where(ref == t.ctx.ignore_index, 0, pred)

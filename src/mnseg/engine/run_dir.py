@@ -31,6 +31,11 @@ from mnseg.errors import MnsegError
 from mnseg.utils.atomic import atomic_write_json, atomic_write_text
 
 
+def _in_run(name: str) -> property:
+    """A read-only path property: the run directory / the class constant ``name``."""
+    return property(lambda self: self.path / getattr(self, name), doc=f"RUN_DIR / {name}")
+
+
 class RunDir:
     CONFIG, PLANS, SPLIT, ENV, HISTORY, TIMING = "config.yaml", "plans.json", "split.json", "env.json", "history.csv", \
         "timing.json"
@@ -40,9 +45,12 @@ class RunDir:
         self.path = Path(path)
 
     # --- paths ------------------------------------------------------------------------------------------
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / self.CHECKPOINTS
+    checkpoints = _in_run("CHECKPOINTS")
+    config = _in_run("CONFIG")
+    history = _in_run("HISTORY")
+    timing = _in_run("TIMING")
+    tensorboard = _in_run("TENSORBOARD")
+    test_predictions = _in_run("TEST_PREDICTIONS")
 
     def checkpoint(self, tag: str) -> Path:
         """The full training state of ``tag`` (last, best, epoch<N>), for ``--resume``."""
@@ -51,26 +59,6 @@ class RunDir:
     def weights(self, tag: str) -> Path:
         """Every role's weights of ``tag`` as safetensors: all that prediction and export read."""
         return self.checkpoints / f"{tag}.safetensors"
-
-    @property
-    def config(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def history(self) -> Path:
-        return self.path / self.HISTORY
-
-    @property
-    def timing(self) -> Path:
-        return self.path / self.TIMING
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / self.TENSORBOARD
-
-    @property
-    def test_predictions(self) -> Path:
-        return self.path / self.TEST_PREDICTIONS
 
     @property
     def test_summary(self) -> Path:

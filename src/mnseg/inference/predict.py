@@ -14,18 +14,18 @@ from torch import nn
 from mnseg.config.schema import Config
 from mnseg.engine.build import build_augmenter, build_method, place_model, resolve_device
 from mnseg.errors import ConfigError, InputFileError, MnsegError
+from mnseg.inference.window import WindowSettings, average_probabilities, sliding_window_probabilities
 
 
 def predict_probabilities(
-    models, image: torch.Tensor, cfg: Config, device: torch.device, mirror_axes: Sequence | None = None
+    models, image: torch.Tensor, window: WindowSettings, device: torch.device, mirror_axes: Sequence | None = None
 ) -> torch.Tensor:
     """Sliding-window softmax probabilities (K, X, Y, Z) of one preprocessed image (C, X, Y, Z); several models
     (an ensemble, e.g. M&N's 2D and 3D models) are averaged.
 
     ``mirror_axes`` gives, per model, the spatial axes whose flips are averaged (``()``: no mirroring); without
-    it ``cfg.infer.mirror_tta`` mirrors over every axis.
+    it ``window.mirror_tta`` mirrors over every axis.
     """
-    from mnseg.inference.window import average_probabilities, sliding_window_probabilities
 
     models = list(models) if isinstance(models, list | tuple) else [models]
     if mirror_axes is not None:
@@ -36,14 +36,14 @@ def predict_probabilities(
         sliding_window_probabilities(
             m,
             image,
-            tuple(cfg.data.patch_size),
-            overlap=cfg.infer.overlap,
-            blend=cfg.infer.blend,
-            mirror_tta=cfg.infer.mirror_tta if mirror_axes is None else False,
-            sw_batch_size=cfg.infer.sw_batch_size,
-            amp=cfg.train.amp and device.type == "cuda",
+            window.patch_size,
+            overlap=window.overlap,
+            blend=window.blend,
+            mirror_tta=window.mirror_tta if mirror_axes is None else False,
+            sw_batch_size=window.sw_batch_size,
+            amp=window.amp and device.type == "cuda",
             device=device,
-            channels_last=cfg.train.channels_last,
+            channels_last=window.channels_last,
         )
         for m in models
     ]
@@ -190,7 +190,8 @@ def predict_case(run: LoadedRun, case_id: str, image_paths: list[Path]) -> tuple
     pre = preprocess_case(case_id, image_paths, None, settings, run.plans["modality"], target)
     with torch.no_grad():
         probs = predict_probabilities(
-            run.models, torch.from_numpy(pre.image), run.cfg, run.device, mirror_axes=run.mirror_axes
+            run.models, torch.from_numpy(pre.image), WindowSettings.from_config(run.cfg), run.device,
+            mirror_axes=run.mirror_axes,
         )
     probs_orig = restore_probabilities(probs.float().cpu().numpy(), pre.geometry)
     labels = probs_orig.argmax(0).astype(np.uint8 if run.plans["num_classes"] < 256 else np.int16)

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,32 @@ from mnseg.errors import ConfigError
 
 BLEND_MODES = ("constant", "gaussian")
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by window batch rank (2D / 3D patches)
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """All the sliding window takes from a run's config; ``from_config`` is the one place that reads them."""
+
+    patch_size: tuple[int, ...]  # data.patch_size: the window is the training patch
+    overlap: float  # infer.overlap
+    blend: str  # infer.blend
+    mirror_tta: bool  # infer.mirror_tta: mirror over every spatial axis
+    sw_batch_size: int  # infer.sw_batch_size
+    amp: bool  # train.amp (used on CUDA only)
+    channels_last: bool  # train.channels_last
+
+    @classmethod
+    def from_config(cls, cfg) -> WindowSettings:
+        """The settings of ``cfg`` (a ``Config``) as they are now (``predict`` may have changed infer.*)."""
+        return cls(
+            patch_size=tuple(cfg.data.patch_size),
+            overlap=cfg.infer.overlap,
+            blend=cfg.infer.blend,
+            mirror_tta=cfg.infer.mirror_tta,
+            sw_batch_size=cfg.infer.sw_batch_size,
+            amp=cfg.train.amp,
+            channels_last=cfg.train.channels_last,
+        )
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ from torch import nn
 from mnseg.engine.contract import sigmoid_rampup
 from mnseg.errors import ConfigError
 from mnseg.losses import hard_pseudo_label_ce, supervised_loss
-from mnseg.methods.base import Batch, Method, Params, StepOutput
+from mnseg.methods.base import Batch, StepOutput
+from mnseg.methods.paired import PairedNetworks, PairedParams
 
 ROLES = ("net_a", "net_b")
 
@@ -48,23 +49,18 @@ def reinitialise(model: nn.Module, seed: int) -> None:
 
 
 @dataclass
-class CPSParams(Params):
+class CPSParams(PairedParams):
     lambda_cps: float = 1.5
     rampup_epochs: float = 0  # ramp of the CPS weight, in epochs (0: none)
     cps_on_labeled: bool = True
-    w_ce: float = 1.0  # weight of cross-entropy in the labelled loss
-    w_dice: float = 1.0  # weight of soft Dice
-    predict: str = "a"  # which network predicts: a, b or average
 
 
-class CPS(Method):
+class CPS(PairedNetworks):
     """CPS: two differently initialised networks supervise each other with hard pseudo-labels (Chen et al. 2021)."""
 
     name = "cps"
     params_class = CPSParams
-    augmented_as = {"net_b": "net_a"}  # one augmented batch feeds both networks
     default_models = {"net_a": {"name": "unet3d"}, "net_b": {"name": "unet3d"}}
-    predict_role = "net_a"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -80,10 +76,6 @@ class CPS(Method):
         if parameters_equal(a, b):
             # CPS relies on the two networks starting apart; identical copies would agree forever.
             reinitialise(b, self.cfg.train.seed + 1)
-
-    def batch_split(self, epoch: int, iteration: int) -> tuple[int, int]:
-        B = self.ctx.batch_size
-        return B, (B if self.ctx.n_unlabeled > 0 else 0)
 
     def cps_weight(self, epoch: int, iteration: int) -> float:
         it = self.ctx.iters_per_epoch
@@ -115,6 +107,3 @@ class CPS(Method):
             "lambda_cps": weight,
         }
         return StepOutput(loss, logs)
-
-    def predictor(self, which: str | None = None):
-        return self.pick_predictor(which, {"a": "net_a", "b": "net_b"}, "a")

@@ -48,7 +48,8 @@ from torch import Tensor
 
 from mnseg.errors import ConfigError
 from mnseg.losses import supervised_loss
-from mnseg.methods.base import Batch, Method, Params, StepOutput
+from mnseg.methods.base import Batch, StepOutput
+from mnseg.methods.paired import PairedNetworks, PairedParams
 from mnseg.methods.voxel_contrast import ClassifierInputs, class_prototypes
 
 ROLES = ("net_a", "net_b")
@@ -180,7 +181,7 @@ def _prototype_contrast(
 
 # --- the method -------------------------------------------------------------------------------------------
 @dataclass
-class DualContrastParams(Params):
+class DualContrastParams(PairedParams):
     lambda_u: float = 1.0
     lambda_c: float = 0.1
     lambda_c_form: str = "rampup"
@@ -192,22 +193,17 @@ class DualContrastParams(Params):
     anchors_per_class: int = 256
     temperature: float = 0.1
     class_balanced: bool = True
-    w_ce: float = 1.0  # weight of cross-entropy in the labelled loss
-    w_dice: float = 1.0  # weight of soft Dice
-    predict: str = "a"  # which network predicts: a, b or average
 
 
-class DualContrast(Method):
+class DualContrast(PairedNetworks):
     """Dual subnets: winner's pseudo-labels, confidence-gated L1, prototype contrast (Lu et al. 2025)."""
 
     name = "dual_contrast"
     params_class = DualContrastParams
-    augmented_as = {"net_b": "net_a"}  # one augmented batch feeds both networks
     default_models = {
         "net_a": {"name": "unet3d"},
         "net_b": {"name": "unet3d", "kwargs": {"depth": 4, "base_filters": 24}},
     }
-    predict_role = "net_a"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -244,10 +240,6 @@ class DualContrast(Method):
         return self.taps.forward(role, self.models[role], image)
 
     # --- schedules ------------------------------------------------------------------------------------------
-    def batch_split(self, epoch: int, iteration: int) -> tuple[int, int]:
-        B = self.ctx.batch_size
-        return B, (B if self.ctx.n_unlabeled > 0 else 0)
-
     def progress(self, epoch: int, iteration: int) -> tuple[int, int]:
         it = self.ctx.iters_per_epoch
         return epoch * it + iteration, self.ctx.epochs * it
@@ -342,9 +334,6 @@ class DualContrast(Method):
         return total
 
     # --- inference and state --------------------------------------------------------------------------------
-    def predictor(self, which: str | None = None):
-        return self.pick_predictor(which, {"a": "net_a", "b": "net_b"}, "a")
-
     def extra_state(self) -> dict:
         return {"generator": self.generator.get_state()}
 

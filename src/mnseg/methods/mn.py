@@ -244,14 +244,15 @@ class MN(Method):
         or (``fg_refresh: agree``) those where both models name the same class, so that crops centred on a rare
         class are not ones where the partner's pseudo-mask says another class."""
         from mnseg.data.sampling import foreground_coords
-        from mnseg.engine.contract import predict_probabilities
+        from mnseg.engine.contract import WindowSettings, predict_probabilities
 
         roles = ("net3d", "net2d") if self.choice["fg_refresh"] == "agree" else ("net3d",)
         models = [self.generators.get(r, self.models[r]) for r in roles]  # the window loop sets eval mode
         coords = {}
+        window = WindowSettings.from_config(self.cfg)
         for case in self.batcher.unlabeled:
             image = torch.from_numpy(case.image)
-            labels = [predict_probabilities(m, image, self.cfg, self.ctx.device).argmax(0).cpu().numpy()
+            labels = [predict_probabilities(m, image, window, self.ctx.device).argmax(0).cpu().numpy()
                       for m in models]
             coords[case.case_id] = foreground_coords(agreed_labels(labels), rng=self._rng)
         self.batcher.set_unlabeled_foreground(coords)

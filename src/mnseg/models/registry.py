@@ -97,6 +97,16 @@ def crop_spatial(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return x[index]
 
 
+def padded_forward(net: torch.nn.Module, x: torch.Tensor, multiple: int, spatial_dims: int) -> torch.Tensor:
+    """``net`` on ``x`` padded to a multiple of ``multiple``, cropped back to ``x``'s size.
+
+    At least 2 voxels per axis reach the bottleneck (``minimum = 2 * multiple``):
+    instance and batch norm fail on a single voxel.
+    """
+    padded, size = pad_to_multiple(x, multiple, spatial_dims, minimum=2 * multiple)
+    return crop_spatial(net(padded), size)
+
+
 def check_choice(model: str, option: str, value, choices) -> None:
     """Raise ``ConfigError`` unless ``value`` is one of ``choices``."""
     if value not in choices:

@@ -13,7 +13,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 
 from mnseg.errors import ConfigError
-from mnseg.models.registry import crop_spatial, pad_to_multiple, register_model
+from mnseg.models.registry import padded_forward, register_model
 
 
 class SwinUNETR3D(torch.nn.Module):
@@ -45,9 +45,7 @@ class SwinUNETR3D(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # at least 2 voxels per axis at the bottleneck: instance norm fails on a single voxel
-        padded, size = pad_to_multiple(x, self.size_divisor, self.spatial_dims, minimum=2 * self.size_divisor)
-        return crop_spatial(self.net(padded), size)
+        return padded_forward(self.net, x, self.size_divisor, self.spatial_dims)
 
 
 @register_model("swinunetr")

@@ -18,7 +18,7 @@ import torch
 from monai.networks.nets import DynUNet
 
 from mnseg.errors import ConfigError
-from mnseg.models.registry import check_choice, crop_spatial, pad_to_multiple, register_model
+from mnseg.models.registry import check_choice, padded_forward, register_model
 
 NORMS = {"instance": ("INSTANCE", {"affine": True}), "batch": ("BATCH", {})}
 DROPOUT_AT = ("all", "bottleneck_head")
@@ -76,9 +76,7 @@ class PlainUNet(torch.nn.Module):
         return (self.channel_dropout(inputs[0]),)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # at least 2 voxels per axis at the bottleneck: instance/batch norm fail on a single voxel
-        padded, size = pad_to_multiple(x, self.size_divisor, self.spatial_dims, minimum=2 * self.size_divisor)
-        return crop_spatial(self.net(padded), size)
+        return padded_forward(self.net, x, self.size_divisor, self.spatial_dims)
 
 
 @register_model("unet3d")

@@ -5,11 +5,11 @@ the automatic input scale of the 2D encoder."""
 import numpy as np
 import pytest
 import torch
-from test_mn import EPOCHS, ITERS, SUP, B, _batch, _method
 
 from mnseg.losses import pseudo_label_loss, soft_dice_loss
 from mnseg.methods.mn import agreed_labels
 from mnseg.models import create_model
+from tests.methods.test_mn import EPOCHS, ITERS, SUP, B, _batch, _method
 
 
 def _soft_target(seed=0, shape=(2, 3, 6, 6, 6)):
@@ -139,7 +139,7 @@ def test_refresh_rule_agree_uses_both_models(monkeypatch):
     method, _ = _method(fg_refresh="agree")
     calls = []
 
-    def fake(model, image, cfg, device):
+    def fake(model, image, window, device):
         calls.append(model)
         probs = torch.zeros(2, *image.shape[1:])
         probs[1 if model is method.models["net3d"] else 0] = 1.0  # 3D says foreground, 2D says background

@@ -7,8 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from method_scaffold import attach_with_sgd, tiny_context
-from numpy_reference import np_softmax
 
 import mnseg.methods
 from mnseg.cli import main
@@ -18,6 +16,8 @@ from mnseg.losses import softmax_mse_loss
 from mnseg.methods.base import Batch
 from mnseg.methods.ua_mt import UAMT, dropout_active
 from mnseg.models import create_model
+from tests.helpers.method_scaffold import attach_with_sgd, tiny_context
+from tests.helpers.numpy_reference import np_softmax
 
 TINY_RUN = "--num-labeled 2 --epochs 2 --iters-per-epoch 2 --batch-size 2 --patch-size 16,16,16 --no-progress".split()
 

@@ -8,8 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from method_scaffold import attach_with_sgd, tiny_context
-from numpy_reference import SMOOTH, np_softmax
 
 import mnseg.methods
 from mnseg.config.schema import Config, ModelConfig
@@ -19,6 +17,8 @@ from mnseg.errors import ConfigError
 from mnseg.methods.base import Batch
 from mnseg.methods.sparse2dense import Sparse2Dense, soft_edge_labels
 from mnseg.models.slicewise import SliceWise
+from tests.helpers.method_scaffold import attach_with_sgd, tiny_context
+from tests.helpers.numpy_reference import SMOOTH, np_softmax
 
 IGNORE = 2  # two classes (background, fg) + the ignore label
 

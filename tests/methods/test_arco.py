@@ -7,8 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from method_scaffold import attach_with_sgd, tiny_context
-from numpy_reference import np_softmax, np_supervised
 from torch import nn
 
 import mnseg.methods
@@ -19,6 +17,8 @@ from mnseg.methods.arco import Arco, confidence_weighted_ce, contrast_classes
 from mnseg.methods.base import Batch
 from mnseg.methods.voxel_contrast import class_prototypes, flat_voxels, prototype_info_nce, sample_by_class
 from mnseg.models import create_model
+from tests.helpers.method_scaffold import attach_with_sgd, tiny_context
+from tests.helpers.numpy_reference import np_softmax, np_supervised
 
 TINY_RUN = "--num-labeled 2 --epochs 2 --iters-per-epoch 2 --batch-size 2 --patch-size 16,16,16 --no-progress".split()
 IGNORE = 2

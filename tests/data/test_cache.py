@@ -32,8 +32,7 @@ def _case(root, case_id="toytr_000"):
 
 
 def _get(cache, item, settings=None, target=(1.5, 1.5, 1.5)):
-    cid, imgs, lbl = item
-    return cache.get(cid, imgs, lbl, settings or PreprocessSettings(), "MRI", target)
+    return cache.get(item, settings or PreprocessSettings(), "MRI", target)
 
 
 def test_hit_returns_same_arrays_without_recomputing(toy_dataset, tmp_path, counted):
@@ -74,11 +73,10 @@ def test_changed_settings_or_spacing_or_modality_recompute(toy_dataset, tmp_path
     other = _get(cache, item, target=(2.0, 2.0, 2.0))
     assert len(counted) == 3
     assert other.image.shape[1:] == (16, 16, 16)
-    cid, imgs, lbl = item
-    cache.get(cid, imgs, lbl, PreprocessSettings(), "CT", (2.0, 2.0, 2.0))
+    cache.get(item, PreprocessSettings(), "CT", (2.0, 2.0, 2.0))
     assert len(counted) == 4
     # The stored entry now reflects the last request, and that request hits.
-    cache.get(cid, imgs, lbl, PreprocessSettings(), "CT", (2.0, 2.0, 2.0))
+    cache.get(item, PreprocessSettings(), "CT", (2.0, 2.0, 2.0))
     assert len(counted) == 4
 
 
@@ -153,14 +151,14 @@ def test_prepare_with_worker_processes(toy_dataset, tmp_path):
     items = [_case(toy_dataset, f"toytr_{i:03d}") for i in range(2)]
     built = cache.prepare(items, PreprocessSettings(), "MRI", None, progress=False, workers=2)
     assert sorted(built) == ["toytr_000", "toytr_001"]
-    assert all(cache.is_valid(c, i, lbl, PreprocessSettings(), "MRI", None) for c, i, lbl in items)
+    assert all(cache.is_valid(item, PreprocessSettings(), "MRI", None) for item in items)
 
 
 def test_missing_source_and_bad_case_id(toy_dataset, tmp_path):
     cache = PreprocessCache(tmp_path / "cache")
     with pytest.raises(InputFileError, match="nope_0000.nii.gz"):
         missing = toy_dataset / "imagesTr" / "nope_0000.nii.gz"
-        cache.get("nope", [missing], None, PreprocessSettings(), "MRI", None)
+        cache.get(("nope", [missing], None), PreprocessSettings(), "MRI", None)
     cid, imgs, lbl = _case(toy_dataset)
     with pytest.raises(ValueError, match="case id"):
-        cache.get("../evil", imgs, lbl, PreprocessSettings(), "MRI", None)
+        cache.get(("../evil", imgs, lbl), PreprocessSettings(), "MRI", None)

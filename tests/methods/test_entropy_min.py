@@ -7,8 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from method_scaffold import attach_with_sgd, tiny_context
-from numpy_reference import conv1x1, np_softmax, np_supervised
 
 import mnseg.methods
 from mnseg.cli import main
@@ -16,6 +14,8 @@ from mnseg.config.schema import Config
 from mnseg.methods.base import Batch
 from mnseg.methods.entropy_min import EntropyMin
 from mnseg.models import create_model
+from tests.helpers.method_scaffold import attach_with_sgd, tiny_context
+from tests.helpers.numpy_reference import conv1x1, np_softmax, np_supervised
 
 TINY_RUN = "--num-labeled 2 --epochs 2 --iters-per-epoch 2 --batch-size 2 --patch-size 16,16,16 --no-progress".split()
 TINY_NET = ["models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 4}"]

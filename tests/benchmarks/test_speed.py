@@ -12,7 +12,7 @@ import torch
 
 from mnseg.errors import ConfigError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from speed_harness import (  # noqa: E402
     PRESETS,
     VARIANTS,
@@ -26,7 +26,7 @@ from speed_harness import (  # noqa: E402
     parse_variants,
 )
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 
 
 def _script():
@@ -177,7 +177,7 @@ def test_loader_rate(tiny_result):
 def test_both_sides_compute_the_same_first_loss(one_thread, variant):
     """The plain side is the same recipe: from the same weights its first (3D) loss equals mnseg's in fp32
     (under every variant that runs on a CPU: a memory layout or a recompute changes no numbers; the checkpointed
-    gradients are compared in tests/test_checkpointing.py)."""
+    gradients are compared in tests/models/test_checkpointing.py)."""
     preset, device = PRESETS["tiny"], torch.device("cpu")
     masters = build_master_models(preset, seed=1)
     batch = make_batch(preset, device, seed=1)

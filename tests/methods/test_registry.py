@@ -7,7 +7,7 @@ import pytest
 from mnseg.config.schema import PRESET_DIR, load_config
 from mnseg.methods import METHODS, list_methods, method_class
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

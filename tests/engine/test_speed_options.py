@@ -184,6 +184,7 @@ def test_trainer_with_channels_last_trains_validates_and_predicts(toy_dataset, t
     from mnseg.commands.train import add_arguments, build_config
     from mnseg.engine.trainer import Trainer
     from mnseg.inference.predict import load_run, predict_probabilities
+    from mnseg.inference.window import WindowSettings
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -201,6 +202,7 @@ def test_trainer_with_channels_last_trains_validates_and_predicts(toy_dataset, t
     run = load_run(tmp_path / "run", device="cpu")
     loaded = [p for p in run.models[0].parameters() if p.dim() == 5]
     assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in loaded)  # as trained
-    probs = predict_probabilities(run.models, torch.from_numpy(trainer.data.val[0].image), run.cfg, run.device)
+    image = torch.from_numpy(trainer.data.val[0].image)
+    probs = predict_probabilities(run.models, image, WindowSettings.from_config(run.cfg), run.device)
     torch.testing.assert_close(probs.sum(0), torch.ones_like(probs[0]))
 
