@@ -5,7 +5,7 @@ DESCRIPTION = """Build demo data from the real MNI152 template shipped in nilear
 artefacts and lesions), train the supervised 3D UNet and M&N with the same few labelled subjects,
 predict the test subjects, score them and write a report (markdown + HTML, table, curves, overlays).
 
-  mnseg demo --out mnseg_demo                 # CPU preset, about 15 minutes on 2 cores
+  mnseg demo --out mnseg_demo                 # CPU preset, about 10 minutes on 2 cores (9.8 measured)
   mnseg demo --out mnseg_demo --device cuda   # longer GPU preset
 
 Re-running continues where it stopped (finished runs are reused)."""
