@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from mnseg.losses import entropy_loss
 from mnseg.methods.base import Batch, StepOutput
 from mnseg.methods.semi import SemiParams, SemiSupervised
@@ -33,10 +31,8 @@ class EntropyMin(SemiSupervised):
 
     def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
         step = self.global_step(epoch, iteration)
-        image_l, (label,) = self.augment("net", batch.image_l, [batch.label_l], ["label"])
-        image_u, _ = self.augment("net", batch.image_u)
-        b_l, b_u = image_l.shape[0], image_u.shape[0]
-        logits = self.models["net"](torch.cat([image_l, image_u]))
+        images, label, b_l, b_u = self.augmented_batch(batch)
+        logits = self.models["net"](images)
         loss_l = self.labelled_loss(logits[:b_l], label)
         logs = {"loss_l": loss_l.detach()}
         first = 0 if self.p.entropy_on_labeled else b_l

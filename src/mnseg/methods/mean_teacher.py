@@ -100,10 +100,7 @@ class MeanTeacher(SemiSupervised):
 
     def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
         step = self.global_step(epoch, iteration)
-        image_l, (label,) = self.augment("student", batch.image_l, [batch.label_l], ["label"])
-        image_u, _ = self.augment("student", batch.image_u)
-        b_l, b_u = image_l.shape[0], image_u.shape[0]
-        images = torch.cat([image_l, image_u])
+        images, label, b_l, b_u = self.augmented_batch(batch)
         logits = self.models["student"](self.noisy(images) if self.student_noise else images)
         loss_l = self.labelled_loss(logits[:b_l], label)
         logs = {"loss_l": loss_l.detach()}

@@ -47,13 +47,10 @@ class PiModel(SemiSupervised):
     def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
         step = self.global_step(epoch, iteration)
         net = self.models["net"]
-        image_l, (label,) = self.augment("net", batch.image_l, [batch.label_l], ["label"])
-        image_u, _ = self.augment("net", batch.image_u)
-        b_l, b_u = image_l.shape[0], image_u.shape[0]
+        images, label, b_l, b_u = self.augmented_batch(batch)
         first = 0 if self.p.consistency_on_labeled else b_l
-        images = torch.cat([image_l, image_u])
         if first == b_l and b_u == 0:  # nothing to be consistent on: one pass, L = L_sup
-            loss_l = self.labelled_loss(net(self.noisy(image_l)), label)
+            loss_l = self.labelled_loss(net(self.noisy(images)), label)
             return StepOutput(loss_l, {"loss_l": loss_l.detach()})
 
         z = net(self.noisy(images))  # pass 1: noise n, dropout masks m

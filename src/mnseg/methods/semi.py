@@ -14,12 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from mnseg.engine.contract import sigmoid_rampup
 from mnseg.errors import ConfigError
 from mnseg.losses import supervised_loss
-from mnseg.methods.base import Method, Params
+from mnseg.methods.base import Batch, Method, Params
 
 
 @dataclass
@@ -71,6 +72,15 @@ class SemiSupervised(Method):
         if self.ctx.n_unlabeled == 0:
             return B, 0
         return B, int(self.unlabeled_batch_size) if self.unlabeled_batch_size is not None else B
+
+    # --- the batch ---------------------------------------------------------------------------------------
+    def augmented_batch(self, batch: Batch) -> tuple[Tensor, Tensor, int, int]:
+        """(images, label, b_l, b_u): the labelled items augmented with their labels, then the unlabelled ones (in
+        this order, as the augmenter's random draws go), concatenated so one forward sees the whole batch."""
+        role = self.train_role
+        image_l, (label,) = self.augment(role, batch.image_l, [batch.label_l], ["label"])
+        image_u, _ = self.augment(role, batch.image_u)
+        return torch.cat([image_l, image_u]), label, image_l.shape[0], image_u.shape[0]
 
     # --- losses ------------------------------------------------------------------------------------------
     def labelled_loss(self, logits: Tensor, label: Tensor) -> Tensor:

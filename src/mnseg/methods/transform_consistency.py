@@ -100,13 +100,10 @@ class TransformConsistency(SemiSupervised):
     def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
         step = self.global_step(epoch, iteration)
         net = self.models["net"]
-        image_l, (label,) = self.augment("net", batch.image_l, [batch.label_l], ["label"])
-        image_u, _ = self.augment("net", batch.image_u)
-        b_l, b_u = image_l.shape[0], image_u.shape[0]
+        images, label, b_l, b_u = self.augmented_batch(batch)
         first = 0 if self.p.consistency_on_labeled else b_l
-        images = torch.cat([image_l, image_u])
         if first == b_l and b_u == 0:
-            loss_l = self.labelled_loss(net(image_l), label)
+            loss_l = self.labelled_loss(net(images), label)
             return StepOutput(loss_l, {"loss_l": loss_l.detach()})
 
         logits = net(images)
