@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from mnseg.errors import ConfigError
-from mnseg.workflows.demo import check_counts, demo_configs
+from mnseg.workflows.demo import check_counts, demo_configs, demo_mode
 from mnseg.workflows.eta import RunEta, format_left, planned_updates
 
 VALIDATION_COST = 2.6  # training iterations one validation of a demo subject costs on CPU (measured, 3D UNet)
 
 
 def test_demo_holds_out_one_labelled_subject_and_validates_within_its_budget(tmp_path):
-    configs = demo_configs(tmp_path / "data", tmp_path, "cpu", num_labeled=3, seed=0, quick=False)
+    configs = demo_configs(tmp_path / "data", tmp_path, "cpu", num_labeled=3, seed=0)
     added = trained = 0.0
     for cfg in configs.values():
         assert cfg.data.num_val == 1 and cfg.data.num_labeled == 3
@@ -25,20 +25,21 @@ def test_demo_holds_out_one_labelled_subject_and_validates_within_its_budget(tmp
         added += validations * VALIDATION_COST
         trained += planned_updates(cfg)
     assert added < 0.05 * trained  # validation costs under 5 % of the training: the budget hardly moves
-    quick = demo_configs(tmp_path / "data", tmp_path, "cpu", 3, 0, quick=True)
+    quick = demo_configs(tmp_path / "data", tmp_path, "cpu", 3, 0, "quick")
     assert all(c.data.num_val == 1 and c.train.val_every == 1 for c in quick.values())
-    assert all(c.data.num_val == 0 for c in demo_configs(tmp_path, tmp_path, "cpu", 3, 0, False, 0).values())
+    assert all(c.data.num_val == 0 for c in demo_configs(tmp_path, tmp_path, "cpu", 3, 0, "standard", 0).values())
 
 
-@pytest.mark.parametrize("labeled,val,quick", [(6, 1, False), (4, 1, True), (3, -1, False), (0, 1, False)])
-def test_demo_counts_that_do_not_fit_its_data_fail_at_once(labeled, val, quick):
+@pytest.mark.parametrize("labeled,val,mode", [(6, 1, "standard"), (4, 1, "quick"), (3, -1, "standard"),
+                                              (0, 1, "standard"), (21, 2, "long")])
+def test_demo_counts_that_do_not_fit_its_data_fail_at_once(labeled, val, mode):
     with pytest.raises(ConfigError, match="--num-labeled .* --num-val"):
-        check_counts(labeled, val, quick)
-    check_counts(3, 1, quick)
+        check_counts(labeled, val, mode)
+    check_counts(3, 1, mode)
 
 
 def test_demo_eta_from_the_finished_runs_own_times(tmp_path):
-    configs = demo_configs(Path(tmp_path), tmp_path, "cpu", 3, 0, quick=False)
+    configs = demo_configs(Path(tmp_path), tmp_path, "cpu", 3, 0)
     work = {m: planned_updates(c) for m, c in configs.items()}
     assert work == {"supervised": 25 * 20, "mn": (40 + 10) * 20}  # M&N's stage 1 trains both models
     eta = RunEta(work)
@@ -81,3 +82,23 @@ def test_demo_logs_the_eta_after_each_run(tmp_path, monkeypatch):
     run_demo(tmp_path / "demo", device="cpu", progress=False, log=lines.append)
     assert "run 1 of 2 done, about 4 min left" in lines  # 1000 updates at 120 s / 500
     assert "run 2 of 2 done, no training left" in lines
+
+
+@pytest.mark.parametrize("method", ["supervised", "mn"])
+def test_the_long_demo_is_the_committed_grid_cell_at_2_labelled_seed_0(tmp_path, method):
+    """`mnseg demo --long` trains what the CPU grid's seed-0 cells at 2 labelled trained (the committed configs),
+    so its figures are those cells' (docs/results.md) up to thread-count rounding."""
+    import yaml
+
+    from mnseg.config.schema import Config
+    from mnseg.workflows.benchmark import comparable_config
+
+    cell = Path(__file__).parents[2] / "benchmarks/results/Dataset921_MNIStrong3mm/runs" / method / "n2_seed0"
+    grid = comparable_config(Config.from_dict(yaml.safe_load((cell / "config.yaml").read_text())))
+    ours = comparable_config(demo_configs(Path(grid["data"]["dataset"]), tmp_path, "cpu", 2, 0, "long", 2)[method])
+    for d in (grid, ours):
+        d["data"].pop("cache_dir")
+    assert ours == grid
+    check_counts(2, 2, "long")
+    with pytest.raises(ConfigError, match="choose one"):
+        demo_mode(quick=True, long=True)

@@ -185,21 +185,25 @@ def resolved_params(method: str, params: dict) -> dict:
     return dataclasses.asdict(parse_params(cls.params_class, params, method))
 
 
+def comparable_config(cfg) -> dict:
+    """A config as a dict without what only changes how a run executes, so that two configs that train the same
+    model compare equal (defaults filled in)."""
+    d = cfg.to_dict()
+    d["method"]["params"] = resolved_params(d["method"]["name"], d["method"]["params"])  # defaults filled in
+    for key in EXECUTION_ONLY_TRAIN:
+        d["train"].pop(key)
+    for model in d["models"].values():
+        for key in EXECUTION_ONLY_MODEL:
+            model.pop(key)
+        model["kwargs"].pop("input_range", None)  # filled in from the data by the trainer (resolve_input_ranges)
+    return d
+
+
 def _changed_cells(spec: BenchmarkSpec, cells: list[Cell]) -> list[str]:
     """Cells whose existing run was made with other settings (reusing them would mix two benchmarks)."""
     from mnseg.config.schema import Config
 
-    def comparable(cfg) -> dict:
-        d = cfg.to_dict()
-        d["method"]["params"] = resolved_params(d["method"]["name"], d["method"]["params"])  # defaults filled in
-        for key in EXECUTION_ONLY_TRAIN:
-            d["train"].pop(key)
-        for model in d["models"].values():
-            for key in EXECUTION_ONLY_MODEL:
-                model.pop(key)
-            model["kwargs"].pop("input_range", None)  # filled in from the data by the trainer (resolve_input_ranges)
-        return d
-
+    comparable = comparable_config
     changed = []
     for cell in cells:
         run = RunDir(cell.run_dir(spec.out))

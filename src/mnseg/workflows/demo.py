@@ -8,11 +8,11 @@ clock, so a re-run that reuses finished runs reports how long they took.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnseg.config.schema import Config, load_config
 
-DATASET_NAME = "Dataset900_MNIDemo"
 METHOD_LABELS = {"supervised": "Supervised 3D UNet", "mn": "M&N (2D pretrained + 3D UNet)"}
 # Validation Dice every N epochs (and after the last) on the held-out subjects (--num-val, default 1), for the
 # report's validation curves. On CPU one validation of a 55x68x56 subject costs about 2.6 training iterations of
@@ -20,22 +20,65 @@ METHOD_LABELS = {"supervised": "Supervised 3D UNet", "mn": "M&N (2D pretrained +
 VAL_EVERY = {"cpu": 4, "gpu": 10}
 
 
-def demo_configs(dataset: Path, out: Path, device: str, num_labeled: int, seed: int, quick: bool,
+@dataclass(frozen=True)
+class DemoMode:
+    """One size of the demo: its data, its presets, its default split and what its figures can show."""
+
+    dataset: str                  # folder name under OUT/data
+    synth: dict                   # mnseg.data.synth.synthesize_dataset keywords (spacing None: by device)
+    preset: str                   # preset name, formatted with kind (cpu/gpu) and method
+    num_labeled: int              # default labelled subjects per method
+    num_val: int                  # default held-out labelled subjects
+    runs: str = "runs"            # where the runs go, under OUT
+    overrides: dict = field(default_factory=dict)  # per-method config overrides
+    shows: str = ""               # what its figures can show, said in the report
+
+
+MODES = {
+    "quick": DemoMode(
+        "Dataset900_MNIDemo", dict(n_labeled=4, n_unlabeled=3, n_test=2, spacing=6.0), "demo_{kind}_{method}", 3, 1,
+        overrides={
+            "supervised": ["train.epochs=2", "train.iters_per_epoch=2",
+                           "models.net.kwargs={depth: 3, base_filters: 4}"],
+            "mn": ["train.epochs=3", "train.iters_per_epoch=2", "method.params.sup_epochs=1",
+                   "models.net3d.kwargs={depth: 3, base_filters: 4}"]},
+        shows="quick mode: a smoke test of the pipeline, not a result"),
+    "standard": DemoMode(
+        "Dataset900_MNIDemo", dict(n_labeled=6, n_unlabeled=12, n_test=6, spacing=None), "demo_{kind}_{method}", 3, 1,
+        shows="the standard demo: 500 updates of each 3D model on CPU, too few to learn the lesion class; "
+              "`mnseg demo --long` is the run in which M&N beat supervised"),
+    # The CPU label-efficiency grid's seed-0 cell at 2 labelled (benchmarks/cpu_grid.sh, docs/results.md):
+    # 1,500 updates of each 3D model, where the lesion is learnt and M&N gains over supervised.
+    "long": DemoMode(
+        "Dataset921_MNIStrong3mm", dict(n_labeled=22, n_unlabeled=0, n_test=10, spacing=3.0, variation="strong"),
+        "cpu_grid_{method}", 2, 2, runs="runs_long",
+        shows="the long demo: the CPU grid's recipe (presets cpu_grid_*), 1,500 updates of each 3D model; over seeds "
+              "0-2 of that grid M&N beat supervised by +0.047 foreground Dice (docs/results.md)"),
+}
+
+
+def demo_mode(quick: bool = False, long: bool = False) -> str:
+    from mnseg.errors import ConfigError
+
+    if quick and long:
+        raise ConfigError("--quick and --long: choose one demo size")
+    return "quick" if quick else "long" if long else "standard"
+
+
+def demo_configs(dataset: Path, out: Path, device: str, num_labeled: int, seed: int, mode: str = "standard",
                  num_val: int = 1) -> dict[str, Config]:
     kind = "gpu" if device.startswith("cuda") else "cpu"
+    spec = MODES[mode]
     common = [f"data.dataset={dataset}", f"data.num_labeled={num_labeled}", f"data.num_val={num_val}",
-              f"train.val_every={1 if quick else VAL_EVERY[kind]}", f"train.seed={seed}",
-              f"train.device={device}", f"data.cache_dir={out / 'cache'}"]
-    quick_over = {
-        "supervised": ["train.epochs=2", "train.iters_per_epoch=2", "models.net.kwargs={depth: 3, base_filters: 4}"],
-        "mn": ["train.epochs=3", "train.iters_per_epoch=2", "method.params.sup_epochs=1",
-               "models.net3d.kwargs={depth: 3, base_filters: 4}"],
-    }
-    return {m: load_config(f"demo_{kind}_{m}", common + (quick_over[m] if quick else [])) for m in METHOD_LABELS}
+              f"train.seed={seed}", f"train.device={device}", f"data.cache_dir={out / 'cache'}"]
+    if mode != "long":  # the long demo keeps its presets' validation schedule (the grid cell's)
+        common.append(f"train.val_every={1 if mode == 'quick' else VAL_EVERY[kind]}")
+    return {m: load_config(spec.preset.format(kind=kind, method=m), common + spec.overrides.get(m, []))
+            for m in METHOD_LABELS}
 
 
 MARKER = ".mnseg_demo"  # written into the output folder, so a later run knows the folder is the demo's own
-DEMO_ENTRIES = ("cache", "data", "runs", "report", "timing.json")
+DEMO_ENTRIES = ("cache", "data", "runs", "runs_long", "report", "timing.json")
 TIMING = "timing.json"  # the demo's own record: data_seconds (summed over sessions), predict_seconds per method
 
 
@@ -54,20 +97,23 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
-def check_counts(num_labeled: int, num_val: int, quick: bool) -> None:
-    """The demo data has 6 labelled subjects (4 in quick mode): labelled plus held-out ones must fit."""
+def check_counts(num_labeled: int, num_val: int, mode: str = "standard") -> None:
+    """Labelled plus held-out subjects must fit the mode's labelled subjects (6 standard, 4 quick, 22 long)."""
     from mnseg.errors import ConfigError
 
-    have = 4 if quick else 6
+    have = MODES[mode].synth["n_labeled"]
     if num_val < 0 or num_labeled < 1 or num_labeled + num_val > have:
         raise ConfigError(f"--num-labeled {num_labeled} and --num-val {num_val}: the demo data has {have} labelled "
-                          f"subjects{' in quick mode' if quick else ''}, so --num-labeled must be at least 1, "
-                          f"--num-val at least 0, and both together at most {have}")
+                          f"subjects{'' if mode == 'standard' else f' in {mode} mode'}, so --num-labeled must be at "
+                          f"least 1, --num-val at least 0, and both together at most {have}")
 
 
-def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: int = 0, quick: bool = False,
-             progress: bool = True, log=print, num_val: int = 1) -> Path:
-    check_counts(num_labeled, num_val, quick)
+def run_demo(out: str | Path, device: str = "auto", num_labeled: int | None = None, seed: int = 0,
+             mode: str = "standard", progress: bool = True, log=print, num_val: int | None = None) -> Path:
+    spec = MODES[mode]
+    num_labeled = spec.num_labeled if num_labeled is None else num_labeled
+    num_val = spec.num_val if num_val is None else num_val
+    check_counts(num_labeled, num_val, mode)
     import time
 
     import torch
@@ -85,28 +131,28 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: 
     claim_output_folder(out, MARKER, DEMO_ENTRIES, "demo", "--out")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    record = _read_json(out / TIMING)
+    runs = out / spec.runs
+    timing = out / TIMING if spec.runs == "runs" else runs / TIMING  # the long demo keeps its own record
+    record = _read_json(timing)
     t_start = time.time()
-    dataset = out / "data" / DATASET_NAME
+    dataset = out / "data" / spec.dataset
     log(f"[1/4] demo data: {dataset}")
-    if quick:
-        synthesize_dataset(dataset, n_labeled=4, n_unlabeled=3, n_test=2, spacing=6.0, seed=seed, progress=progress,
-                           reuse=True)
-    else:
-        spacing = 3.0 if device == "cpu" else 1.5
-        synthesize_dataset(dataset, n_labeled=6, n_unlabeled=12, n_test=6, spacing=spacing, seed=seed,
-                           progress=progress, reuse=True)
+    synth = dict(spec.synth)
+    if synth["spacing"] is None:
+        synth["spacing"] = 3.0 if device == "cpu" else 1.5
+    synthesize_dataset(dataset, seed=seed, progress=progress, reuse=True, **synth)
     record["data_seconds"] = record.get("data_seconds", 0.0) + time.time() - t_start  # a reuse adds a moment
-    atomic_write_json(out / TIMING, record)
-    configs = demo_configs(dataset, out, device, num_labeled, seed, quick, num_val)
+    runs.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(timing, record)
+    configs = demo_configs(dataset, out, device, num_labeled, seed, mode, num_val)
     results, eta = [], RunEta({m: planned_updates(c) for m, c in configs.items()})
     for step, (method, cfg) in enumerate(configs.items(), start=2):
-        run = RunDir(out / "runs" / method)
+        run = RunDir(runs / method)
         log(f"[{step}/4] train {METHOD_LABELS[method]} -> {run.path}")
         # a finished run is kept, an interrupted one resumes; timing.json per epoch
         result = run_pipeline(cfg, run.path, checkpoint="last", hooks=[TimingHook()], progress=progress, log=log)
         record.setdefault("predict_seconds", {})[method] = result.test_seconds
-        atomic_write_json(out / TIMING, record)
+        atomic_write_json(timing, record)
         results.append(MethodResult(METHOD_LABELS[method], result.summary, run.history, run.test_predictions))
         trained = _read_json(run.timing).get("train_seconds")  # the run's own record, also for a reused run
         log(eta.finished(method, None if trained is None else trained + (result.test_seconds or 0.0)))
@@ -114,15 +160,15 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: 
     log("[4/4] report")
     import json
 
-    spec = json.loads((dataset / "dataset.json").read_text())
-    class_names = {v: k for k, v in spec["labels"].items() if k != "ignore"}
+    labels = json.loads((dataset / "dataset.json").read_text())["labels"]
+    class_names = {v: k for k, v in labels.items() if k != "ignore"}
     test_cases = sorted(
         (p.name[: -len("_0000.nii.gz")], p, dataset / "labelsTs" / p.name.replace("_0000.nii.gz", ".nii.gz"))
         for p in (dataset / "imagesTs").glob("*_0000.nii.gz"))
-    train = {m: _read_json(RunDir(out / "runs" / m).timing).get("train_seconds") for m in configs}
+    train = {m: _read_json(RunDir(runs / m).timing).get("train_seconds") for m in configs}
     total = record["data_seconds"] + sum(t or 0.0 for t in train.values()) + sum(record["predict_seconds"].values())
     notes = [
-        f"Data: one real anatomy (MNI152 2009, shipped in nilearn) with synthetic variation: {DATASET_NAME}; "
+        f"Data: one real anatomy (MNI152 2009, shipped in nilearn) with synthetic variation: {spec.dataset}; "
         "figures on it are not comparable with published LA or Pancreas-CT figures.",
         f"{num_labeled} labelled subjects for both methods (seed {seed}); M&N also uses the unlabelled subjects. "
         + (f"{num_val} labelled subject(s) held out for the validation curves (never trained on). " if num_val else
@@ -131,8 +177,8 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int = 3, seed: 
         f"Device: {device}. Training time (each run's timing.json): "
         + ", ".join(f"{m} {_duration(t)}" for m, t in train.items())
         + f"; whole demo {_duration(total)} (data, training and prediction, from the timing records).",
-        "Presets: " + ", ".join(f"demo_{'gpu' if device.startswith('cuda') else 'cpu'}_{m}" for m in configs)
-        + (" (quick mode: a smoke test, not a result)" if quick else ""),
+        "Presets: " + ", ".join(spec.preset.format(kind="gpu" if device.startswith("cuda") else "cpu", method=m)
+                                for m in configs) + f" ({spec.shows}).",
     ]
     report = write_report(out / "report", "mnseg demo: supervised 3D UNet vs M&N", results, test_cases,
                           class_names, notes=notes)
