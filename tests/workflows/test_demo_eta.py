@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mnseg.errors import ConfigError
-from mnseg.workflows.demo import check_counts, demo_configs, demo_mode
+from mnseg.workflows.demo import MODES, check_counts, demo_configs, demo_mode
 from mnseg.workflows.eta import RunEta, format_left, planned_updates
 
 VALIDATION_COST = 2.6  # training iterations one validation of a demo subject costs on CPU (measured, 3D UNet)
@@ -99,6 +99,7 @@ def test_the_long_demo_is_the_committed_grid_cell_at_2_labelled_seed_0(tmp_path,
     for d in (grid, ours):
         d["data"].pop("cache_dir")
     assert ours == grid
+    assert MODES["long"].checkpoint == "best"  # the benchmark scores the best-validation checkpoint
     check_counts(2, 2, "long")
     with pytest.raises(ConfigError, match="choose one"):
         demo_mode(quick=True, long=True)
