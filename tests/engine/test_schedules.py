@@ -91,3 +91,28 @@ def test_optim_config_selects_the_step_schedule_and_sgd_momentum():
                 {"momentum": 1.0}, {"name": "sgd", "momentum": 0.0}):
         with pytest.raises(ConfigError):
             check_config(Config.from_dict({"models": {"net": {"optim": bad}}}))
+
+
+def test_restart_epochs_start_the_schedule_again_at_lr():
+    """SGDR-style warm restarts: the supervised control for M&N's restart at co-training."""
+    from mnseg.config.checks import check_config
+    from mnseg.config.schema import Config
+    from mnseg.errors import ConfigError
+    from mnseg.methods.base import MethodContext
+    from mnseg.methods.supervised import Supervised
+
+    optim = {"lr": 1.0, "final_lr": 0.0, "warmup_epochs": 1, "restart_epochs": [2]}
+    cfg = Config.from_dict({"models": {"net": {"optim": optim}}, "train": {"epochs": 5, "iters_per_epoch": 3}})
+    check_config(cfg)
+    segments = Supervised(cfg, MethodContext(2, 1, None, 2, 5, 3, 2, 0)).schedule_segments("net")
+    assert [(s.steps, s.warmup_steps) for s in segments] == [(6, 3), (9, 0)]
+    lrs = [lr_at(segments, t) for t in range(15)]
+    assert lrs[5] == pytest.approx(0.0) and lrs[6] == pytest.approx(1.0)  # the end of segment 1, then a restart
+    assert lrs[14] == pytest.approx(0.0) and lrs[7] < 1.0
+    (one,) = Supervised(Config.from_dict({"train": {"epochs": 5, "iters_per_epoch": 3}}),
+                        MethodContext(2, 1, None, 2, 5, 3, 2, 0)).schedule_segments("net")
+    assert one.steps == 15  # no restarts: one segment, as before
+    for bad in ([0], [5], [3, 2], [2, 2], ["2"]):
+        with pytest.raises(ConfigError, match="restart_epochs"):
+            check_config(Config.from_dict({"models": {"net": {"optim": {"restart_epochs": bad}}},
+                                           "train": {"epochs": 5}}))

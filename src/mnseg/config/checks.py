@@ -62,6 +62,10 @@ def _problems(cfg: Config) -> list[str]:
              f"models.{role}.optim.step_size must be at least 1 (iterations) with schedule: step, got {o.step_size}")
         need(0.0 < o.step_gamma <= 1.0, f"models.{role}.optim.step_gamma must be in (0, 1], got {o.step_gamma}")
         need(0.0 <= o.momentum < 1.0, f"models.{role}.optim.momentum must be in [0, 1), got {o.momentum}")
+        r = o.restart_epochs
+        need(isinstance(r, list) and all(isinstance(e, int) and 0 < e < cfg.train.epochs for e in r)
+             and r == sorted(set(r)), f"models.{role}.optim.restart_epochs must be increasing epochs between 1 and "
+             f"train.epochs - 1 ({cfg.train.epochs - 1}), got {r!r}")
         need(not (o.name.lower() == "sgd" and o.nesterov and o.momentum == 0),
              f"models.{role}.optim.nesterov needs momentum > 0 (set nesterov: false)")
         need(o.grad_clip is None or o.grad_clip >= 0,

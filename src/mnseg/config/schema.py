@@ -37,6 +37,10 @@ class OptimConfig:
     step_gamma: float = 0.1
     momentum: float = 0.99  # SGD only: nnU-Net's 0.99 with Nesterov by default
     nesterov: bool = True
+    # Warm restarts (SGDR, Loshchilov & Hutter 2017): at each of these epochs the schedule starts again at lr
+    # (warm-up only at the start). [30] on a 75-epoch run gives the LR curve M&N's 3D model sees (restart at
+    # co-training), the supervised control for M&N's restart. Methods with their own segments ignore it.
+    restart_epochs: list = field(default_factory=list)
 
 
 @dataclass

@@ -130,10 +130,13 @@ class Method:
 
     # --- schedule --------------------------------------------------------------------------------------
     def schedule_segments(self, role: str) -> list[Segment]:
-        """Default: one segment over the whole run, warm-up + cosine or step decay (``optim.schedule``)."""
+        """Default: one segment over the whole run, warm-up + cosine or step decay (``optim.schedule``); with
+        ``optim.restart_epochs`` one segment between two restarts, the warm-up in the first."""
         optim = self.cfg.models[role].optim
-        steps = self.ctx.epochs * self.ctx.iters_per_epoch
-        return [segment(optim, steps, optim.warmup_epochs * self.ctx.iters_per_epoch)]
+        it = self.ctx.iters_per_epoch
+        bounds = [0, *optim.restart_epochs, self.ctx.epochs]
+        return [segment(optim, (end - start) * it, optim.warmup_epochs * it if start == 0 else 0)
+                for start, end in zip(bounds, bounds[1:])]
 
     def active_roles(self, epoch: int) -> list[str]:
         """Roles whose optimiser steps in this epoch."""
