@@ -1,0 +1,55 @@
+"""Paired comparison of finished runs against a baseline, over (seed, test case) pairs, without training.
+
+For controls outside a benchmark grid (e.g. the diagnosis's sup_restart against supervised and M&N):
+
+  python benchmarks/compare_runs.py --baseline "sup=/tmp/diagL/runs/sup/n2_seed*" \\
+      --run "sup_restart=/tmp/diagL/runs/sup_restart/n2_seed*" --run "mn=/tmp/diagL/runs/mn/n2_seed*"
+
+Each LABEL=GLOB names finished runs (test_predictions/summary.json, split.json); runs pair by labelled count and
+seed. Prints one markdown row per label: foreground-mean Dice (mean ± std over seeds), the paired difference, the
+two-sided Wilcoxon signed-rank p (mnseg.reporting.benchmark_stats, as the benchmark tables), per-class deltas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+
+import numpy as np
+
+from mnseg.reporting.benchmark_stats import aggregate, class_deltas, paired_comparisons, read_run_result
+
+
+def _runs(spec: str):
+    label, _, pattern = spec.partition("=")
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise SystemExit(f"{spec}: no run matches")
+    return [read_run_result(p, label) for p in paths]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", required=True, help="LABEL=GLOB of the baseline's runs")
+    p.add_argument("--run", action="append", required=True, help="LABEL=GLOB (repeat)")
+    args = p.parse_args()
+    base = _runs(args.baseline)
+    runs = base + [r for spec in args.run for r in _runs(spec)]
+    label = base[0].label
+    fg = {(a["method"], a["num_labeled"]): a for a in aggregate(runs) if a["class"] == "foreground mean"}
+    comps = {(c["method"], c["num_labeled"]): c for c in paired_comparisons(runs, baseline=label)}
+    deltas = class_deltas(runs, baseline=label)
+    classes = sorted({cls for (_, _, cls) in deltas})
+    print(f"| run | labelled | seeds | test fg Dice | Δ vs {label} | pairs | Wilcoxon p | "
+          + " | ".join(f"{c} Δ" for c in classes) + " |")
+    print("|" + "---|" * (7 + len(classes)))
+    for (method, n), a in fg.items():
+        c = comps.get((method, n))
+        delta = "" if c is None else f"{c['mean_diff']:+.4f} | {c['n_pairs']} | {c['p_value']:.2g}"
+        per = " | ".join(f"{deltas[(method, n, cls)]:+.4f}" if (method, n, cls) in deltas else "" for cls in classes)
+        std = "" if a["n_seeds"] < 2 or not np.isfinite(a["dice_std"]) else f" ± {a['dice_std']:.4f}"
+        print(f"| {method} | {n} | {a['n_seeds']} | {a['dice_mean']:.4f}{std} | {delta or ' | | '} | {per} |")
+
+
+if __name__ == "__main__":
+    main()
