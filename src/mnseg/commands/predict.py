@@ -207,7 +207,8 @@ def adapt_settings(args):
         given = [name for name, value in (("--adapt-steps", args.adapt_steps), ("--adapt-lr", args.adapt_lr))
                  if value is not None]
         if given:
-            raise ConfigError(f"{' and '.join(given)} only apply to --adapt entropy (got --adapt {args.adapt})")
+            verb = "apply" if len(given) > 1 else "applies"
+            raise ConfigError(f"{' and '.join(given)} {verb} only to --adapt entropy (got --adapt {args.adapt})")
     if args.adapt == "none" and args.adapt_continual:
         raise ConfigError("--adapt-continual needs --adapt norm or --adapt entropy")
     steps = DEFAULT_STEPS if args.adapt_steps is None else args.adapt_steps
