@@ -16,6 +16,11 @@ A corrupt input is reported and skipped; the others are still predicted (exit co
 --tta mirrors each input only along the axes its model was flipped along in training (read from the
 run's config); a model trained without flips is predicted unmirrored, with a warning. --tta-axes 0,1,2
 mirrors along the axes given instead.
+
+--adapt adapts the model to each scan before predicting it (test-time adaptation; docs/test_time_adaptation.md):
+norm replaces BatchNorm statistics by the scan's (BN adapt), entropy minimises the scan's mean voxel entropy
+over the norm layers' affine parameters (TENT, --adapt-steps Adam steps at --adapt-lr). Only the model in
+memory changes, never the run's files, and each scan starts from the loaded model unless --adapt-continual.
 """
 
 
@@ -50,6 +55,20 @@ def add_arguments(p):
         metavar="AXES",
         help="mirror over these spatial axes instead (comma-separated, e.g. 0,1,2 = all 8 flips; implies --tta)",
     )
+    p.add_argument(
+        "--adapt",
+        choices=["none", "norm", "entropy"],
+        default="none",
+        help="test-time adaptation on each scan: none (default: the model as trained), norm (BatchNorm running "
+        "statistics from the scan's windows; InstanceNorm models are left unchanged, with a note) or entropy "
+        "(TENT: Adam steps on the scan's mean voxel entropy, norm layers' affine parameters only)",
+    )
+    p.add_argument("--adapt-steps", type=positive_int, metavar="N",
+                   help="--adapt entropy: Adam steps per scan, each a pass over the scan's windows (default 10)")
+    p.add_argument("--adapt-lr", type=positive_float, metavar="LR",
+                   help="--adapt entropy: Adam learning rate (default 0.001)")
+    p.add_argument("--adapt-continual", action="store_true",
+                   help="carry the adaptation over from scan to scan (default: reset to the loaded model per scan)")
     p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (lower it if out of GPU memory)")
     p.add_argument("--gaussian", action="store_true", help="Gaussian-weighted window blending")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,14 +102,18 @@ def predict(args, in_dir) -> int:
     import torch
 
     from mnseg.errors import ConfigError, MnsegError
+    from mnseg.inference.adapt import configure_adaptation
     from mnseg.inference.predict import configure_tta, load_run, predict_folder
     from mnseg.utils.preflight import check_writable
 
+    settings = adapt_settings(args)  # before loading: a misused option answers at once
     run = load_run(args.model, args.checkpoint, args.device, args.predict_with)
     if args.tta or args.tta_axes is not None or run.cfg.infer.mirror_tta:
         axes = configure_tta(run, args.tta_axes, log=lambda message: print(message, file=sys.stderr))
         described = ", ".join(f"{role}: {list(a) if a else 'none'}" for role, a in zip(run.roles, axes))
         print(f"mirror TTA axes ({described})", file=sys.stderr)
+    if configure_adaptation(run, settings, log=lambda message: print(message, file=sys.stderr)) is not None:
+        print(run.adapter.describe(), file=sys.stderr)
     if args.gaussian:
         run.cfg.infer.blend = "gaussian"
     if args.sw_batch_size is not None:
@@ -113,9 +136,10 @@ def predict(args, in_dir) -> int:
         patch = "x".join(str(v) for v in run.cfg.data.patch_size)
         raise MnsegError(
             f"out of GPU memory while predicting with window (patch) size {patch}, sw_batch_size "
-            f"{run.cfg.infer.sw_batch_size}{' and mirror TTA' if any(run.mirror_axes) else ''} on {run.device} "
+            f"{run.cfg.infer.sw_batch_size}{' and mirror TTA' if any(run.mirror_axes) else ''}"
+            f"{' and --adapt ' + settings.mode if run.adapter is not None else ''} on {run.device} "
             f"(the training batch size {run.cfg.train.batch_size} plays no part here). Try --sw-batch-size 1, "
-            f"no --tta, or --device cpu. Predictions already written to {args.output} are complete; "
+            f"no --tta or --adapt, or --device cpu. Predictions already written to {args.output} are complete; "
             f"rerun with --overwrite (or another -o) after the change."
         ) from None
     if failures:
@@ -172,3 +196,46 @@ def parse_axes(text: str) -> tuple[int, ...]:
     if not axes:
         raise argparse.ArgumentTypeError("give at least one axis, e.g. 0,1,2 (leave out --tta for no mirroring)")
     return axes
+
+
+def adapt_settings(args):
+    """The ``--adapt*`` options as ``AdaptSettings``; an option that the chosen mode would ignore is an error."""
+    from mnseg.errors import ConfigError
+    from mnseg.inference.adapt import DEFAULT_LR, DEFAULT_STEPS, AdaptSettings
+
+    if args.adapt != "entropy":
+        given = [name for name, value in (("--adapt-steps", args.adapt_steps), ("--adapt-lr", args.adapt_lr))
+                 if value is not None]
+        if given:
+            verb = "apply" if len(given) > 1 else "applies"
+            raise ConfigError(f"{' and '.join(given)} {verb} only to --adapt entropy (got --adapt {args.adapt})")
+    if args.adapt == "none" and args.adapt_continual:
+        raise ConfigError("--adapt-continual needs --adapt norm or --adapt entropy")
+    steps = DEFAULT_STEPS if args.adapt_steps is None else args.adapt_steps
+    lr = DEFAULT_LR if args.adapt_lr is None else args.adapt_lr
+    return AdaptSettings(args.adapt, steps, lr, episodic=not args.adapt_continual)
+
+
+def positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number such as 1e-3, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number such as 1e-3, got {text!r}")
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class LoadedRun:
     device: torch.device
     roles: list = field(default_factory=list)  # the role of each model in ``models``
     mirror_axes: list = field(default_factory=list)  # per model: spatial axes mirrored at test time (() = none)
+    adapter: object = None  # test-time adaptation on each scan (``inference/adapt.py``); None: the loaded model
 
 
 def training_flip_axes(
@@ -188,11 +190,10 @@ def predict_case(run: LoadedRun, case_id: str, image_paths: list[Path]) -> tuple
     settings = PreprocessSettings.from_dict(run.plans["preprocess"])
     target = tuple(run.plans["target_spacing"]) if run.plans["target_spacing"] else None
     pre = preprocess_case(case_id, image_paths, None, settings, run.plans["modality"], target)
-    with torch.no_grad():
-        probs = predict_probabilities(
-            run.models, torch.from_numpy(pre.image), WindowSettings.from_config(run.cfg), run.device,
-            mirror_axes=run.mirror_axes,
-        )
+    image, window = torch.from_numpy(pre.image), WindowSettings.from_config(run.cfg)
+    adapted = run.adapter.scan(image, window) if run.adapter is not None else contextlib.nullcontext()
+    with adapted, torch.no_grad():  # adaptation runs on entering, outside no_grad
+        probs = predict_probabilities(run.models, image, window, run.device, mirror_axes=run.mirror_axes)
     probs_orig = restore_probabilities(probs.float().cpu().numpy(), pre.geometry)
     labels = probs_orig.argmax(0).astype(np.uint8 if run.plans["num_classes"] < 256 else np.int16)
     return labels, probs_orig, load_nifti(image_paths[0], dtype=None)
@@ -238,10 +239,10 @@ def predict_folder(
     progress: bool = True,
     log=print,
 ) -> list[tuple[str, str]]:
-    """Predict every case in ``in_dir`` into ``out_dir``; returns the failures (case, message), others still done."""
-    from mnseg.data.io import save_nifti
-    from mnseg.utils.progress import progress_bar
+    """Predict every case in ``in_dir`` into ``out_dir``; returns the failures (case, message), others still done.
 
+    With ``run.adapter`` (``configure_adaptation``) each scan is adapted to first; the loaded model is restored at
+    the end either way."""
     in_dir, out_dir = Path(in_dir).resolve(), Path(out_dir).resolve()
     if not in_dir.is_dir():
         raise MnsegError(f"{in_dir}: input folder not found")
@@ -262,6 +263,19 @@ def predict_folder(
                 f"{' ...' if len(existing) > 5 else ''}; use --overwrite to replace them"
             )
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _predict_cases(run, cases, out_dir, ending, save_probabilities, progress, failures, log)
+    finally:
+        if run.adapter is not None:  # adaptation carried over from scan to scan ends with the folder
+            run.adapter.restore()
+    return failures
+
+
+def _predict_cases(run, cases, out_dir, ending, save_probabilities, progress, failures, log) -> None:
+    """Predict and write each case; a case's ``MnsegError`` is appended to ``failures``, an ``OSError`` stops all."""
+    from mnseg.data.io import save_nifti
+    from mnseg.utils.progress import progress_bar
+
     for case_id, paths in progress_bar(cases.items(), desc="predict", disable=not progress):
         try:
             labels, probs, source = predict_case(run, case_id, paths)
@@ -282,4 +296,3 @@ def predict_folder(
                 f"{out_dir}: cannot write the prediction of case {case_id} ({describe_os_error(exc)}); "
                 f"predictions already written are complete and kept"
             ) from None
-    return failures

@@ -86,13 +86,10 @@ def sliding_window_probabilities(
     device = _resolve_device(model, image, device)
     volume = (image.unsqueeze(0) if unbatched else image).to(device=device, dtype=torch.float32)
     spatial = tuple(volume.shape[2:])
-    volume, crop = _pad_to_at_least(volume, patch)
+    volume, crop = pad_to_at_least(volume, patch)
     padded = tuple(volume.shape[2:])
 
-    windows = [
-        tuple(slice(start, start + p) for start, p in zip(starts, patch))
-        for starts in itertools.product(*(_window_starts(s, p, overlap) for s, p in zip(padded, patch)))
-    ]
+    windows = window_slices(padded, patch, overlap)
     importance = _importance_map(patch, blend, device)
     weigh = blend != "constant"  # constant weights are ones: multiplying each window by them changes nothing
     normaliser = torch.zeros(padded, device=device, dtype=torch.float32)
@@ -184,7 +181,7 @@ def _resolve_device(model: nn.Module, image: Tensor, device: torch.device | str 
     return image.device
 
 
-def _pad_to_at_least(volume: Tensor, patch: tuple[int, ...]) -> tuple[Tensor, tuple[slice, ...]]:
+def pad_to_at_least(volume: Tensor, patch: tuple[int, ...]) -> tuple[Tensor, tuple[slice, ...]]:
     """Zero-pad spatial axes shorter than the patch (centred); return the crop that undoes it."""
     spatial = volume.shape[2:]
     before = [max(p - s, 0) // 2 for s, p in zip(spatial, patch)]
@@ -196,6 +193,15 @@ def _pad_to_at_least(volume: Tensor, patch: tuple[int, ...]) -> tuple[Tensor, tu
     for b, a in zip(reversed(before), reversed(after)):  # F.pad lists the last axis first
         pad += [b, a]
     return torch.nn.functional.pad(volume, pad, mode="constant", value=0.0), crop
+
+
+def window_slices(spatial: Sequence[int], patch: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
+    """The windows (one slice per spatial axis) that tile a volume of ``spatial`` size, which is at least the
+    patch on every axis (``pad_to_at_least``): nnU-Net's placement, the first at 0, the last ending at the border."""
+    return [
+        tuple(slice(start, start + p) for start, p in zip(starts, patch))
+        for starts in itertools.product(*(_window_starts(s, p, overlap) for s, p in zip(spatial, patch)))
+    ]
 
 
 def _window_starts(size: int, patch: int, overlap: float) -> list[int]:
