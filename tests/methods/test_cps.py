@@ -182,3 +182,16 @@ def test_cli_training_run(toy_dataset, tmp_path, monkeypatch):
     history = (run / "history.csv").read_text()
     assert "loss_cps" in history.splitlines()[0]
     assert len(history.strip().splitlines()) == 3
+
+
+def test_both_labelled_dice_terms_pool_with_the_batch_reduce_sums():
+    method = make_method(b=2)
+    method.attach({"net_a": conv_model(1.0, (0.0, 0.2)), "net_b": conv_model(-0.5, (0.3, 0.0))}, {}, {})
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(2, 1, 4, 4, 4, generator=g), torch.randint(0, 2, (2, 4, 4, 4), generator=g),
+                  torch.randn(2, 1, 4, 4, 4, generator=g))
+    plain = method.training_step(batch, 0, 0).loss
+    seen = []
+    batch.reduce_sums = lambda t: seen.append(t.shape) or t
+    assert torch.equal(method.training_step(batch, 0, 0).loss, plain)
+    assert seen == [torch.Size([2, 2])] * 2  # net_a's and net_b's

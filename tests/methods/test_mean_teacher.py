@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -147,3 +148,18 @@ def test_cli_train_end_to_end(toy_dataset, tmp_path):
     assert (run / "checkpoints" / "last.pt").exists()
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 3 and "loss_u" in history[0]
+
+
+def test_the_labelled_dice_pools_with_the_batch_reduce_sums():
+    """The batch's ``reduce_sums`` (the trainer's sum over processes) reaches the labelled loss's batch Dice: once,
+    with intersection and denominator per class; an identity sum leaves the loss bit-identical."""
+    method = make_method()
+    batch = make_batch()
+    plain = method.training_step(batch, 0, 1).loss
+    seen = []
+    pooled = method.training_step(dataclasses.replace(batch, reduce_sums=lambda t: seen.append(t.shape) or t), 0, 1)
+    assert seen == [torch.Size([2, 2])]
+    assert torch.equal(pooled.loss, plain)
+    doubled = method.training_step(dataclasses.replace(batch, reduce_sums=lambda t: t * torch.tensor([[2.0], [1.0]])),
+                                   0, 1)
+    assert float(doubled.loss) < float(plain)  # a larger pooled intersection: a smaller Dice loss

@@ -12,7 +12,7 @@ options below, then key.sub=value overrides). Start any method from it:
   mnseg pretrain --resume runs/pre_contrastive
 """
 
-TASKS = ("rotation", "contrastive", "reconstruction")
+TASKS = ("rotation", "contrastive", "reconstruction", "clustering")
 
 
 def add_arguments(p):
