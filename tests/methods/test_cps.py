@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import mnseg.methods
-from mnseg.cli import main
 from mnseg.config.schema import Config
 from mnseg.engine.schedules import sigmoid_rampup
 from mnseg.methods.base import Batch, MethodContext
 from mnseg.methods.cps import CPS
 from mnseg.models import create_model
+from tests.helpers.cli_run import history_columns, train_tiny
 
 REGISTRY_LINE = ("mnseg.methods.cps", "CPS")
 
@@ -167,20 +167,11 @@ def test_rampup_and_predictor_choices():
 
 def test_cli_training_run(toy_dataset, tmp_path, monkeypatch):
     monkeypatch.setitem(mnseg.methods.METHODS, "cps", REGISTRY_LINE)
-    run = tmp_path / "run"
-    rc = main(
-        [
-            "train", str(toy_dataset), "--method", "cps", "--num-labeled", "2", "--epochs", "2",
-            "--iters-per-epoch", "2", "--batch-size", "2", "--patch-size", "16,16,16", "--run-dir", str(run),
-            "--no-progress", "data.cache_dir=" + str(tmp_path / "cache"),
-            "models.net_a.name=unet3d", "models.net_a.kwargs={depth: 3, base_filters: 4}",
-            "models.net_b.name=unet3d", "models.net_b.kwargs={depth: 3, base_filters: 4}",
-        ]
-    )  # fmt: skip
-    assert rc == 0
-    assert (run / "checkpoints" / "last.pt").exists()
+    run = train_tiny(toy_dataset, tmp_path, "cps",
+                     "models.net_a.name=unet3d", "models.net_a.kwargs={depth: 3, base_filters: 4}",
+                     "models.net_b.name=unet3d", "models.net_b.kwargs={depth: 3, base_filters: 4}")  # fmt: skip
     history = (run / "history.csv").read_text()
-    assert "loss_cps" in history.splitlines()[0]
+    assert "loss_cps" in history_columns(run)
     assert len(history.strip().splitlines()) == 3
 
 
