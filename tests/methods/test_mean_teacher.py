@@ -156,4 +156,4 @@ def test_the_labelled_dice_pools_with_the_batch_reduce_sums():
     assert torch.equal(pooled.loss, plain)
     doubled = method.training_step(dataclasses.replace(batch, reduce_sums=lambda t: t * torch.tensor([[2.0], [1.0]])),
                                    0, 1)
-    assert float(doubled.loss) < float(plain)  # a larger pooled intersection: a smaller Dice loss
+    assert float(doubled.loss.detach()) < float(plain.detach())  # a larger pooled intersection: a smaller Dice loss
