@@ -12,15 +12,15 @@ costs nothing on a GPU. Targets never receive gradient: they are detached here, 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ReduceSums",
     "soft_dice_loss",
     "cross_entropy_loss",
     "kl_loss",
@@ -33,54 +33,10 @@ __all__ = [
 ]
 
 
-# Set by the trainer around a training step under torchrun when every process holds the same number of labelled
-# and unlabelled items (so every process makes the same loss calls): batch Dice then pools its sums over all
-# processes, as one process with the whole batch would. The value is the process group to pool over (None: off).
-_POOL_GROUP = contextvars.ContextVar("mnseg_batch_dice_group", default=None)
-
-
-@contextlib.contextmanager
-def batch_dice_over_ranks(group):
-    """Within this block, ``soft_dice_loss(batch_dice=True)`` sums intersection and denominator over the processes
-    of ``group`` (a differentiable all-reduce) before the ratio; ``group=None`` leaves it per process. Every process
-    must then make the same soft-Dice calls in the same order, and ``group`` should not be DDP's (the all-reduce's
-    backward would interleave with DDP's gradient all-reduces)."""
-    token = _POOL_GROUP.set(group)
-    try:
-        yield
-    finally:
-        _POOL_GROUP.reset(token)
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the processes of ``group``; the gradient of every process's copy of the sum flows back to each
-    input, so the backward is a sum over processes too. (torch.distributed.nn's version is deprecated.)"""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:
-        import torch.distributed as dist
-
-        ctx.group = group
-        total = tensor.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        import torch.distributed as dist
-
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
-def _sum_over_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """The tensors summed over the pooling group's processes (gradient: the sum of every process's gradient, so
-    DDP's averaging then gives the one-process gradient); unchanged when pooling is off."""
-    group = _POOL_GROUP.get()
-    if group is None:
-        return tensors
-    return tuple(_AllReduceSum.apply(torch.stack(tensors), group).unbind(0))
+# How a loss pools batch statistics over the shards of one global batch: a differentiable sum of a tensor over
+# every shard (under torchrun, the processes; ``Batch.reduce_sums``, set by the trainer). The losses that pool take
+# it as an argument; None, the default, means this batch is the whole batch.
+ReduceSums = Callable[[Tensor], Tensor]
 
 
 def _check_logits(logits: Tensor) -> None:
@@ -149,6 +105,7 @@ def soft_dice_loss(
     batch_dice: bool = True,
     smooth: float = 1e-5,
     squared: bool = False,
+    reduce_sums: ReduceSums | None = None,
 ) -> Tensor:
     """Soft Dice loss ``1 - mean_c (2|P*T| + s) / (|P| + |T| + s)`` of softmax(logits) against ``target``.
 
@@ -159,8 +116,11 @@ def soft_dice_loss(
     ``target`` is either int labels (B, *S) or probabilities (B, K, *S) (M&N's Dice(g, P) with soft
     pseudo-labels). Voxels equal to ``ignore_index`` (label targets only) or outside ``mask`` are left out
     of numerator and denominator alike. ``batch_dice`` pools batch and space per class (nnU-Net's batch
-    Dice; inside ``batch_dice_over_ranks`` also over the processes of a torchrun job); otherwise Dice is per
-    sample and class, averaged over the samples that have any valid voxel.
+    Dice); otherwise Dice is per sample and class, averaged over the samples that have any valid voxel.
+
+    ``reduce_sums`` (batch Dice only) pools the per-class intersection and denominator over the shards of the
+    global batch before the ratio (``Batch.reduce_sums``: the processes of a torchrun job), so every shard's loss
+    is the whole batch's Dice. Every shard must then make the same pooled calls in the same order.
     """
     _check_logits(logits)
     if target.dim() == logits.dim() - 1:
@@ -182,8 +142,8 @@ def soft_dice_loss(
         denominator = (probs_w * probs).sum(dim=reduce_dims) + (target_w * target_probs).sum(dim=reduce_dims)
     else:
         denominator = probs_w.sum(dim=reduce_dims) + target_w.sum(dim=reduce_dims)
-    if batch_dice:
-        intersection, denominator = _sum_over_ranks(intersection, denominator)
+    if batch_dice and reduce_sums is not None:
+        intersection, denominator = reduce_sums(torch.stack((intersection, denominator))).unbind(0)
     dice = (2.0 * intersection + smooth) / (denominator + smooth)  # (K,) or (B, K)
     if not include_background:
         dice = dice[..., 1:]
@@ -225,10 +185,12 @@ def supervised_loss(
     w_ce: float = 1.0,
     w_dice: float = 1.0,
     ignore_index: int | None = None,
+    reduce_sums: ReduceSums | None = None,
 ) -> Tensor:
-    """Labelled-data loss L_l = w_ce * CE + w_dice * Dice (batch Dice, background included)."""
+    """Labelled-data loss L_l = w_ce * CE + w_dice * Dice (batch Dice, background included; ``reduce_sums`` see
+    soft_dice_loss)."""
     ce = cross_entropy_loss(logits, labels, ignore_index=ignore_index)
-    dice = soft_dice_loss(logits, labels, ignore_index=ignore_index)
+    dice = soft_dice_loss(logits, labels, ignore_index=ignore_index, reduce_sums=reduce_sums)
     return w_ce * ce + w_dice * dice
 
 
@@ -240,12 +202,14 @@ def pseudo_label_loss(
     w_dice: float = 1.0,
     mask: Tensor | None = None,
     squared_dice: bool = False,
+    reduce_sums: ReduceSums | None = None,
 ) -> Tensor:
     """Unlabelled-data loss against soft pseudo-labels P: L_u = w_kl * KL(P || Q) + w_dice * Dice(Q, P).
 
-    ``mask`` may hold float voxel weights (confidence-weighted pseudo-masks); ``squared_dice`` see soft_dice_loss."""
+    ``mask`` may hold float voxel weights (confidence-weighted pseudo-masks); ``squared_dice`` and ``reduce_sums``
+    see soft_dice_loss."""
     kl = kl_loss(logits, target_probs, mask=mask)
-    dice = soft_dice_loss(logits, target_probs, mask=mask, squared=squared_dice)
+    dice = soft_dice_loss(logits, target_probs, mask=mask, squared=squared_dice, reduce_sums=reduce_sums)
     return w_kl * kl + w_dice * dice
 
 

@@ -54,6 +54,7 @@ def test_one_process_is_untouched(monkeypatch):
     assert distributed.wrap_ddp(model, ctx) is model
     assert distributed.merge_sums({"loss": 3.0}, {"loss": 2}, ctx) == {"loss": 1.5}
     assert distributed.mean_over_ranks(0.25, ctx) == 0.25
+    assert distributed.loss_sums(ctx) is None  # batch Dice stays this process's own
 
 
 def test_global_batch_must_split_evenly():
@@ -154,15 +155,15 @@ def _pooled_dice_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """One of two processes: its half of a fixed batch, batch Dice pooled over both; saves value and gradient."""
     import torch.distributed as dist
 
-    from mnseg.losses import batch_dice_over_ranks, soft_dice_loss
+    from mnseg.losses import soft_dice_loss
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         logits, labels = _dice_batch()
         mine = slice(rank * 2, rank * 2 + 2)
         local = logits[mine].clone().requires_grad_(True)
-        with batch_dice_over_ranks(dist.new_group()):
-            loss = soft_dice_loss(local, labels[mine], ignore_index=3)
+        pooled = distributed.SumOverRanks(dist.new_group())
+        loss = soft_dice_loss(local, labels[mine], ignore_index=3, reduce_sums=pooled)
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": local.grad}, f"{out_dir}/rank{rank}.pt")
     finally:

@@ -21,3 +21,17 @@ def attach_with_sgd(method, models: dict, trained=None, lr: float = 0.1):
     optims = {r: torch.optim.SGD([p for p in models[r].parameters() if p.requires_grad], lr=lr) for r in roles}
     method.attach(models, {}, optims)
     return method
+
+
+def assert_supervised_only_without_unlabelled_items(method, batch, net, ignore_index) -> None:
+    """With no unlabelled case a semi-supervised method asks for none and its loss is the supervised loss of
+    ``net`` (a 1x1x1 convolution) on the labelled items, with no ``loss_u`` logged."""
+    import pytest
+
+    from tests.helpers.numpy_reference import conv1x1, np_supervised
+
+    assert method.batch_split(0, 0) == (batch.b_l, 0)
+    out = method.training_step(batch, 0, 0)
+    expected = np_supervised(conv1x1(net, batch.image_l), batch.label_l.numpy(), ignore_index)
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
+    assert "loss_u" not in out.logs

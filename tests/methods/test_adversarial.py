@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 import mnseg.methods
-from mnseg.cli import main
 from mnseg.config.schema import Config, load_config
 from mnseg.errors import ConfigError
 from mnseg.methods.adversarial import Adversarial
 from mnseg.methods.base import Batch, MethodContext
 from mnseg.models import create_model
 from mnseg.models.discriminator import Discriminator3D
+from tests.helpers.cli_run import TINY_NET, history_columns, train_tiny
 
 REGISTRY_LINE = ("mnseg.methods.adversarial", "Adversarial")
 
@@ -331,18 +331,8 @@ def test_discriminator_shapes(size):
 
 def test_cli_training_run(toy_dataset, tmp_path, monkeypatch):
     monkeypatch.setitem(mnseg.methods.METHODS, "adversarial", REGISTRY_LINE)
-    run = tmp_path / "run"
-    rc = main(
-        [
-            "train", str(toy_dataset), "--method", "adversarial", "--num-labeled", "2", "--epochs", "2",
-            "--iters-per-epoch", "2", "--batch-size", "2", "--patch-size", "16,16,16", "--run-dir", str(run),
-            "--no-progress", "data.cache_dir=" + str(tmp_path / "cache"),
-            "models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 4}",
-            "models.disc.kwargs={base_filters: 4, num_layers: 2}", "method.params.semi_start=1",
-        ]
-    )  # fmt: skip
-    assert rc == 0
-    assert (run / "checkpoints" / "last.pt").exists()
-    header = (run / "history.csv").read_text().splitlines()[0]
+    run = train_tiny(toy_dataset, tmp_path, "adversarial", *TINY_NET,
+                     "models.disc.kwargs={base_filters: 4, num_layers: 2}", "method.params.semi_start=1")
+    header = history_columns(run)
     for column in ("loss_sup", "loss_adv", "loss_disc", "loss_semi", "lr_net", "lr_disc"):
         assert column in header

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import mnseg.methods
-from mnseg.cli import main
 from mnseg.config.schema import Config
 from mnseg.engine.schedules import sigmoid_rampup
 from mnseg.methods.base import Batch, MethodContext
 from mnseg.methods.cps import CPS
 from mnseg.models import create_model
+from tests.helpers.cli_run import history_columns, train_tiny
 
 REGISTRY_LINE = ("mnseg.methods.cps", "CPS")
 
@@ -167,18 +167,22 @@ def test_rampup_and_predictor_choices():
 
 def test_cli_training_run(toy_dataset, tmp_path, monkeypatch):
     monkeypatch.setitem(mnseg.methods.METHODS, "cps", REGISTRY_LINE)
-    run = tmp_path / "run"
-    rc = main(
-        [
-            "train", str(toy_dataset), "--method", "cps", "--num-labeled", "2", "--epochs", "2",
-            "--iters-per-epoch", "2", "--batch-size", "2", "--patch-size", "16,16,16", "--run-dir", str(run),
-            "--no-progress", "data.cache_dir=" + str(tmp_path / "cache"),
-            "models.net_a.name=unet3d", "models.net_a.kwargs={depth: 3, base_filters: 4}",
-            "models.net_b.name=unet3d", "models.net_b.kwargs={depth: 3, base_filters: 4}",
-        ]
-    )  # fmt: skip
-    assert rc == 0
-    assert (run / "checkpoints" / "last.pt").exists()
+    run = train_tiny(toy_dataset, tmp_path, "cps",
+                     "models.net_a.name=unet3d", "models.net_a.kwargs={depth: 3, base_filters: 4}",
+                     "models.net_b.name=unet3d", "models.net_b.kwargs={depth: 3, base_filters: 4}")  # fmt: skip
     history = (run / "history.csv").read_text()
-    assert "loss_cps" in history.splitlines()[0]
+    assert "loss_cps" in history_columns(run)
     assert len(history.strip().splitlines()) == 3
+
+
+def test_both_labelled_dice_terms_pool_with_the_batch_reduce_sums():
+    method = make_method(b=2)
+    method.attach({"net_a": conv_model(1.0, (0.0, 0.2)), "net_b": conv_model(-0.5, (0.3, 0.0))}, {}, {})
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(2, 1, 4, 4, 4, generator=g), torch.randint(0, 2, (2, 4, 4, 4), generator=g),
+                  torch.randn(2, 1, 4, 4, 4, generator=g))
+    plain = method.training_step(batch, 0, 0).loss
+    seen = []
+    batch.reduce_sums = lambda t: seen.append(t.shape) or t
+    assert torch.equal(method.training_step(batch, 0, 0).loss, plain)
+    assert seen == [torch.Size([2, 2])] * 2  # net_a's and net_b's

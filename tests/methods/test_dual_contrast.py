@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import mnseg.methods
-from mnseg.cli import main
 from mnseg.config.schema import Config, load_config
 from mnseg.errors import ConfigError
 from mnseg.methods.base import Batch, MethodContext
@@ -24,6 +23,7 @@ from mnseg.methods.dual_contrast import (
 )
 from mnseg.methods.voxel_contrast import classifier_conv
 from mnseg.models import create_model
+from tests.helpers.cli_run import history_columns, train_tiny
 
 REGISTRY_LINE = ("mnseg.methods.dual_contrast", "DualContrast")
 
@@ -342,18 +342,9 @@ def test_no_unlabelled_items():
 
 def test_cli_training_run(toy_dataset, tmp_path, monkeypatch):
     monkeypatch.setitem(mnseg.methods.METHODS, "dual_contrast", REGISTRY_LINE)
-    run = tmp_path / "run"
-    rc = main(
-        [
-            "train", str(toy_dataset), "--method", "dual_contrast", "--num-labeled", "2", "--epochs", "2",
-            "--iters-per-epoch", "2", "--batch-size", "2", "--patch-size", "16,16,16", "--run-dir", str(run),
-            "--no-progress", "data.cache_dir=" + str(tmp_path / "cache"),
-            "models.net_a.name=unet3d", "models.net_a.kwargs={depth: 3, base_filters: 4}",
-            "models.net_b.kwargs={depth: 3, base_filters: 2, norm: batch}",
-        ]
-    )  # fmt: skip
-    assert rc == 0
-    assert (run / "checkpoints" / "last.pt").exists()
-    header = (run / "history.csv").read_text().splitlines()[0]
+    run = train_tiny(toy_dataset, tmp_path, "dual_contrast",
+                     "models.net_a.name=unet3d", "models.net_a.kwargs={depth: 3, base_filters: 4}",
+                     "models.net_b.kwargs={depth: 3, base_filters: 2, norm: batch}")  # fmt: skip
+    header = history_columns(run)
     for column in ("loss_u", "loss_reg", "loss_pl", "loss_c", "lambda_c", "lr_net_a", "lr_net_b"):
         assert column in header

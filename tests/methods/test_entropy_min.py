@@ -9,16 +9,13 @@ import pytest
 import torch
 
 import mnseg.methods
-from mnseg.cli import main
 from mnseg.config.schema import Config
 from mnseg.methods.base import Batch
 from mnseg.methods.entropy_min import EntropyMin
 from mnseg.models import create_model
-from tests.helpers.method_scaffold import attach_with_sgd, tiny_context
+from tests.helpers.cli_run import TINY_NET, history_columns, train_tiny
+from tests.helpers.method_scaffold import assert_supervised_only_without_unlabelled_items, attach_with_sgd, tiny_context
 from tests.helpers.numpy_reference import conv1x1, np_softmax, np_supervised
-
-TINY_RUN = "--num-labeled 2 --epochs 2 --iters-per-epoch 2 --batch-size 2 --patch-size 16,16,16 --no-progress".split()
-TINY_NET = ["models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 4}"]
 
 K = 3  # background + 2 classes; label 3 is "ignore"
 IGNORE = 3
@@ -72,12 +69,7 @@ def test_entropy_on_labeled_adds_labelled_patches():
 
 def test_no_unlabelled_items_gives_the_supervised_loss():
     method = make_method(n_unlabeled=0)
-    assert method.batch_split(0, 0) == (2, 0)
-    batch = make_batch(b_u=0)
-    out = method.training_step(batch, 0, 0)
-    expected = np_supervised(conv1x1(method.models["net"], batch.image_l), batch.label_l.numpy(), IGNORE)
-    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
-    assert "loss_u" not in out.logs
+    assert_supervised_only_without_unlabelled_items(method, make_batch(b_u=0), method.models["net"], IGNORE)
 
 
 # --- (b) gradients ---------------------------------------------------------------------------------------------
@@ -103,9 +95,5 @@ def test_gradient_reaches_every_parameter_and_entropy_term_sharpens():
 
 # --- (c) end to end through the CLI -------------------------------------------------------------------------
 def test_cli_train_end_to_end(toy_dataset_multiclass, tmp_path):
-    run = tmp_path / "run"
-    args = ["train", str(toy_dataset_multiclass), "--method", "entropy_min", *TINY_RUN, "--run-dir", str(run)]
-    rc = main([*args, f"data.cache_dir={tmp_path / 'cache'}", *TINY_NET])
-    assert rc == 0
-    assert (run / "checkpoints" / "last.pt").exists()
-    assert "loss_u" in (run / "history.csv").read_text().splitlines()[0]
+    run = train_tiny(toy_dataset_multiclass, tmp_path, "entropy_min", *TINY_NET)
+    assert "loss_u" in history_columns(run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -14,10 +15,9 @@ from mnseg.errors import ConfigError
 from mnseg.methods.base import Batch
 from mnseg.methods.mean_teacher import MeanTeacher
 from mnseg.models import create_model
-from tests.helpers.method_scaffold import attach_with_sgd, tiny_context
+from tests.helpers.cli_run import TINY_RUN
+from tests.helpers.method_scaffold import assert_supervised_only_without_unlabelled_items, attach_with_sgd, tiny_context
 from tests.helpers.numpy_reference import conv1x1, np_softmax, np_supervised
-
-TINY_RUN = "--num-labeled 2 --epochs 2 --iters-per-epoch 2 --batch-size 2 --patch-size 16,16,16 --no-progress".split()
 
 IGNORE = 2
 
@@ -97,12 +97,7 @@ def test_ema_update_follows_ua_mt_schedule():
 
 def test_no_unlabelled_items_gives_the_supervised_loss():
     method = make_method(n_unlabeled=0)
-    assert method.batch_split(0, 0) == (2, 0)
-    batch = make_batch(b_u=0)
-    out = method.training_step(batch, 0, 0)
-    expected = np_supervised(conv1x1(method.models["student"], batch.image_l), batch.label_l.numpy(), IGNORE)
-    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
-    assert "loss_u" not in out.logs
+    assert_supervised_only_without_unlabelled_items(method, make_batch(b_u=0), method.models["student"], IGNORE)
 
 
 def test_batch_split_is_b_labelled_plus_b_unlabelled():
@@ -147,3 +142,18 @@ def test_cli_train_end_to_end(toy_dataset, tmp_path):
     assert (run / "checkpoints" / "last.pt").exists()
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 3 and "loss_u" in history[0]
+
+
+def test_the_labelled_dice_pools_with_the_batch_reduce_sums():
+    """The batch's ``reduce_sums`` (the trainer's sum over processes) reaches the labelled loss's batch Dice: once,
+    with intersection and denominator per class; an identity sum leaves the loss bit-identical."""
+    method = make_method()
+    batch = make_batch()
+    plain = method.training_step(batch, 0, 1).loss
+    seen = []
+    pooled = method.training_step(dataclasses.replace(batch, reduce_sums=lambda t: seen.append(t.shape) or t), 0, 1)
+    assert seen == [torch.Size([2, 2])]
+    assert torch.equal(pooled.loss, plain)
+    doubled = method.training_step(dataclasses.replace(batch, reduce_sums=lambda t: t * torch.tensor([[2.0], [1.0]])),
+                                   0, 1)
+    assert float(doubled.loss.detach()) < float(plain.detach())  # a larger pooled intersection: a smaller Dice loss

@@ -14,10 +14,10 @@ from mnseg.losses import paired_softmax_mse
 from mnseg.methods.base import Batch
 from mnseg.methods.pi_model import PiModel
 from mnseg.models import create_model
+from tests.helpers.cli_run import TINY_RUN
 from tests.helpers.method_scaffold import attach_with_sgd, tiny_context
 from tests.helpers.numpy_reference import conv1x1, np_softmax, np_supervised
 
-TINY_RUN = "--num-labeled 2 --epochs 2 --iters-per-epoch 2 --batch-size 2 --patch-size 16,16,16 --no-progress".split()
 IGNORE = 2
 
 

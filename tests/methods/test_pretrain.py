@@ -36,7 +36,8 @@ def losses(run) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("task, falls_by", [("rotation", 0.4), ("contrastive", 0.5), ("reconstruction", 0.04)])
+@pytest.mark.parametrize("task, falls_by", [("rotation", 0.4), ("contrastive", 0.5), ("reconstruction", 0.04),
+                                            ("clustering", 0.03)])  # IIC starts near I = 0 (an even softmax)
 def test_the_pretext_loss_falls(ramp_dataset, tmp_path, task, falls_by):
     run = tmp_path / "run"
     assert pretrain(ramp_dataset, run, tmp_path / "cache", task) == 0
@@ -194,3 +195,84 @@ def test_nt_xent_matches_its_definition():
         denom = sum(math.exp(float(z[i] @ z[j]) / tau) for j in range(6) if j != i)
         total += -(float(z[i] @ z[pos]) / tau - math.log(denom))
     assert float(nt_xent(a, b, tau)) == pytest.approx(total / 6, rel=1e-5)
+
+
+def _assignments(clusters: list[int], k: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(clusters), k).float()
+
+
+def test_iic_loss_is_least_for_confident_balanced_consistent_clusters_and_zero_for_one():
+    """-I(z, z') reaches -log K exactly when every voxel is sure of its cluster, the clusters are equally full and
+    both views agree; one cluster for everything (a collapse) and an even spread both carry no information."""
+    import math
+
+    from mnseg.methods.pretext import iic_loss
+
+    k = 4
+    best = _assignments([0, 1, 2, 3] * 6, k)
+    loss, joint = iic_loss(best, best)
+    assert float(loss) == pytest.approx(-math.log(k), abs=1e-6)
+    torch.testing.assert_close(joint, torch.eye(k) / k)
+    constant = _assignments([2] * 24, k)
+    assert float(iic_loss(constant, constant)[0]) == 0.0
+    uniform = torch.full((24, k), 1.0 / k)
+    assert float(iic_loss(uniform, uniform)[0]) == pytest.approx(0.0, abs=1e-7)
+    unbalanced = _assignments([0] * 18 + [1, 2, 3] * 2, k)
+    assert -math.log(k) + 0.1 < float(iic_loss(unbalanced, unbalanced)[0]) < 0
+    inconsistent = _assignments([1, 2, 3, 0] * 6, k)  # every voxel moves cluster between the views
+    torch.manual_seed(0)
+    soft = torch.softmax(3 * torch.randn(24, k), dim=1)
+    for other in (iic_loss(best, inconsistent)[0], iic_loss(soft, soft)[0], iic_loss(soft, best)[0]):
+        assert float(other) > float(loss) + 1e-3
+
+
+def test_iic_loss_matches_its_definition_and_has_finite_gradients_for_empty_clusters():
+    import math
+
+    from mnseg.methods.pretext import iic_loss
+
+    torch.manual_seed(1)
+    a = torch.softmax(3 * torch.randn(10, 3), dim=1)
+    b = torch.softmax(a.log() + torch.randn(10, 3), dim=1)  # related views: I well above 0
+    joint = sum(torch.outer(a[n], b[n]) for n in range(10)) / 10
+    joint = (joint + joint.t()) / 2
+    pi, pj = joint.sum(1), joint.sum(0)
+    mi = sum(float(joint[i, j]) * math.log(float(joint[i, j] / (pi[i] * pj[j]))) for i in range(3) for j in range(3))
+    assert mi > 0.1 and float(iic_loss(a, b)[0]) == pytest.approx(-mi, rel=1e-5)
+    logits = torch.tensor([[9.0, -9.0, -30.0]] * 4 + [[-9.0, 9.0, -30.0]] * 4, requires_grad=True)  # cluster 2 empty
+    p = torch.softmax(logits, dim=1)
+    iic_loss(p, p)[0].backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_the_clustering_head_has_k_outputs_per_voxel():
+    from mnseg.errors import ConfigError
+    from mnseg.models import create_model
+
+    head = create_model("pretext_head", task="clustering", local_width=6, classes=5)
+    assert head(voxels=torch.randn(7, 6))[1].shape == (7, 5)
+    with pytest.raises(ConfigError, match="classes"):
+        create_model("pretext_head", task="clustering", local_width=6)
+
+
+def test_pretrain_accepts_the_clustering_task_and_its_cluster_count():
+    import argparse
+
+    from mnseg.commands import pretrain as command
+    from mnseg.commands.pretrain import build_config
+    from mnseg.methods.pretrain import Pretrain
+    from mnseg.models import create_model
+    from tests.helpers.method_scaffold import tiny_context
+
+    p = argparse.ArgumentParser()
+    command.add_arguments(p)
+    args = p.parse_args(["Dataset_X", "--task", "clustering", "--patch-size", "16,16,16"])
+    args.overrides = ["method.params.clusters=5"]
+    cfg = build_config(args)
+    assert cfg.method.params["task"] == "clustering"
+    net = create_model("unet3d", depth=3, base_filters=4)
+    kwargs = Pretrain(cfg, tiny_context()).derived_kwargs("head", {"net": net})
+    assert (kwargs["task"], kwargs["classes"], kwargs["local_width"]) == ("clustering", 5, 4)  # the decoder's width
+    assert create_model("pretext_head", **kwargs).cluster.out_features == 5
+    with pytest.raises(SystemExit):
+        p.parse_args(["Dataset_X", "--task", "clusters"])

@@ -10,16 +10,13 @@ import torch
 
 import mnseg.methods
 import mnseg.methods.transform_consistency as tc
-from mnseg.cli import main
 from mnseg.config.schema import Config
 from mnseg.methods.base import Batch
 from mnseg.methods.transform_consistency import ExactTransform, TransformConsistency, sample_transforms
 from mnseg.models import create_model
+from tests.helpers.cli_run import TINY_NET, history_columns, train_tiny
 from tests.helpers.method_scaffold import attach_with_sgd, tiny_context
 from tests.helpers.numpy_reference import np_softmax, np_supervised
-
-TINY_RUN = "--num-labeled 2 --epochs 2 --iters-per-epoch 2 --batch-size 2 --patch-size 16,16,16 --no-progress".split()
-TINY_NET = ["models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 4}"]
 
 IGNORE = 2
 
@@ -143,9 +140,5 @@ def test_both_branches_receive_gradient_unless_detached(monkeypatch):
 
 # --- (c) end to end through the CLI -------------------------------------------------------------------------
 def test_cli_train_end_to_end(toy_dataset, tmp_path):
-    run = tmp_path / "run"
-    args = ["train", str(toy_dataset), "--method", "transform_consistency", *TINY_RUN, "--run-dir", str(run)]
-    rc = main([*args, f"data.cache_dir={tmp_path / 'cache'}", *TINY_NET])
-    assert rc == 0
-    assert (run / "checkpoints" / "last.pt").exists()
-    assert "loss_u" in (run / "history.csv").read_text().splitlines()[0]
+    run = train_tiny(toy_dataset, tmp_path, "transform_consistency", *TINY_NET)
+    assert "loss_u" in history_columns(run)

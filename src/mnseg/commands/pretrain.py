@@ -1,6 +1,6 @@
 """``mnseg pretrain``: self-supervised pretraining of the 3D UNet on a dataset folder's unlabelled scans."""
 
-HELP = "pretrain the 3D UNet on unlabelled scans (rotation, contrastive, reconstruction); no label is read"
+HELP = "pretrain the 3D UNet on unlabelled scans (rotation, contrastive, reconstruction, clustering); no label is read"
 DESCRIPTION = """Pretrain the 3D UNet's encoder (and decoder) on imagesTr + imagesUnlabeled with a pretext task; no
 label file is opened, nor imagesTs unless --transductive. The run is a normal mnseg run (progress bar, TensorBoard,
 atomic checkpoints, --resume) of the method `pretrain` (preset mnseg/config/presets/pretrain.yaml, then the
@@ -12,7 +12,7 @@ options below, then key.sub=value overrides). Start any method from it:
   mnseg pretrain --resume runs/pre_contrastive
 """
 
-TASKS = ("rotation", "contrastive", "reconstruction")
+TASKS = ("rotation", "contrastive", "reconstruction", "clustering")
 
 
 def add_arguments(p):

@@ -30,9 +30,9 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False  # this context created the process group (and so destroys it)
-    # A second group for collectives inside the loss (batch Dice over processes): its all-reduce runs again in the
-    # backward pass, and on DDP's own group it could interleave with DDP's gradient buckets in another order on
-    # each process.
+    # A second group for collectives inside the loss (batch Dice over processes, ``loss_sums``): its all-reduce runs
+    # again in the backward pass, and on DDP's own group it could interleave with DDP's gradient buckets in another
+    # order on each process.
     loss_group: object | None = None
 
     @property
@@ -173,6 +173,43 @@ def broadcast_object(obj, ctx: DistContext):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of ``group``; the gradient of every process's copy of the sum flows back to each
+    input, so the backward is a sum over processes too. (torch.distributed.nn's version is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        total = tensor.clone()
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+@dataclass(frozen=True)
+class SumOverRanks:
+    """A loss's ``reduce_sums`` (``losses.ReduceSums``) under torchrun: the tensor summed over the processes of
+    ``group``, differentiably. Its gradient is the sum of every process's gradient, so DDP's averaging then gives
+    the one-process gradient. ``group`` should not be DDP's (see ``DistContext.loss_group``)."""
+
+    group: object
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(tensor, self.group)
+
+
+def loss_sums(ctx: DistContext) -> SumOverRanks | None:
+    """How a batch's losses pool their sums over the processes (``Batch.reduce_sums``); None for one process."""
+    if not ctx.enabled:
+        return None
+    return SumOverRanks(ctx.loss_group)
 
 
 def check_batch_divisible(batch_size: int, ctx: DistContext) -> None:

@@ -42,7 +42,6 @@ from mnseg.engine.run_dir import RunDir
 from mnseg.engine.schedules import current_lr, make_scheduler
 from mnseg.engine.weights import save_weights
 from mnseg.errors import MnsegError
-from mnseg.losses import batch_dice_over_ranks
 from mnseg.methods.base import Batch
 from mnseg.models.compiled import compile_forward
 
@@ -283,11 +282,14 @@ class Trainer:
 
         arrays = shard_batch(self.batcher.next_batch(b_l, b_u), self.dist.rank, self.dist.world_size)
         t = batch_to_device(arrays, self.device)
-        batch = Batch(t["image_l"], t["label_l"], t["image_u"], t.get("label_u"))
+        # Equal shards on every process (each then makes the same loss calls): batch Dice pools over them all, as
+        # one process with the whole batch; otherwise each process pools its own items.
+        even = b_l % self.dist.world_size == 0 and b_u % self.dist.world_size == 0
+        reduce_sums = distributed.loss_sums(self.dist) if even else None
+        image_l, image_u = t["image_l"], t["image_u"]
         if self.cfg.train.channels_last:
-            batch = Batch(to_channels_last(batch.image_l), batch.label_l, to_channels_last(batch.image_u),
-                          batch.label_u)
-        return batch
+            image_l, image_u = to_channels_last(image_l), to_channels_last(image_u)
+        return Batch(image_l, t["label_l"], image_u, t.get("label_u"), reduce_sums=reduce_sums)
 
     def _step(self, epoch: int, it: int, active: list[str], stats: EpochStats, bar) -> None:
         """One training step: batch, the method's loss, backward, optimiser and schedule steps, NaN checks."""
@@ -298,9 +300,7 @@ class Trainer:
         batch = self._next_batch(b_l, b_u)
         for role in active:
             self.optimizers[role].zero_grad(set_to_none=True)
-        # Equal shards on every process: batch Dice pools over them all, as one process with the whole batch.
-        even = b_l % self.dist.world_size == 0 and b_u % self.dist.world_size == 0
-        with self._autocast(), batch_dice_over_ranks(self.dist.loss_group if even else None):
+        with self._autocast():
             out = method.training_step(batch, epoch, it)
         loss = out.loss.detach().float()
         check_every = max(int(cfg.train.check_every), 1)

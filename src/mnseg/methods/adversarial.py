@@ -39,7 +39,7 @@ from torch.func import functional_call
 
 import mnseg.models.discriminator  # noqa: F401  (registers "discriminator3d" for the engine)
 from mnseg.errors import ConfigError
-from mnseg.losses import hard_pseudo_label_ce, supervised_loss
+from mnseg.losses import ReduceSums, hard_pseudo_label_ce, supervised_loss
 from mnseg.methods.base import Batch, Method, Params, StepOutput
 
 ADV_ON = ("unlabeled", "all")
@@ -136,10 +136,14 @@ class Adversarial(Method):
         return torch.where(valid.unsqueeze(1), one_hot, probs.detach()), valid.unsqueeze(1)
 
     # --- the step -------------------------------------------------------------------------------------------
-    def segmenter_loss(self, logits, probs, image, label, b_l: int, step: int) -> tuple[torch.Tensor, dict]:
-        """L_S = L_sup + lambda_adv L_adv + lambda_semi L_semi (gradient into the segmenter only)."""
+    def segmenter_loss(
+        self, logits, probs, image, label, b_l: int, step: int, reduce_sums: ReduceSums | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """L_S = L_sup + lambda_adv L_adv + lambda_semi L_semi (gradient into the segmenter only); ``reduce_sums``:
+        the batch's, for L_sup's batch Dice."""
         logs = {}
-        loss_sup = supervised_loss(logits[:b_l], label[:b_l], ignore_index=self.ctx.ignore_index, **self.weights)
+        loss_sup = supervised_loss(logits[:b_l], label[:b_l], ignore_index=self.ctx.ignore_index,
+                                   reduce_sums=reduce_sums, **self.weights)
         loss = loss_sup
         logs["loss_sup"] = loss_sup.detach()
         start = b_l if self.adv_on == "unlabeled" else 0
@@ -194,7 +198,7 @@ class Adversarial(Method):
         logits = self.models["net"](image)
         probs = torch.softmax(logits.float(), dim=1)
         step = epoch * self.ctx.iters_per_epoch + iteration
-        loss_s, logs = self.segmenter_loss(logits, probs, image, label, b_l, step)
+        loss_s, logs = self.segmenter_loss(logits, probs, image, label, b_l, step, batch.reduce_sums)
         loss_d, logs_d = self.discriminator_loss(probs, image, label, b_l)
         logs.update(logs_d)
         return StepOutput(loss_s + loss_d, logs)

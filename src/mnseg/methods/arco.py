@@ -132,7 +132,7 @@ class Arco(MeanTeacher):
             logits_t, z_t = self.taps.forward("teacher", self.models["teacher"], images)
         probs_t = torch.softmax(logits_t[b_l:].float(), dim=1)
 
-        loss_l = self.labelled_loss(logits[:b_l], label)
+        loss_l = self.labelled_loss(logits[:b_l], label, batch.reduce_sums)
         loss_u, confident = confidence_weighted_ce(logits[b_l:], probs_t, float(self.p.strong_threshold))
         classes, valid = contrast_classes(label, probs_t, float(self.p.weak_threshold), self.ctx.ignore_index)
         loss_c, extra = self.contrastive_loss(z, z_t, classes, valid)

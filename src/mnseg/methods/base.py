@@ -20,6 +20,7 @@ from torch import nn
 from mnseg.config.schema import Config
 from mnseg.engine.contract import PatchSampler, Segment, segment
 from mnseg.errors import ConfigError
+from mnseg.losses import ReduceSums
 
 
 @dataclass
@@ -45,6 +46,11 @@ class Batch:
     label_l: torch.Tensor  # (b_l, X, Y, Z) int64, may contain the ignore label
     image_u: torch.Tensor  # (b_u, C, X, Y, Z)
     label_u: torch.Tensor | None = None  # the unlabelled items' labels: only M&N's oracle diagnostic has them
+    # This batch is one shard of the global batch (one process's under torchrun): the differentiable sum over the
+    # shards that batch Dice pools its sums with (the losses' ``reduce_sums``), set by the trainer when every shard
+    # holds equally many labelled and unlabelled items; None when this batch is the whole batch. A method passes it
+    # to every batch-Dice loss of its step, so the loss equals the one-process loss.
+    reduce_sums: ReduceSums | None = None
 
     @property
     def b_l(self) -> int:

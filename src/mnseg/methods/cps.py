@@ -89,7 +89,8 @@ class CPS(PairedNetworks):
         logits_a, logits_b = self.models["net_a"](image), self.models["net_b"](image)
 
         loss_sup = {
-            role: supervised_loss(logits[:b_l], label[:b_l], ignore_index=self.ctx.ignore_index, **self.weights)
+            role: supervised_loss(logits[:b_l], label[:b_l], ignore_index=self.ctx.ignore_index,
+                                  reduce_sums=batch.reduce_sums, **self.weights)
             for role, logits in zip(ROLES, (logits_a, logits_b))
         }
         start = 0 if self.cps_on_labeled else b_l

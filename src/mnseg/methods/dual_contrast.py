@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mnseg.errors import ConfigError
-from mnseg.losses import supervised_loss
+from mnseg.losses import ReduceSums, supervised_loss
 from mnseg.methods.base import Batch, StepOutput
 from mnseg.methods.paired import PairedNetworks, PairedParams
 from mnseg.methods.voxel_contrast import ClassifierInputs, class_prototypes
@@ -87,12 +87,14 @@ def gated_l1_consistency(
 
 
 def filtered_pseudo_supervision(
-    logits: Tensor, pseudo: Tensor, unreliable: Tensor, w_ce: float = 1.0, w_dice: float = 1.0
+    logits: Tensor, pseudo: Tensor, unreliable: Tensor, w_ce: float = 1.0, w_dice: float = 1.0,
+    reduce_sums: ReduceSums | None = None,
 ) -> Tensor:
-    """w_ce CE + w_dice Dice of (B, K, *S) logits against the pseudo-label (B, *S), unreliable voxels left out."""
+    """w_ce CE + w_dice Dice of (B, K, *S) logits against the pseudo-label (B, *S), unreliable voxels left out
+    (``reduce_sums``: the batch's, see ``losses.soft_dice_loss``)."""
     left_out = logits.shape[1]  # a class index no pseudo-label has
     target = torch.where(unreliable, torch.full_like(pseudo, left_out), pseudo)
-    return supervised_loss(logits, target, w_ce=w_ce, w_dice=w_dice, ignore_index=left_out)
+    return supervised_loss(logits, target, w_ce=w_ce, w_dice=w_dice, ignore_index=left_out, reduce_sums=reduce_sums)
 
 
 def normalised_entropy(probs: Tensor) -> Tensor:
@@ -265,7 +267,8 @@ class DualContrast(PairedNetworks):
         probs = {role: torch.softmax(logits[role].float(), dim=1) for role in ROLES}
 
         loss_sup = {
-            role: supervised_loss(logits[role][:b_l], label[:b_l], ignore_index=self.ctx.ignore_index, **self.weights)
+            role: supervised_loss(logits[role][:b_l], label[:b_l], ignore_index=self.ctx.ignore_index,
+                                  reduce_sums=batch.reduce_sums, **self.weights)
             for role in ROLES
         }
         a_wins = loss_sup["net_a"].detach() <= loss_sup["net_b"].detach()  # tensor: no host sync
@@ -275,7 +278,7 @@ class DualContrast(PairedNetworks):
         logs["a_wins"] = a_wins.float()
 
         unreliable = self.unreliable_voxels(winner, b_l)
-        loss_u = self.unlabelled_loss(logits, probs, pseudo, unreliable, b_l, epoch, iteration, logs)
+        loss_u = self.unlabelled_loss(logits, probs, pseudo, unreliable, b_l, epoch, iteration, logs, batch.reduce_sums)
         loss_c = self.contrastive_loss(feats, pseudo, label, unreliable, b_l, logs)
         weight_c = self.contrast_weight(epoch, iteration)
         loss = loss_sup["net_a"] + loss_sup["net_b"] + self.lambda_u * loss_u + weight_c * loss_c
@@ -289,8 +292,12 @@ class DualContrast(PairedNetworks):
             unreliable[b_l:] = upper_quantile_mask(normalised_entropy(winner[b_l:]), self.unreliable_quantile)
         return unreliable
 
-    def unlabelled_loss(self, logits, probs, pseudo, unreliable, b_l: int, epoch: int, iteration: int, logs: dict):
-        """lambda_u's term L_u = L_pl + L_reg on the unlabelled items (an exact, connected 0 when there are none)."""
+    def unlabelled_loss(
+        self, logits, probs, pseudo, unreliable, b_l: int, epoch: int, iteration: int, logs: dict,
+        reduce_sums: ReduceSums | None = None,
+    ):
+        """lambda_u's term L_u = L_pl + L_reg on the unlabelled items (an exact, connected 0 when there are none);
+        ``reduce_sums``: the batch's, for L_pl's batch Dice."""
         pa, pb = probs["net_a"][b_l:], probs["net_b"][b_l:]
         if pa.shape[0] == 0:
             return 0.0 * (probs["net_a"].sum() + probs["net_b"].sum())
@@ -300,7 +307,9 @@ class DualContrast(PairedNetworks):
         if not self.pseudo_supervision:
             return loss_reg
         loss_pl = sum(
-            filtered_pseudo_supervision(logits[role][b_l:], pseudo[b_l:], unreliable[b_l:], **self.weights)
+            filtered_pseudo_supervision(
+                logits[role][b_l:], pseudo[b_l:], unreliable[b_l:], reduce_sums=reduce_sums, **self.weights
+            )
             for role in ROLES
         )
         logs["loss_pl"] = loss_pl.detach()

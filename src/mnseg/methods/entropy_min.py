@@ -33,7 +33,7 @@ class EntropyMin(SemiSupervised):
         step = self.global_step(epoch, iteration)
         images, label, b_l, b_u = self.augmented_batch(batch)
         logits = self.models["net"](images)
-        loss_l = self.labelled_loss(logits[:b_l], label)
+        loss_l = self.labelled_loss(logits[:b_l], label, batch.reduce_sums)
         logs = {"loss_l": loss_l.detach()}
         first = 0 if self.p.entropy_on_labeled else b_l
         if first == b_l and b_u == 0:

@@ -102,7 +102,7 @@ class MeanTeacher(SemiSupervised):
         step = self.global_step(epoch, iteration)
         images, label, b_l, b_u = self.augmented_batch(batch)
         logits = self.models["student"](self.noisy(images) if self.student_noise else images)
-        loss_l = self.labelled_loss(logits[:b_l], label)
+        loss_l = self.labelled_loss(logits[:b_l], label, batch.reduce_sums)
         logs = {"loss_l": loss_l.detach()}
         first = 0 if self.on_labeled else b_l
         if b_u == 0 and not self.on_labeled:

@@ -259,9 +259,10 @@ class MN(Method):
         self._unlabeled_fg = coords  # kept in checkpoints so a resumed run crops exactly as before
 
     # --- the step -------------------------------------------------------------------------------------------
-    def _labelled_loss(self, logits, label):
+    def _labelled_loss(self, logits, label, reduce_sums):
         return supervised_loss(
-            logits, label, w_ce=self.weights["w_ce"], w_dice=self.weights["w_dice"], ignore_index=self.ctx.ignore_index
+            logits, label, w_ce=self.weights["w_ce"], w_dice=self.weights["w_dice"], ignore_index=self.ctx.ignore_index,
+            reduce_sums=reduce_sums,
         )
 
     def _depth_subset(self, role: str, *tensors):
@@ -281,7 +282,7 @@ class MN(Method):
             for r in self.active_roles(epoch):
                 image, (label,) = self.augment(r, batch.image_l, [batch.label_l], ["label"])
                 image, label = self._depth_subset(r, image, label)
-                loss = self._labelled_loss(self.models[r](image), label)
+                loss = self._labelled_loss(self.models[r](image), label, batch.reduce_sums)
                 logs[f"loss_{r[3:]}"] = loss.detach()
                 total = total + loss
             return StepOutput(total, logs)
@@ -305,13 +306,14 @@ class MN(Method):
         logs = {}
         loss = logits.new_zeros(())
         if b_l:
-            loss_l = self._labelled_loss(logits[:b_l], label)
+            loss_l = self._labelled_loss(logits[:b_l], label, batch.reduce_sums)
             loss = loss + b_l / (b_l + b_u) * loss_l
             logs["loss_l"] = loss_l.detach()
         if b_u:
             confidence = pseudo.amax(dim=1) if self.choice["pseudo_weight"] == "confidence" else None
             loss_u = pseudo_label_loss(logits[b_l:], pseudo, w_kl=self.weights["w_kl"], w_dice=self.weights["w_dice"],
-                                       mask=confidence, squared_dice=self.choice["soft_dice"] == "squared")
+                                       mask=confidence, squared_dice=self.choice["soft_dice"] == "squared",
+                                       reduce_sums=batch.reduce_sums)
             loss = loss + self.weights["w_u"] * b_u / (b_l + b_u) * loss_u
             logs["loss_u"] = loss_u.detach()
             logs.update(self._class_shares("pseudo", pseudo.argmax(dim=1), pseudo.shape[1]))

@@ -50,12 +50,12 @@ class PiModel(SemiSupervised):
         images, label, b_l, b_u = self.augmented_batch(batch)
         first = 0 if self.p.consistency_on_labeled else b_l
         if first == b_l and b_u == 0:  # nothing to be consistent on: one pass, L = L_sup
-            loss_l = self.labelled_loss(net(self.noisy(images)), label)
+            loss_l = self.labelled_loss(net(self.noisy(images)), label, batch.reduce_sums)
             return StepOutput(loss_l, {"loss_l": loss_l.detach()})
 
         z = net(self.noisy(images))  # pass 1: noise n, dropout masks m
         z_tilde = net(self.noisy(images[first:]))  # pass 2: noise n', dropout masks m'
-        loss_l = self.labelled_loss(z[:b_l], label)
+        loss_l = self.labelled_loss(z[:b_l], label, batch.reduce_sums)
         loss_u = paired_softmax_mse(z[first:], z_tilde)  # no detach: both passes receive gradient
         weight = self.unlabeled_weight(step)
         logs = {"loss_l": loss_l.detach(), "loss_u": loss_u.detach(), "w_u": weight}

@@ -11,6 +11,7 @@ masks and the InfoNCE loss. Tensor arithmetic only; ``pretrain.py`` puts them to
 - ``nt_xent``: SimCLR's normalised-temperature cross entropy over 2N embeddings (each one's positive is its pair,
   the other 2N - 2 are negatives).
 - ``block_mask``: a random set of cubes covering a fixed fraction of the crop (masked-volume reconstruction).
+- ``iic_loss``: minus the mutual information of two views' cluster assignments (Invariant Information Clustering).
 """
 
 from __future__ import annotations
@@ -140,3 +141,23 @@ def nt_xent(a: Tensor, b: Tensor, temperature: float) -> Tensor:
         sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
         target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
         return F.cross_entropy(sim, target)
+
+
+# --- the clustering loss ----------------------------------------------------------------------------------
+def iic_loss(p1: Tensor, p2: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """Invariant Information Clustering (Ji, Henriques & Vedaldi, ICCV 2019): ``(-I(z, z'), P)`` for the (N, K)
+    cluster probabilities phi(x), phi(x') of N voxels seen in two views (row n: the same voxel in both).
+
+        P = sym( 1/N sum_n phi(x_n) phi(x'_n)^T ),  sym(A) = (A + A^T) / 2,    (K, K), the joint of (z, z')
+        I(z, z') = sum_ij P_ij log( P_ij / (P_i P_j) ),  P_i = sum_j P_ij, P_j = sum_i P_ij
+
+    I is at most log K, reached by confident (one-hot), balanced (every cluster 1/K of the voxels) and consistent
+    (the same cluster in both views) assignments, so the loss neither collapses to one cluster (I = 0) nor
+    spreads every voxel evenly (I = 0 too). 0 log 0 counts as 0: P multiplies logs of values clamped at ``eps``,
+    so unused clusters give neither NaN nor infinite gradients. Float32 even under autocast."""
+    with torch.autocast(p1.device.type, enabled=False):
+        joint = p1.float().t() @ p2.float() / p1.shape[0]
+        joint = (joint + joint.t()) / 2
+        p_i, p_j = joint.sum(dim=1, keepdim=True), joint.sum(dim=0, keepdim=True)
+        logs = joint.clamp_min(eps).log() - p_i.clamp_min(eps).log() - p_j.clamp_min(eps).log()
+        return -(joint * logs).sum(), joint

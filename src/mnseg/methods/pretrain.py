@@ -17,6 +17,10 @@ over a ``pool_grid``^3 of cells, flattened (docs/methods/pretrain.md goes throug
 - ``reconstruction`` (masked volumes: Models Genesis' in-painting, MAE's masking): M random ``mask_block``^3
   cubes covering ``mask_ratio`` of the crop, x_M = x with M set to 0 (the mean of a z-scored scan);
   L = sum_M (r(D(x_M)) - x)^2 / |M| (``masked_only``; else the mean over every voxel). Trains encoder and decoder.
+- ``clustering`` (Invariant Information Clustering, Ji et al. 2019, voxel-level): two views as ``contrastive``'s,
+  phi = softmax(c(T^-1 D(v))) a K-way (``clusters``) assignment of every voxel of x in each view, and
+  L = -I(z, z'), I = sum_ij P_ij log(P_ij / (P_i P_j)), P = sym(mean over voxels of phi(v_1) phi(v_2)^T)
+  (``pretext.iic_loss``). Trains encoder and decoder.
 
 Every task adds 0 x the logits' mean, so every network parameter is in the graph (DDP's reducer needs that): the
 parts a task does not train get zero gradients (weight decay alone moves them).
@@ -36,6 +40,7 @@ from mnseg.methods.pretext import (
     UNetTaps,
     allowed_orientations,
     block_mask,
+    iic_loss,
     jitter,
     nt_xent,
     orient_batch,
@@ -44,26 +49,28 @@ from mnseg.methods.pretext import (
     widths,
 )
 
-TASKS = ("rotation", "contrastive", "reconstruction")
+TASKS = ("rotation", "contrastive", "reconstruction", "clustering")
 
 
 @dataclass
 class PretrainParams(Params):
-    task: str = "rotation"  # rotation | contrastive | reconstruction
+    task: str = "rotation"  # rotation | contrastive | reconstruction | clustering
     pool_grid: int = 2  # rotation, contrastive: the encoder's features pooled over pool_grid^3 cells
     temperature: float = 0.1  # contrastive: tau of both InfoNCE terms
     local_weight: float = 1.0  # contrastive: weight of the voxel-local term beside the global one
     local_voxels: int = 256  # contrastive: voxels sampled per crop for the local term
     decoder: bool = True  # contrastive: local term over the decoder's voxels (false: the encoder's bottleneck)
-    jitter: float = 0.2  # contrastive: intensity jitter s of each view (contrast 1 +- s, shift +- s, noise s / 2)
+    jitter: float = 0.2  # contrastive, clustering: intensity jitter s of each view (contrast 1 +- s, shift +- s,
+    # noise s / 2)
     mask_ratio: float = 0.5  # reconstruction: the masked fraction of the crop
     mask_block: int = 8  # reconstruction: the masked cubes' edge (voxels)
     masked_only: bool = True  # reconstruction: the error over the masked voxels only (false: every voxel)
+    clusters: int = 8  # clustering: K, the clusters every voxel is softly assigned to
 
 
 class Pretrain(Method):
-    """Self-supervised pretraining of a 3D UNet (rotation, contrastive or masked reconstruction) on unlabelled
-    crops; labels are never read."""
+    """Self-supervised pretraining of a 3D UNet (rotation, contrastive, masked reconstruction or clustering) on
+    unlabelled crops; labels are never read."""
 
     name = "pretrain"
     params_class = PretrainParams
@@ -83,6 +90,9 @@ class Pretrain(Method):
         if not 0.0 < p.mask_ratio <= 1.0 or p.mask_block < 1:
             raise ConfigError(f"method.params: mask_ratio must be in (0, 1] and mask_block >= 1, got {p.mask_ratio} "
                               f"and {p.mask_block}")
+        if p.clusters < 2:
+            raise ConfigError(f"method.params.clusters must be >= 2 (one cluster holds no information), got "
+                              f"{p.clusters}")
         self.orientations = allowed_orientations(cfg.data.patch_size)
         self.taps: UNetTaps | None = None
 
@@ -92,9 +102,10 @@ class Pretrain(Method):
         if role != "head":
             return {}
         encoder, decoder = widths(built["net"])
-        local = decoder if self.p.task == "reconstruction" or self.p.decoder else encoder
+        local = decoder if self.p.task in ("reconstruction", "clustering") or self.p.decoder else encoder
+        classes = self.p.clusters if self.p.task == "clustering" else len(self.orientations)
         return {"task": self.p.task, "encoder_width": encoder * self.p.pool_grid**3, "local_width": local,
-                "classes": len(self.orientations)}
+                "classes": classes}
 
     def setup(self) -> None:
         self.taps = UNetTaps(self.models["net"])
@@ -106,7 +117,7 @@ class Pretrain(Method):
     def training_step(self, batch: Batch, epoch: int, iteration: int) -> StepOutput:
         image, _ = self.augment("net", batch.image_u)
         step = {"rotation": self.rotation_loss, "contrastive": self.contrastive_loss,
-                "reconstruction": self.reconstruction_loss}[self.p.task]
+                "reconstruction": self.reconstruction_loss, "clustering": self.clustering_loss}[self.p.task]
         loss, logits, logs = step(image)
         return StepOutput(loss + 0.0 * logits.float().mean(), logs)  # every parameter in the graph (DDP)
 
@@ -124,12 +135,19 @@ class Pretrain(Method):
         loss = F.cross_entropy(scores.float(), target)
         return loss, logits, {"accuracy": (scores.argmax(1) == target).float().mean().detach()}
 
+    def two_views(self, image: Tensor) -> tuple[Tensor, list[int], list[int]]:
+        """(cat(v_1, v_2), a, b): v_1 = T_a(j_1(x)), v_2 = T_b(j_2(x)), a random orientation and jitter per view."""
+        b = image.shape[0]
+        _, ka = self.random_orientations(b)
+        _, kb = self.random_orientations(b)
+        s = self.p.jitter
+        views = torch.cat([orient_batch(jitter(image, s), ka), orient_batch(jitter(image, s), kb)])
+        return views, ka, kb
+
     def contrastive_loss(self, image: Tensor) -> tuple[Tensor, Tensor, dict]:
         """NT-Xent over the pooled encoder features of two views + local_weight x NT-Xent over the voxels."""
         p, b = self.p, image.shape[0]
-        _, ka = self.random_orientations(b)
-        _, kb = self.random_orientations(b)
-        views = torch.cat([orient_batch(jitter(image, p.jitter), ka), orient_batch(jitter(image, p.jitter), kb)])
+        views, ka, kb = self.two_views(image)
         logits, encoder, decoder = self.taps(views)  # both views in one forward
         coarse = torch.cat([orient_batch(encoder[:b], ka, inverse=True), orient_batch(encoder[b:], kb, inverse=True)])
         if p.decoder:
@@ -154,3 +172,16 @@ class Pretrain(Method):
         weight = mask.expand_as(error).float() if p.masked_only else torch.ones_like(error)
         loss = (error * weight).sum() / weight.sum().clamp_min(1.0)
         return loss, logits, {"masked_fraction": mask.float().mean().detach()}
+
+    def clustering_loss(self, image: Tensor) -> tuple[Tensor, Tensor, dict]:
+        """-I(z, z') of the voxels' K-way assignments phi(v_1), phi(v_2), orientations undone (IIC)."""
+        p, b = self.p, image.shape[0]
+        views, ka, kb = self.two_views(image)
+        logits, _, decoder = self.taps(views)  # both views in one forward
+        aligned = torch.cat([orient_batch(decoder[:b], ka, inverse=True), orient_batch(decoder[b:], kb, inverse=True)])
+        _, scores = self.models["head"](voxels=aligned.movedim(1, -1).flatten(0, -2))  # (2 N, K), voxel n of x twice
+        phi = torch.softmax(scores.float(), dim=1)
+        n = phi.shape[0] // 2
+        loss, joint = iic_loss(phi[:n], phi[n:])
+        used = (joint.sum(dim=1) > 1.0 / (10 * p.clusters)).sum()
+        return loss, logits, {"mutual_information": -loss.detach(), "clusters_used": used.float()}

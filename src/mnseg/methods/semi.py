@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mnseg.engine.contract import sigmoid_rampup
 from mnseg.errors import ConfigError
-from mnseg.losses import supervised_loss
+from mnseg.losses import ReduceSums, supervised_loss
 from mnseg.methods.base import Batch, Method, Params
 
 
@@ -83,12 +83,14 @@ class SemiSupervised(Method):
         return torch.cat([image_l, image_u]), label, image_l.shape[0], image_u.shape[0]
 
     # --- losses ------------------------------------------------------------------------------------------
-    def labelled_loss(self, logits: Tensor, label: Tensor) -> Tensor:
-        """L_sup = w_ce CE + w_dice Dice; defaults 0.5/0.5 as UA-MT's and SSL4MIS's 0.5 (CE + Dice)."""
+    def labelled_loss(self, logits: Tensor, label: Tensor, reduce_sums: ReduceSums | None) -> Tensor:
+        """L_sup = w_ce CE + w_dice Dice; defaults 0.5/0.5 as UA-MT's and SSL4MIS's 0.5 (CE + Dice). ``reduce_sums``:
+        the batch's (``Batch.reduce_sums``), so batch Dice pools over the whole global batch."""
         return supervised_loss(
             logits,
             label,
             w_ce=float(self.p.w_ce),
             w_dice=float(self.p.w_dice),
             ignore_index=self.ctx.ignore_index,
+            reduce_sums=reduce_sums,
         )

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mnseg.engine.contract import Segment
 from mnseg.errors import ConfigError
-from mnseg.losses import pseudo_label_loss, supervised_loss
+from mnseg.losses import ReduceSums, pseudo_label_loss, supervised_loss
 from mnseg.methods.base import Batch, Method, Params, StepOutput
 
 PSEUDO = ("hard", "soft")
@@ -189,16 +189,17 @@ class Sparse2Dense(Method):
             slices, labels = slices[keep], labels[keep]
         return slices, labels
 
-    def teacher_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """L_f on 2D slices: hard CE + Dice, or KL + Dice against soft-edge labels."""
+    def teacher_loss(self, logits: Tensor, labels: Tensor, reduce_sums: ReduceSums | None = None) -> Tensor:
+        """L_f on 2D slices: hard CE + Dice, or KL + Dice against soft-edge labels (``reduce_sums``: the batch's)."""
         if not self.soft_edges:
             return supervised_loss(
                 logits, labels, w_ce=self.weights["w_ce"], w_dice=self.weights["w_dice"],
-                ignore_index=self.ctx.ignore_index,
+                ignore_index=self.ctx.ignore_index, reduce_sums=reduce_sums,
             )
         target, annotated = soft_edge_labels(labels, logits.shape[1], self.edge_width, self.ctx.ignore_index)
         return pseudo_label_loss(
-            logits, target, w_kl=self.weights["w_ce"], w_dice=self.weights["w_dice"], mask=annotated
+            logits, target, w_kl=self.weights["w_ce"], w_dice=self.weights["w_dice"], mask=annotated,
+            reduce_sums=reduce_sums,
         )
 
     def _teacher_step(self, batch: Batch) -> StepOutput:
@@ -206,7 +207,7 @@ class Sparse2Dense(Method):
         if self.teacher_augment_2d is not None:
             pad = 0 if self.ctx.ignore_index is None else self.ctx.ignore_index
             slices, (labels,) = self.teacher_augment_2d(slices, [labels], ["label"], label_pad=pad)
-        loss = self.teacher_loss(self.teacher_slicewise.inner(slices), labels)
+        loss = self.teacher_loss(self.teacher_slicewise.inner(slices), labels, batch.reduce_sums)
         return StepOutput(loss, {"loss_teacher": loss.detach()})
 
     @torch.no_grad()
@@ -231,21 +232,22 @@ class Sparse2Dense(Method):
             labelled_part = torch.where(annotated.unsqueeze(1), real_rows, probs[:b_l])
         return torch.cat([labelled_part, target[b_l:]]), probs
 
-    def student_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """L_g: CE + Dice against hard targets, KL + Dice against soft ones."""
+    def student_loss(self, logits: Tensor, target: Tensor, reduce_sums: ReduceSums | None = None) -> Tensor:
+        """L_g: CE + Dice against hard targets, KL + Dice against soft ones (``reduce_sums``: the batch's)."""
         if self.pseudo == "hard":
             return supervised_loss(
                 logits, target, w_ce=self.weights["w_ce"], w_dice=self.weights["w_dice"],
-                ignore_index=self.ctx.ignore_index,
+                ignore_index=self.ctx.ignore_index, reduce_sums=reduce_sums,
             )
-        return pseudo_label_loss(logits, target, w_kl=self.weights["w_ce"], w_dice=self.weights["w_dice"])
+        return pseudo_label_loss(logits, target, w_kl=self.weights["w_ce"], w_dice=self.weights["w_dice"],
+                                 reduce_sums=reduce_sums)
 
     def _student_step(self, batch: Batch) -> StepOutput:
         target, probs = self.dense_targets(batch.image_l, batch.label_l, batch.image_u)
         image = torch.cat([batch.image_l, batch.image_u])
         kind = "label" if self.pseudo == "hard" else "prob"
         image, (target,) = self.augment("student", image, [target], [kind])
-        loss = self.student_loss(self.models["student"](image), target)
+        loss = self.student_loss(self.models["student"](image), target, batch.reduce_sums)
         teacher_labels = probs.argmax(dim=1)
         logs = {"loss_student": loss.detach(), "pseudo_fg": (teacher_labels != 0).float().mean()}
         if batch.b_l and self.ctx.ignore_index is not None:

@@ -30,5 +30,6 @@ class Supervised(Method):
             w_ce=self.p.w_ce,
             w_dice=self.p.w_dice,
             ignore_index=self.ctx.ignore_index,
+            reduce_sums=batch.reduce_sums,
         )
         return StepOutput(loss, {"loss_l": loss.detach()})

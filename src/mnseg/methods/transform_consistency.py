@@ -103,7 +103,7 @@ class TransformConsistency(SemiSupervised):
         images, label, b_l, b_u = self.augmented_batch(batch)
         first = 0 if self.p.consistency_on_labeled else b_l
         if first == b_l and b_u == 0:
-            loss_l = self.labelled_loss(net(images), label)
+            loss_l = self.labelled_loss(net(images), label, batch.reduce_sums)
             return StepOutput(loss_l, {"loss_l": loss_l.detach()})
 
         logits = net(images)
@@ -119,7 +119,7 @@ class TransformConsistency(SemiSupervised):
             weight = inside.float()
             loss_u = (per_voxel * weight).sum() / weight.sum().clamp_min(1.0)
 
-        loss_l = self.labelled_loss(logits[:b_l], label)
+        loss_l = self.labelled_loss(logits[:b_l], label, batch.reduce_sums)
         weight_u = self.unlabeled_weight(step)
         logs = {"loss_l": loss_l.detach(), "loss_u": loss_u.detach(), "w_u": weight_u}
         return StepOutput(loss_l + weight_u * loss_u, logs)

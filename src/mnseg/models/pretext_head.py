@@ -10,6 +10,8 @@ reducer needs that). Features come channel-last (``(..., width)``), so one head 
 - ``project_local`` (contrastive, voxel-local): voxel features (N, D) -> Linear-ReLU-Linear -> (N, dim);
 - ``reconstruct`` (reconstruction): voxel features (..., D) -> Linear -> (..., in_channels) intensities (a 1x1x1
   convolution: the decoder itself must carry the volume).
+- ``cluster`` (clustering): voxel features (N, D) -> Linear -> (N, classes) cluster scores, IIC's linear head
+  before its softmax (a 1x1x1 convolution).
 
 The widths (``encoder_width``, ``local_width``) and ``classes`` are set by the pretrain method from the network it
 trains (``Method.derived_kwargs``), never by hand.
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 from mnseg.errors import ConfigError
 from mnseg.models.registry import check_choice, register_model
 
-TASKS = ("rotation", "contrastive", "reconstruction")
+TASKS = ("rotation", "contrastive", "reconstruction", "clustering")
 
 
 def mlp(width: int, hidden: int, out: int) -> nn.Sequential:
@@ -40,7 +42,7 @@ class PretextHead(nn.Module):
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"model 'pretext_head': {name} must be a whole number >= 0, got {value!r}")
         needs = {"rotation": ("encoder_width", "classes"), "contrastive": ("encoder_width", "local_width"),
-                 "reconstruction": ("local_width",)}[task]
+                 "reconstruction": ("local_width",), "clustering": ("local_width", "classes")}[task]
         unset = [n for n in needs if not sizes[n]]
         if unset:
             raise ConfigError(f"model 'pretext_head' (task {task}): {', '.join(unset)} unset; the pretrain method "
@@ -51,6 +53,8 @@ class PretextHead(nn.Module):
         elif task == "contrastive":
             self.project = mlp(encoder_width, hidden, dim)
             self.project_local = mlp(local_width, hidden, dim)
+        elif task == "clustering":
+            self.cluster = nn.Linear(local_width, classes)
         else:
             self.reconstruct = nn.Linear(local_width, in_channels)
 
@@ -60,6 +64,8 @@ class PretextHead(nn.Module):
             return self.classify(pooled), None
         if self.task == "contrastive":
             return self.project(pooled), self.project_local(voxels)
+        if self.task == "clustering":
+            return None, self.cluster(voxels)
         return None, self.reconstruct(voxels)
 
 
