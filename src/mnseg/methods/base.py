@@ -45,6 +45,9 @@ class Batch:
     label_l: torch.Tensor  # (b_l, X, Y, Z) int64, may contain the ignore label
     image_u: torch.Tensor  # (b_u, C, X, Y, Z)
     label_u: torch.Tensor | None = None  # the unlabelled items' labels: only M&N's oracle diagnostic has them
+    # target-domain crops (b_t, C, X, Y, Z) from imagesTarget, never labelled: only with domain adaptation on
+    # (``domain.*``, read by ``methods/domain_adaptation.py``); methods themselves ignore them
+    image_t: torch.Tensor | None = None
 
     @property
     def b_l(self) -> int:
