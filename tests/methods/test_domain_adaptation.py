@@ -5,6 +5,7 @@ both logs its terms, and no target label is ever opened, not even listed."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -136,6 +137,18 @@ def test_tiny_training_logs_the_domain_terms_and_never_reads_target_labels(tmp_p
         assert math.isfinite(float(row[key])), key
     assert float(row["loss_domain"]) > 0 and float(row["loss_target_entropy"]) > 0
     assert "lr_domain_classifier" in row
+
+    # scoring on the target: predict imagesTarget (the run holds the classifier too), evaluate against labelsTarget
+    monkeypatch.undo()
+    same = make_toy_dataset(tmp_path / "same", n_target=2)  # the same seeds: the true target labels again
+    for label in (same / "labelsTarget").iterdir():
+        (ds / "labelsTarget" / label.name).write_bytes(label.read_bytes())
+    assert main(["predict", "-i", str(ds / "imagesTarget"), "-o", str(tmp_path / "preds"), "-m", str(run),
+                 "--no-progress"]) == 0
+    assert main(["evaluate", str(tmp_path / "preds"), str(ds / "labelsTarget"), "--dataset-json",
+                 str(ds / "dataset.json")]) == 0
+    summary = json.loads((tmp_path / "preds" / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 2 and 0.0 <= summary["foreground_mean"]["dice"] <= 1.0
 
 
 def test_adaptation_without_target_scans_stops_with_the_folder_named(toy_dataset, tmp_path, capsys):
