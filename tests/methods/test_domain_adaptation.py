@@ -158,3 +158,42 @@ def test_adaptation_without_target_scans_stops_with_the_folder_named(toy_dataset
     assert rc == 2
     err = capsys.readouterr().err
     assert "imagesTarget: domain adaptation" in err and "none found" in err and "Traceback" not in err
+
+
+def test_a_resumed_adapted_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    """The target crops' batcher state is checkpointed with the rest."""
+    import argparse
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mnseg.commands.train import add_arguments, build_config
+    from mnseg.data.toy import make_toy_dataset
+    from mnseg.engine.trainer import Trainer
+
+    ds = make_toy_dataset(tmp_path / "Dataset009_Shift", n_target=2)
+    argv = [str(ds), "--num-labeled", "2", "--epochs", "2", "--iters-per-epoch", "2", "--patch-size", "16,16,16"]
+    overrides = [f"data.cache_dir={tmp_path / 'cache'}", "models.net.name=unet3d", f"models.net.kwargs={TINY_NET}",
+                 "train.amp=false", "train.deterministic=true", "domain.dann_weight=0.5",
+                 "domain.target_entropy_weight=0.1"]
+    assert main(["train", *argv, "--run-dir", str(tmp_path / "full"), "--no-progress", *overrides]) == 0
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.overrides = overrides
+    first = Trainer(build_config(args), tmp_path / "part", progress=False)
+    first.setup()
+    first.tb = SummaryWriter(str(tmp_path / "part" / "tb"))
+    first._train_epoch(0)  # then the process "dies"
+    first.tb.close()
+    del first
+    assert main(["train", "--resume", str(tmp_path / "part"), "--no-progress"]) == 0
+
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
+    assert "target_batcher" in a and a["epoch"] == b["epoch"] == 2
+    for role in ("net", DOMAIN_ROLE):
+        for key, value in a["models"][role].items():
+            torch.testing.assert_close(value, b["models"][role][key], rtol=1e-5, atol=1e-6, msg=f"{role} {key}")
+    full, part = _history(tmp_path / "full"), _history(tmp_path / "part")
+    assert [float(r["loss_domain"]) for r in full] == pytest.approx([float(r["loss_domain"]) for r in part], rel=1e-4)

@@ -31,14 +31,14 @@ def test_classifier_reverses_the_gradient_into_its_features_but_descends_on_its_
     torch.manual_seed(0)
     clf = create_model("domain_classifier3d", features=8, width=4)
     feats = torch.randn(2, 8, 2, 2, 2, requires_grad=True)
-    logits = clf(feats, lam=0.5)
+    logits = clf(grad_reverse(feats, 0.5))
     assert logits.shape == (2, 1, 2, 2, 2)
     logits.sum().backward()
     reversed_grad, own = feats.grad.clone(), [p.grad.clone() for p in clf.parameters()]
 
     feats.grad = None
     clf.zero_grad()
-    plain = clf.classify(feats)  # the same classifier without the reversal
+    plain = clf(feats)  # the same classifier without the reversal
     plain.sum().backward()
     torch.testing.assert_close(reversed_grad, -0.5 * feats.grad)
     for a, p in zip(own, clf.parameters()):

@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mnseg.models.domain_classifier  # noqa: F401  (registers "domain_classifier3d" for the engine)
 from mnseg.config.schema import AugmentSettings, Config, ModelConfig
 from mnseg.engine.contract import unwrap
 from mnseg.errors import ConfigError
 from mnseg.losses import entropy_loss
 from mnseg.methods.base import Batch, Method, StepOutput
+from mnseg.models.domain_classifier import grad_reverse
 
 DOMAIN_ROLE = "domain_classifier"
 _ADAPTED: dict[tuple[type, bool], type] = {}
@@ -102,8 +102,8 @@ def grl_lambda(progress: float, lam: float, schedule: str) -> float:
 def domain_loss(classifier: nn.Module, source: list[Tensor], target: list[Tensor], lam: float) -> tuple[Tensor, Tensor]:
     """L_d = 1/2 [mean BCE(G_d(R(f_s)), 0) + mean BCE(G_d(R(f_t)), 1)] over every bottleneck position, and G_d's
     accuracy (1/2 the source positions called source + 1/2 the target ones called target; 0.5: confused)."""
-    s = torch.cat([classifier(f, lam).float().flatten() for f in source])
-    t = torch.cat([classifier(f, lam).float().flatten() for f in target])
+    s = torch.cat([classifier(grad_reverse(f, lam)).float().flatten() for f in source])
+    t = torch.cat([classifier(grad_reverse(f, lam)).float().flatten() for f in target])
     loss = 0.5 * (F.binary_cross_entropy_with_logits(s, torch.zeros_like(s))
                   + F.binary_cross_entropy_with_logits(t, torch.ones_like(t)))
     accuracy = 0.5 * ((s < 0).float().mean() + (t > 0).float().mean())

@@ -9,8 +9,10 @@ One backward pass reaches that saddle point through the gradient reversal layer 
 G_d:  R_lambda(x) = x in the forward pass,  dR_lambda/dx = -lambda I in the backward pass.
 
 ``DomainClassifier3D`` is G_d: a per-position MLP (1x1x1 convolutions, LeakyReLU 0.2, no normalisation) over the
-bottleneck's (B, E, *S) features, giving one source/target logit per bottleneck position (B, 1, *S); its forward
-applies R_lambda first, so ``classifier(features, lam)`` is G_d(R_lambda(f)). Per-position logits, not one per
+bottleneck's (B, E, *S) features, giving one source/target logit per bottleneck position (B, 1, *S); the
+adaptation computes ``classifier(grad_reverse(features, lam))`` = G_d(R_lambda(f)). R_lambda stays outside the
+classifier's forward so that ``train.compile`` (which compiles that forward) does not recompile for every new
+lambda of the schedule. Per-position logits, not one per
 pooled crop: after instance norm a channel's spatial mean is its norm's bias whatever the input, so a pooled
 vector would hide most of what differs between domains.
 """
@@ -43,7 +45,7 @@ def grad_reverse(x: Tensor, lam: float = 1.0) -> Tensor:
 
 
 class DomainClassifier3D(nn.Module):
-    """G_d(R_lambda(f)): per-position source (0) / target (1) logits of (B, E, X, Y, Z) features."""
+    """G_d: per-position source (0) / target (1) logits of (B, E, X, Y, Z) features (reversed by the caller)."""
 
     spatial_dims = 3
 
@@ -60,11 +62,11 @@ class DomainClassifier3D(nn.Module):
             nn.Conv3d(width, 1, 1),
         )
 
-    def forward(self, features: Tensor, lam: float = 1.0) -> Tensor:
+    def forward(self, features: Tensor) -> Tensor:
         if features.dim() != 5 or features.shape[1] != self.features:
             raise ValueError(f"domain classifier expects (B, {self.features}, X, Y, Z) features, "
                              f"got {tuple(features.shape)}")
-        return self.classify(grad_reverse(features, lam))
+        return self.classify(features)
 
 
 @register_model("domain_classifier3d")
