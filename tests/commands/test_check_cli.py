@@ -47,3 +47,25 @@ def test_check_missing_folder(tmp_path, capsys):
     rc = main(["check", str(tmp_path / "nowhere")])
     out = capsys.readouterr().out
     assert rc == 2 and "dataset folder not found" in out
+
+
+def test_check_counts_and_validates_the_target_domain(tmp_path, capsys):
+    from mnseg.data.toy import make_toy_dataset
+
+    ds = make_toy_dataset(tmp_path / "Dataset006_Shift", n_target=3)
+    assert main(["check", str(ds)]) == 0
+    assert "imagesTs 2, imagesTarget 3, labelsTarget 3" in capsys.readouterr().out
+
+    (ds / "labelsTarget" / "toytgt_001.nii.gz").write_bytes(b"garbage")  # checked like every other label
+    (ds / "labelsTarget" / "toytgt_002.nii.gz").unlink()
+    assert main(["check", str(ds)]) == 2
+    out = capsys.readouterr().out
+    assert "imagesTarget 3, labelsTarget 2" in out
+    assert any("ERROR" in ln and "toytgt_001.nii.gz" in ln for ln in out.splitlines())
+    warning = next(ln for ln in out.splitlines() if "toytgt_002_0000.nii.gz" in ln)
+    assert "WARNING" in warning and "target case 'toytgt_002' has no label in labelsTarget" in warning
+
+
+def test_check_leaves_out_an_absent_target_domain(toy_dataset, capsys):
+    assert main(["check", str(toy_dataset), "--no-voxels"]) == 0
+    assert "imagesTarget" not in capsys.readouterr().out

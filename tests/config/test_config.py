@@ -86,3 +86,22 @@ def test_a_retired_key_of_an_older_run_config_is_dropped_on_reading():
     d = Config().to_dict()
     d["train"]["overlay_every"] = 0  # written by earlier versions into every run's config.yaml; never did anything
     assert "overlay_every" not in Config.from_dict(d).to_dict()["train"]
+
+
+def test_the_domain_section_is_typed_and_checked():
+    from mnseg.config.checks import check_config
+
+    cfg = load_config("supervised", ["domain.dann_weight=0.5", "domain.target_entropy_weight=0.1"])
+    assert cfg.domain.dann_weight == 0.5 and cfg.domain.active
+    assert not load_config("supervised").domain.active  # off unless a weight is above 0
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['dann_wieght'\] in 'domain'"):
+        load_config("supervised", ["domain.dann_wieght=0.5"])
+    with pytest.raises(ConfigError, match="'domain.grl_lambda' must be float"):
+        load_config("supervised", ["domain.grl_lambda=strong"])
+    bad = load_config("supervised", ["domain.dann_weight=-1", "domain.grl_schedule=linear",
+                                     "domain.target_batch_size=0"])
+    with pytest.raises(ConfigError) as err:
+        check_config(bad)
+    for text in ("domain.dann_weight must be >= 0", "domain.grl_schedule must be one of dann, constant",
+                 "domain.target_batch_size must be at least 1"):
+        assert text in str(err.value)

@@ -285,3 +285,20 @@ def test_without_num_labeled_every_training_case_needs_its_label(toy_dataset):
     with pytest.raises(DatasetError, match="toytr_001") as info:
         make_split(DatasetFolder(toy_dataset))
     assert "image without label" in str(info.value) and "num_labeled" in str(info.value)
+
+
+def test_target_cases_never_list_the_target_labels(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from mnseg.data.dataset import DatasetFolder, scan_group
+    from mnseg.data.toy import make_toy_dataset
+
+    ds = make_toy_dataset(tmp_path / "Dataset008_Shift", n_target=2)
+    folder = DatasetFolder(ds)
+    with_labels = scan_group(ds, "imagesTarget", folder.spec)
+    assert [c.label.name for c in with_labels.cases] == ["toytgt_000.nii.gz", "toytgt_001.nii.gz"]  # for check
+    listed, real_iterdir = [], Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: (listed.append(self.name), real_iterdir(self))[1])
+    cases = folder.target_cases()
+    assert [c.case_id for c in cases] == ["toytgt_000", "toytgt_001"] and all(c.label is None for c in cases)
+    assert listed == ["imagesTarget"]

@@ -267,3 +267,39 @@ def test_parallel_workers_write_the_same_files(tmp_path):
     for rel in files:
         assert load_nifti(one / rel).data.tobytes() == load_nifti(two / rel).data.tobytes(), rel
     assert (one / "dataset.json").read_text() == (two / "dataset.json").read_text()
+
+
+def test_domain_shift_writes_a_target_domain_of_other_intensities(tmp_path):
+    out = synth.synthesize_dataset(tmp_path / "shift", n_labeled=2, n_unlabeled=0, n_test=0, spacing=SPACING, seed=3,
+                                   progress=False, workers=1, domain_shift=True, n_target=2)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["synthetic"]["counts"] == {"labeled": 2, "unlabeled": 0, "test": 0, "target": 2}
+    assert meta["synthetic"]["settings"]["domain_shift"] == {"n_target": 2}
+    assert "target=3" in meta["synthetic"]["seed_derivation"]
+
+    def contrast(group, label_group):
+        ratios, spreads = [], []
+        for path in sorted((out / group).iterdir()):
+            image = load_nifti(path).data
+            label = load_nifti(out / label_group / path.name.replace("_0000", "")).data
+            wm = image[label == synth.WM]
+            ratios.append(image[label == synth.GM].mean() / wm.mean())
+            spreads.append(wm.std() / wm.mean())
+        return np.mean(ratios), np.mean(spreads)
+
+    assert sorted(p.name for p in (out / "labelsTarget").iterdir()) == ["mni_tgt_000.nii.gz", "mni_tgt_001.nii.gz"]
+    source_ratio, source_spread = contrast("imagesTr", "labelsTr")
+    target_ratio, target_spread = contrast("imagesTarget", "labelsTarget")
+    assert target_ratio < source_ratio - 0.1  # another contrast curve: grey matter darker relative to white
+    assert target_spread > 1.5 * source_spread  # stronger bias field, more noise
+
+
+def test_domain_shift_is_seeded_and_leaves_the_source_alone(tmp_path):
+    seed = synth.subject_seed(3, "target", 0)
+    a, label_a, _ = synth._generate(seed, SPACING, 0.25, target=True)
+    b, label_b, _ = synth._generate(seed, SPACING, 0.25, target=True)
+    assert a.tobytes() == b.tobytes() and label_a.tobytes() == label_b.tobytes()
+    source, label_s, _ = synth._generate(seed, SPACING, 0.25)
+    assert label_s.tobytes() == label_a.tobytes()  # same anatomy, another acquisition
+    assert source.tobytes() != a.tobytes()
+    assert seed not in {synth.subject_seed(3, g, i) for g in ("labeled", "unlabeled", "test") for i in range(50)}

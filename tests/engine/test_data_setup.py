@@ -106,3 +106,16 @@ def test_unlabelled_pool_cases_without_label_files_train_fine(toy_dataset, tmp_p
     (toy_dataset / "labelsTr" / f"{split.labeled[0].case_id}.nii.gz").unlink()
     with pytest.raises(DatasetError, match=f"labelsTr/{split.labeled[0].case_id}.nii.gz"):
         prepare_data(cfg, progress=False)
+
+
+def test_domain_adaptation_loads_the_target_scans_without_labels(tmp_path):
+    from mnseg.data.toy import make_toy_dataset
+
+    ds = make_toy_dataset(tmp_path / "Dataset007_Shift", n_target=2)
+    cfg = _cfg(ds, tmp_path / "cache")
+    assert prepare_data(cfg, progress=False).target == []  # adaptation off: the target is not read
+    cfg.domain.dann_weight = 1.0
+    data = prepare_data(cfg, progress=False)
+    assert [c.case_id for c in data.target] == ["toytgt_000", "toytgt_001"]
+    assert all(c.label is None for c in data.target)
+    assert not {c.case_id for c in data.target} & set(_all_ids(data))  # never in the split

@@ -25,8 +25,9 @@ HAS_EINOPS = importlib.util.find_spec("einops") is not None
 
 
 def test_every_registered_model_has_a_tiny_test_setting():
-    # not segmentation networks: the discriminator and the pretext heads (tests/methods/test_pretrain.py)
-    assert set(list_models()) - {"discriminator3d", "pretext_head"} == set(TINY)
+    # not segmentation networks: the discriminators and the pretext heads (tests/methods/test_pretrain.py,
+    # tests/methods/test_domain_adaptation.py)
+    assert set(list_models()) - {"discriminator3d", "domain_classifier3d", "pretext_head"} == set(TINY)
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,10 @@ DESCRIPTION = """\
 Check a dataset folder before training: dataset.json, file names, missing labels or
 channels, unreadable files, shape/affine mismatches, undeclared label values, NaN/Inf.
 An imagesTr case without a label is a warning: training can use it only as unlabelled data.
-Prints case counts, spacings, sizes, class frequencies, intensity percentiles and every
-problem with its file. Exit status 0 if there are no errors (warnings allowed), 2 otherwise.
+imagesTarget (unlabelled target-domain scans for domain adaptation) and labelsTarget (scoring
+only) are checked like the other groups and counted when present. Prints case counts,
+spacings, sizes, class frequencies, intensity percentiles and every problem with its file.
+Exit status 0 if there are no errors (warnings allowed), 2 otherwise.
 
 example:
   mnseg check Dataset001_Brain

@@ -17,6 +17,7 @@ example:
   mnseg synth data/Dataset900_MNISynth --n-labeled 4 --n-unlabeled 8 --n-test 4
   mnseg synth data/Dataset901_MNISparse --sparse-every 5
   mnseg synth data/Dataset902_MNI1mm --spacing 1      # full resolution, for GPU runs
+  mnseg synth data/Dataset903_MNIShift --domain-shift  # + imagesTarget/labelsTarget from another "scanner"
 """
 
 
@@ -38,6 +39,12 @@ def add_arguments(parser) -> None:
                         help="how far subjects stray from the template: standard (the demo's) or strong (larger "
                         "warps, per-subject grey/white contrast, fainter lesions, more noise: leaves room for "
                         "label-efficiency comparisons)")
+    parser.add_argument("--domain-shift", action="store_true",
+                        help="also write imagesTarget/labelsTarget: subjects of a target domain (another contrast "
+                        "curve, a stronger bias field, a coarser resolution, more noise) for domain adaptation; "
+                        "the other folders stay as without it")
+    parser.add_argument("--n-target", type=int, default=6,
+                        help="target-domain subjects with --domain-shift (6)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes building subjects at once (default: one per CPU core); any number gives "
                         "the same files")
@@ -61,6 +68,8 @@ def run(args) -> int:
         overwrite=args.overwrite,
         variation=args.variation,
         workers=args.workers,
+        domain_shift=args.domain_shift,
+        n_target=args.n_target,
     )
     meta = json.loads((out / "dataset.json").read_text())
     info = meta["synthetic"]
@@ -70,6 +79,8 @@ def run(args) -> int:
     print(f"wrote {out}")
     print(f"  cases: {counts['labeled']} labelled (imagesTr/labelsTr), {counts['unlabeled']} unlabelled "
           f"(imagesUnlabeled), {counts['test']} test (imagesTs/labelsTs)")
+    if "target" in counts:
+        print(f"  target domain: {counts['target']} (imagesTarget; labelsTarget for scoring only, never trained on)")
     print(f"  shape: {shape} voxels at {info['spacing_mm'][0]:g} mm")
     print(f"  class voxel fractions: {fractions}")
     if info["sparse_slices"] is not None:

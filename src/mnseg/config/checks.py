@@ -14,6 +14,7 @@ __all__ = ["check_config"]
 
 ON_NAN = ("stop", "skip")
 SCHEDULES = ("cosine", "step")
+GRL_SCHEDULES = ("dann", "constant")
 
 
 def _problems(cfg: Config) -> list[str]:
@@ -75,6 +76,28 @@ def _problems(cfg: Config) -> list[str]:
         need(not m.lora_train_bias_norm or m.finetune == "lora",
              f"models.{role}.lora_train_bias_norm needs finetune: lora, got finetune: {m.finetune}")
     problems += _label_problems(cfg)
+    problems += _domain_problems(cfg)
+    return problems
+
+
+def _domain_problems(cfg: Config) -> list[str]:
+    from mnseg.methods import METHODS, method_class
+
+    dom = cfg.domain
+    problems = [f"domain.{name} must be >= 0, got {getattr(dom, name)}"
+                for name in ("dann_weight", "target_entropy_weight", "grl_lambda") if getattr(dom, name) < 0]
+    if dom.grl_schedule not in GRL_SCHEDULES:
+        problems.append(f"domain.grl_schedule must be one of {', '.join(GRL_SCHEDULES)}, got {dom.grl_schedule!r}")
+    if dom.target_batch_size is not None and dom.target_batch_size < 1:
+        problems.append(f"domain.target_batch_size must be at least 1 (or null: train.batch_size), "
+                        f"got {dom.target_batch_size}")
+    if dom.classifier_width < 1:
+        problems.append(f"domain.classifier_width must be at least 1, got {dom.classifier_width}")
+    if dom.classifier_lr is not None and dom.classifier_lr < 0:
+        problems.append(f"domain.classifier_lr must be >= 0, got {dom.classifier_lr}")
+    if dom.active and cfg.method.name in METHODS and method_class(cfg.method.name).label_free:
+        problems.append(f"domain adaptation adapts a segmenter; method {cfg.method.name} trains none "
+                        "(set domain.dann_weight=0 and domain.target_entropy_weight=0)")
     return problems
 
 

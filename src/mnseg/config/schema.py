@@ -122,6 +122,25 @@ class InferConfig:
 
 
 @dataclass
+class DomainConfig:
+    """Unsupervised domain adaptation, added to any method (``methods/domain_adaptation.py``): training also draws
+    crops of the dataset's ``imagesTarget`` scans (never their labels) when either weight is above 0."""
+
+    dann_weight: float = 0.0  # weight of DANN's domain loss (0: off); a gradient reversal before the classifier
+    target_entropy_weight: float = 0.0  # weight of the mean voxel entropy on target predictions (0: off)
+    grl_lambda: float = 1.0  # the reversal's factor lambda (its final value with grl_schedule: dann)
+    grl_schedule: str = "dann"  # dann: lambda_p = lambda (2 / (1 + exp(-10 p)) - 1), p the run's progress; constant
+    role: str | None = None  # the network adapted (default: the method's predicting role); a 3D UNet for DANN
+    target_batch_size: int | None = None  # target crops per step (default: train.batch_size)
+    classifier_width: int = 64  # the domain classifier's hidden channels
+    classifier_lr: float | None = None  # its learning rate (default: the adapted network's)
+
+    @property
+    def active(self) -> bool:
+        return self.dann_weight > 0 or self.target_entropy_weight > 0
+
+
+@dataclass
 class MethodConfig:
     name: str = "supervised"
     params: dict = field(default_factory=dict)
@@ -134,6 +153,7 @@ class Config:
     models: dict = field(default_factory=lambda: {"net": ModelConfig()})
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    domain: DomainConfig = field(default_factory=DomainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

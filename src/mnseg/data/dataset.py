@@ -1,8 +1,10 @@
 """The dataset folder: ``dataset.json`` and case listing (the labelled/unlabelled split: ``data/split.py``).
 
 The folder follows nnU-Net v2's raw layout (so the same folder stays usable by
-nnU-Net) plus ``imagesUnlabeled``. Everything here reads file *names* and
-``dataset.json`` only; voxel-level checks live in ``mnseg.data.validate``.
+nnU-Net) plus ``imagesUnlabeled`` and, for domain adaptation, ``imagesTarget`` (unlabelled scans of a target
+domain) with an optional ``labelsTarget``, which only scoring reads: training lists the target group without
+its label folder. Everything here reads file *names* and ``dataset.json`` only; voxel-level checks live in
+``mnseg.data.validate``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from mnseg.utils.atomic import atomic_write_json
 
 SUPPORTED_FILE_ENDINGS = (".nii.gz", ".nii")
 IGNORE_LABEL_NAME = "ignore"
-GROUPS = ("imagesTr", "imagesUnlabeled", "imagesTs")
-_LABEL_DIRS = {"imagesTr": "labelsTr", "imagesTs": "labelsTs"}
+GROUPS = ("imagesTr", "imagesUnlabeled", "imagesTs")  # the groups a split draws from
+TARGET_GROUP = "imagesTarget"  # unlabelled target-domain scans (domain adaptation), never part of a split
+ALL_GROUPS = (*GROUPS, TARGET_GROUP)
+LABEL_DIRS = {"imagesTr": "labelsTr", "imagesTs": "labelsTs", TARGET_GROUP: "labelsTarget"}
+_SCORED_ONLY = ("imagesTs", TARGET_GROUP)  # groups whose labels only scoring reads
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 MISSING_LABEL_MESSAGE = "image without label"  # how scan_group reports an imagesTr case with no labelsTr file
 
@@ -236,14 +241,16 @@ class GroupScan:
     num_case_ids: int
 
 
-def scan_group(root: str | Path, group: str, spec: DatasetSpec, require_labels: bool = True) -> GroupScan:
-    """List the cases of one group (``imagesTr``, ``imagesUnlabeled``, ``imagesTs``) from file names.
+def scan_group(root: str | Path, group: str, spec: DatasetSpec, require_labels: bool = True,
+               with_labels: bool = True) -> GroupScan:
+    """List the cases of one group (``imagesTr``, ``imagesUnlabeled``, ``imagesTs``, ``imagesTarget``) from names.
 
     Cases missing a channel (or, in ``imagesTr``, a label) are left out of
     ``cases`` and reported in ``problems``; a missing folder yields no cases
     and no problems (callers decide whether the group is required).
     ``require_labels=False`` keeps ``imagesTr`` cases without a label (``label`` None, reported as a warning):
-    the split decides whether each one needs it.
+    the split decides whether each one needs it. ``with_labels=False`` does not even list the group's label
+    folder (every ``label`` None): how training sees ``imagesTarget``, whose labels are for scoring only.
     """
     root = Path(root)
     image_dir = root / group
@@ -274,7 +281,7 @@ def scan_group(root: str | Path, group: str, spec: DatasetSpec, require_labels: 
             continue
         complete[case_id] = tuple(files[c] for c in range(spec.num_channels))
 
-    labels = _label_files(root, group, spec, problems)
+    labels = _label_files(root, group, spec, problems) if with_labels else {}
     cases: list[Case] = []
     for case_id, images in complete.items():
         label = labels.get(case_id)
@@ -285,8 +292,9 @@ def scan_group(root: str | Path, group: str, spec: DatasetSpec, require_labels: 
                 continue
             problems.append(Problem(images[0], f"{expected}; usable only as unlabelled data (a run that needs "
                                                "it labelled stops with an error)", "warning"))
-        if label is None and group == "imagesTs" and labels:
-            problems.append(Problem(images[0], f"test case {case_id!r} has no label in {_LABEL_DIRS[group]}; "
+        if label is None and group in _SCORED_ONLY and labels:
+            kind = "test" if group == "imagesTs" else "target"
+            problems.append(Problem(images[0], f"{kind} case {case_id!r} has no label in {LABEL_DIRS[group]}; "
                                                "it cannot be scored", "warning"))
         cases.append(Case(case_id, images, label))
     for case_id, label in sorted(labels.items()):
@@ -301,9 +309,9 @@ def _missing_label(case_id: str, spec: DatasetSpec) -> str:
 
 
 def _label_files(root: Path, group: str, spec: DatasetSpec, problems: list[Problem]) -> dict[str, Path]:
-    if group not in _LABEL_DIRS:
+    if group not in LABEL_DIRS:
         return {}
-    label_dir = root / _LABEL_DIRS[group]
+    label_dir = root / LABEL_DIRS[group]
     return {p.name[: -len(spec.file_ending)]: p for p in _nifti_files(label_dir, spec.file_ending, problems)}
 
 
@@ -378,8 +386,13 @@ class DatasetFolder:
         """Cases of ``imagesTs``, with their ``labelsTs`` file when there is one."""
         return self._cases("imagesTs")
 
-    def _cases(self, group: str, require_labels: bool = True) -> list[Case]:
-        scan = scan_group(self.root, group, self.spec, require_labels)
+    def target_cases(self) -> list[Case]:
+        """Cases of ``imagesTarget``, images only: ``labelsTarget`` is not even listed (label always None), so
+        nothing that trains from these cases can reach a target label; empty if the folder is absent."""
+        return self._cases(TARGET_GROUP, with_labels=False)
+
+    def _cases(self, group: str, require_labels: bool = True, with_labels: bool = True) -> list[Case]:
+        scan = scan_group(self.root, group, self.spec, require_labels, with_labels)
         errors = [p for p in scan.problems if p.severity == "error"]
         if errors:
             lines = "\n".join(f"  {p.path}: {p.message}" for p in errors)

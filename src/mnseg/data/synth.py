@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from mnseg.data.synth_artefacts import bias_field, random_blur, random_gamma, rician_noise, thick_slices
 from mnseg.data.synth_deform import random_deformation, warp
+from mnseg.data.synth_domain import TARGET, target_acquisition
 from mnseg.errors import ConfigError, MnsegError
 
 LABELS = {"background": 0, "white_matter": 1, "grey_matter": 2, "lesion": 3}
@@ -45,8 +46,10 @@ GROUPS = {  # name: (spawn key, image folder, label folder or None, case prefix)
     "labeled": (0, "imagesTr", "labelsTr", "mni_lab"),
     "unlabeled": (1, "imagesUnlabeled", None, "mni_unl"),
     "test": (2, "imagesTs", "labelsTs", "mni_test"),
+    "target": (3, "imagesTarget", "labelsTarget", "mni_tgt"),  # --domain-shift only (data/synth_domain.py)
 }
-DATASET_SUBFOLDERS = ("imagesTr", "labelsTr", "imagesUnlabeled", "imagesTs", "labelsTs")
+DATASET_SUBFOLDERS = ("imagesTr", "labelsTr", "imagesUnlabeled", "imagesTs", "labelsTs", "imagesTarget",
+                      "labelsTarget")
 
 
 @dataclass(frozen=True)
@@ -213,22 +216,17 @@ def random_lesions(
     return weight * wm
 
 
-def _generate(seed: int, spacing: float, thick_slice_fraction: float,
-              variation: str = "standard") -> tuple[np.ndarray, np.ndarray, dict]:
-    """One subject on the template grid: (image, dense label, facts worth recording)."""
+def _generate(seed: int, spacing: float, thick_slice_fraction: float, variation: str = "standard",
+              target: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One subject on the template grid: (image, dense label, facts worth recording). ``target``: acquired by the
+    target domain's scanner (``synth_domain.target_acquisition``) instead of the source's artefacts below."""
     var = VARIATIONS[variation]
     tpl = load_template(spacing)
     rng = np.random.default_rng(seed)
-    coords = random_deformation(tpl.shape, spacing, rng, max_translation_mm=var.max_translation_mm,
-                                elastic_std_mm=var.elastic_std_mm, max_rotation_deg=var.max_rotation_deg,
-                                scale_range=var.scale_range, max_axis_scale=var.max_axis_scale)
-    t1, wm, gm = (warp(v, coords, order=1) for v in (tpl.t1, tpl.wm, tpl.gm))
-    label = tissue_labels(wm, gm)
-
-    lesion = random_lesions(rng, wm, spacing, count_range=var.lesion_count, radius_mm=var.lesion_radius_mm)
-    label[lesion > 0.5] = LESION
-    image = t1 * (1.0 - lesion) + rng.uniform(*var.lesion_intensity) * lesion  # hyperintense relative to WM
-
+    image, label, gm = _anatomy(rng, tpl, spacing, var)
+    if target:
+        image, facts = target_acquisition(image, rng, spacing)
+        return image, label, facts
     if var.grey_contrast is not None:  # drawn only here, so "standard" subjects keep their bytes
         image = image * (1.0 + (rng.uniform(*var.grey_contrast) - 1.0) * gm)
     image = random_gamma(image, rng, var.gamma_range)
@@ -240,6 +238,21 @@ def _generate(seed: int, spacing: float, thick_slice_fraction: float,
     image = rician_noise(image, rng, sigma=rng.uniform(*var.noise_sigma))
     image = image * rng.uniform(300.0, 1200.0)  # arbitrary scanner units, so intensity normalisation matters
     return image.astype(np.float32), label, {"slice_thickness_factor": thick}
+
+
+def _anatomy(rng: np.random.Generator, tpl: Template, spacing: float,
+             var: Variation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A subject's anatomy, before any acquisition: (image with white matter ~1, dense label, grey matter map)."""
+    coords = random_deformation(tpl.shape, spacing, rng, max_translation_mm=var.max_translation_mm,
+                                elastic_std_mm=var.elastic_std_mm, max_rotation_deg=var.max_rotation_deg,
+                                scale_range=var.scale_range, max_axis_scale=var.max_axis_scale)
+    t1, wm, gm = (warp(v, coords, order=1) for v in (tpl.t1, tpl.wm, tpl.gm))
+    label = tissue_labels(wm, gm)
+
+    lesion = random_lesions(rng, wm, spacing, count_range=var.lesion_count, radius_mm=var.lesion_radius_mm)
+    label[lesion > 0.5] = LESION
+    image = t1 * (1.0 - lesion) + rng.uniform(*var.lesion_intensity) * lesion  # hyperintense relative to WM
+    return image, label, gm
 
 
 def synthesize_subject(
@@ -286,8 +299,11 @@ def synthesize_dataset(
     reuse: bool = False,
     variation: str = "standard",
     workers: int | None = None,
+    domain_shift: bool = False,
+    n_target: int = 6,
 ) -> Path:
-    """Write a dataset folder of pseudo-subjects and return its path.
+    """Write a dataset folder of pseudo-subjects and return its path. ``domain_shift`` also writes ``n_target``
+    subjects of a target domain (``synth_domain``) to imagesTarget/labelsTarget.
 
     Refuses a non-empty folder unless ``overwrite`` (which replaces only the
     dataset sub-folders and dataset.json). With ``reuse``, a complete dataset
@@ -297,14 +313,15 @@ def synthesize_dataset(
     from mnseg.utils.atomic import atomic_write_json
 
     settings = _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick_slice_fraction,
-                         variation)
+                         variation, n_target if domain_shift else None)
     out = Path(out_dir)
     if reuse and is_complete(out, settings):
         return out
     _prepare_folder(out, overwrite)
 
     tpl = load_template(settings["spacing"])
-    counts = {"labeled": n_labeled, "unlabeled": n_unlabeled, "test": n_test}
+    counts = {"labeled": n_labeled, "unlabeled": n_unlabeled, "test": n_test,
+              **({"target": n_target} if domain_shift else {})}
     jobs = [(out, group, index, subject_seed(seed, group, index), settings["spacing"], thick_slice_fraction,
              variation, sparse_every) for group, count in counts.items() for index in range(count)]
     subjects, class_voxels = _write_subjects(jobs, workers, progress)
@@ -324,7 +341,8 @@ def synthesize_dataset(
                        "brain_extracted_as_shipped": tpl.brain_extracted},
             "settings": settings,
             "seed_derivation": "numpy SeedSequence(base_seed, spawn_key=(group_key, index)); "
-                               "group keys labeled=0, unlabeled=1, test=2",
+                               "group keys labeled=0, unlabeled=1, test=2" + (", target=3" if domain_shift else ""),
+            **({"target_domain": TARGET.to_dict()} if domain_shift else {}),
             "spacing_mm": [settings["spacing"]] * 3,
             "shape": list(tpl.shape),
             "counts": counts,
@@ -373,7 +391,7 @@ def _write_subject(job: tuple) -> tuple[str, dict, np.ndarray]:
     out, group, index, case_seed, spacing, thick_slice_fraction, variation, sparse_every = job
     _, image_dir, label_dir, prefix = GROUPS[group]
     case = f"{prefix}_{index:03d}"
-    image, label, facts = _generate(case_seed, spacing, thick_slice_fraction, variation)
+    image, label, facts = _generate(case_seed, spacing, thick_slice_fraction, variation, target=group == "target")
     voxels = np.bincount(label.ravel(), minlength=len(LABELS))[: len(LABELS)]
     affine = load_template(spacing).affine
     save_nifti(image, affine, out / image_dir / f"{case}_0000.nii.gz", dtype=np.float32)
@@ -403,9 +421,11 @@ def is_complete(out: Path, settings: dict) -> bool:
 
 
 def _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick_slice_fraction,
-              variation="standard") -> dict:
-    """Validate the options and return them as the record compared by ``reuse``."""
-    counts = (("n_labeled", n_labeled, 1), ("n_unlabeled", n_unlabeled, 0), ("n_test", n_test, 0))
+              variation="standard", n_target=None) -> dict:
+    """Validate the options and return them as the record compared by ``reuse`` (``n_target`` None: no domain
+    shift, left out of the record)."""
+    counts = (("n_labeled", n_labeled, 1), ("n_unlabeled", n_unlabeled, 0), ("n_test", n_test, 0),
+              *((("n_target", n_target, 1),) if n_target is not None else ()))
     for name, value, least in counts:
         if int(value) != value or value < least:
             raise ConfigError(f"{name} must be a whole number >= {least}, got {value}")
@@ -418,6 +438,8 @@ def _settings(n_labeled, n_unlabeled, n_test, spacing, seed, sparse_every, thick
     _check_variation(variation)
     # "standard" is left out of the record so datasets written before variations existed are still reused.
     extra = {} if variation == "standard" else {"variation": variation}
+    if n_target is not None:
+        extra["domain_shift"] = {"n_target": int(n_target)}
     return {
         "generator_version": GENERATOR_VERSION,
         "seed": int(seed),

@@ -38,6 +38,13 @@ def toy_case(shape=(32, 32, 32), seed: int = 0, num_foreground: int = 1, noise: 
     return image.astype(np.float32), label
 
 
+def toy_target_image(image: np.ndarray) -> np.ndarray:
+    """The target domain of the toy data: a compressive contrast curve (tanh) and a dark-to-bright ramp across x,
+    so z-scoring alone does not undo the shift."""
+    ramp = np.linspace(-0.5, 0.5, image.shape[0], dtype=np.float32)[:, None, None]
+    return (np.tanh(1.5 * image) + ramp).astype(np.float32)
+
+
 def make_toy_dataset(
     root: str | Path,
     n_train: int = 4,
@@ -50,8 +57,10 @@ def make_toy_dataset(
     modality: str = "MRI",
     noise: float = 0.35,
     ramp: float = 0.0,
+    n_target: int = 0,
 ) -> Path:
-    """Write a dataset folder with imagesTr/labelsTr, imagesUnlabeled and imagesTs/labelsTs."""
+    """Write a dataset folder with imagesTr/labelsTr, imagesUnlabeled and imagesTs/labelsTs; with ``n_target``
+    also imagesTarget/labelsTarget, a shifted domain (``toy_target_image``). The other groups do not change."""
     root = Path(root)
     affine = np.diag([*spacing, 1.0])
     labels = {"background": 0, "fg": 1} if num_foreground == 1 else {"background": 0, "outer": 1, "inner": 2}
@@ -65,6 +74,11 @@ def make_toy_dataset(
             save_nifti(image, affine, root / f"images{suffix}" / f"{name}_0000.nii.gz")
             if with_label:
                 save_nifti(label, affine, root / f"labels{suffix}" / f"{name}.nii.gz", dtype=np.uint8)
+    for i in range(n_target):
+        image, label = toy_case(shape, seed * 1000 + 500 + i, num_foreground, noise, ramp)
+        name = f"toytgt_{i:03d}"
+        save_nifti(toy_target_image(image), affine, root / "imagesTarget" / f"{name}_0000.nii.gz")
+        save_nifti(label, affine, root / "labelsTarget" / f"{name}.nii.gz", dtype=np.uint8)
     meta = {
         "name": "Toy",
         "channel_names": {"0": modality},

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mnseg.data.dataset import GROUPS, Case, DatasetSpec, Problem, scan_group
+from mnseg.data.dataset import ALL_GROUPS, LABEL_DIRS, TARGET_GROUP, Case, DatasetSpec, Problem, scan_group
 from mnseg.data.io import NIFTI_ENDINGS, check_claimed_size, load_nifti
 from mnseg.errors import DatasetError, InputFileError
 
@@ -150,7 +150,7 @@ def _min_median_max(rows: list[tuple]) -> dict[str, list[float]]:
 
 def validate_dataset(
     root: str | os.PathLike, check_voxels: bool = True, progress: bool = False, require_training_labels: bool = True,
-    groups: tuple[str, ...] = GROUPS, read_labels: bool = True,
+    groups: tuple[str, ...] = ALL_GROUPS, read_labels: bool = True, label_blind: tuple[str, ...] = (),
 ) -> ValidationReport:
     """Check a dataset folder's layout, dataset.json and (unless ``check_voxels=False``) every voxel.
 
@@ -159,7 +159,9 @@ def validate_dataset(
     values and NaN/Inf go unnoticed. ``require_training_labels=False`` accepts
     imagesTr cases without a label (training decides, per split, which must have one). ``groups``: the image
     folders whose files are opened (pretraining leaves imagesTs alone); ``read_labels=False`` opens no label file
-    (pretraining reads images only).
+    (pretraining reads images only). ``label_blind``: groups whose label folder is not even listed (training's
+    view of ``imagesTarget``: ``labelsTarget`` is for scoring only). The target group is counted only when its
+    folder exists (and ``labelsTarget`` beside it when that exists).
     """
     root = Path(root)
     report = ValidationReport(root=root, voxels_checked=check_voxels)
@@ -176,11 +178,17 @@ def validate_dataset(
     report.spec = spec
 
     found: dict[str, list[Case]] = {}
-    for group in (g for g in GROUPS if g in groups):
-        scan = scan_group(root, group, spec, require_labels=require_training_labels and read_labels)
+    for group in (g for g in ALL_GROUPS if g in groups):
+        if group == TARGET_GROUP and not (root / group).is_dir():
+            continue  # optional, and only for domain adaptation: not worth a "0" in every report
+        blind = group in label_blind
+        scan = scan_group(root, group, spec, require_labels=require_training_labels and read_labels,
+                          with_labels=not blind)
         report.problems += scan.problems
         found[group] = scan.cases if read_labels else [Case(c.case_id, c.images) for c in scan.cases]
         report.case_counts[group] = len(scan.cases)
+        if group == TARGET_GROUP and not blind and (root / LABEL_DIRS[group]).is_dir():
+            report.case_counts[LABEL_DIRS[group]] = sum(c.label is not None for c in scan.cases)
         if group == "imagesTr":
             _check_training_folder(report, root, spec, scan.num_case_ids)
 

@@ -161,6 +161,7 @@ def build_method(cfg, plans: dict, device: torch.device, n_labeled: int = 0, n_u
     with one model per role the method declares. The trainer and ``load_run`` both start here."""
     from mnseg.methods import method_class
     from mnseg.methods.base import MethodContext
+    from mnseg.methods.domain_adaptation import adapted
 
     cls = method_class(cfg.method.name)
     missing = set(cls.default_models) - set(cfg.models)
@@ -169,6 +170,7 @@ def build_method(cfg, plans: dict, device: torch.device, n_labeled: int = 0, n_u
             f"method '{cls.name}' needs model roles {sorted(cls.default_models)}; config has "
             f"{sorted(cfg.models)} (start from its preset: --config {cls.name})"
         )
+    cls = adapted(cls, cfg)  # domain.*: the domain terms added to any method's step (and DANN's classifier role)
     ctx = MethodContext(
         num_classes=plans["num_classes"],
         in_channels=plans["in_channels"],

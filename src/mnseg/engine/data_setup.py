@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnseg.config.schema import Config
@@ -17,6 +17,7 @@ class PreparedData:
     labeled: list  # PreprocessedCase
     unlabeled: list
     val: list
+    target: list = field(default_factory=list)  # imagesTarget, images only (domain adaptation); never labelled
 
 
 def default_cache_dir() -> Path:
@@ -58,7 +59,7 @@ def prepare_data(
 ) -> PreparedData:
     """Validate the dataset, make (or restore) the split, preprocess every case once (cached)."""
     from mnseg.data.cache import PreprocessCache
-    from mnseg.data.dataset import DatasetFolder
+    from mnseg.data.dataset import TARGET_GROUP, DatasetFolder
     from mnseg.data.preprocess import PreprocessSettings
     from mnseg.data.split import Split, make_split
     from mnseg.data.validate import validate_dataset
@@ -69,8 +70,10 @@ def prepare_data(
     # is opened, nor imagesTs unless it joins the pool (transductive).
     label_free = cfg.data.num_labeled == 0
     groups = ("imagesTr", "imagesUnlabeled") + (("imagesTs",) if cfg.data.transductive or not label_free else ())
-    validate_dataset(folder.root, require_training_labels=False, groups=groups,
-                     read_labels=not label_free).raise_if_invalid()
+    # domain adaptation: imagesTarget too, its labelsTarget folder not even listed (labels for scoring only)
+    groups += (TARGET_GROUP,) if cfg.domain.active else ()
+    validate_dataset(folder.root, require_training_labels=False, groups=groups, read_labels=not label_free,
+                     label_blind=(TARGET_GROUP,)).raise_if_invalid()
     if split_dict is not None:
         split = Split.from_json_dict(split_dict, folder)
     else:
@@ -90,8 +93,25 @@ def prepare_data(
     if oracle:
         unlabeled = oracle_label_cases(folder, unlabeled)
     return PreparedData(
-        folder, split, plans, run(split.labeled, True), run(unlabeled, oracle), run(split.val, True)
+        folder, split, plans, run(split.labeled, True), run(unlabeled, oracle), run(split.val, True),
+        run(target_cases(cfg, folder), False),
     )
+
+
+def target_cases(cfg: Config, folder) -> list:
+    """The imagesTarget cases domain adaptation trains on (none when it is off), images only: ``target_cases``
+    never lists labelsTarget. DatasetError when adaptation is on and the folder holds no scan."""
+    from mnseg.data.dataset import TARGET_GROUP
+    from mnseg.errors import DatasetError
+
+    if not cfg.domain.active:
+        return []
+    cases = folder.target_cases()
+    if not cases:
+        raise DatasetError(f"{folder.root / TARGET_GROUP}: domain adaptation (domain.dann_weight, "
+                           "domain.target_entropy_weight) needs unlabelled target-domain scans here, named like "
+                           f"CASE_0000{folder.spec.file_ending}; none found")
+    return cases
 
 
 def oracle_label_cases(folder, cases: list) -> list:

@@ -154,7 +154,9 @@ class Trainer:
         self.history = [r for r in self.run.history_rows() if int(r["epoch"]) < self.start_epoch]
         self.log(
             f"run {self.run.path}: method {self.method.name}, {len(self.data.labeled)} labelled / "
-            f"{len(self.data.unlabeled)} unlabelled / {len(self.data.val)} validation cases, device {self.device}"
+            f"{len(self.data.unlabeled)} unlabelled / {len(self.data.val)} validation cases"
+            + (f" / {len(self.data.target)} target-domain cases" if self.data.target else "")
+            + f", device {self.device}"
             + (f" x {self.dist.world_size} processes" if self.dist.enabled else "")
             + (f", resuming at epoch {self.start_epoch + 1}" if self.resume else "")
         )
@@ -225,6 +227,12 @@ class Trainer:
             cfg.data.class_balanced,
         )
         self.method.batcher = self.batcher
+        # domain adaptation: imagesTarget crops from a batcher of their own (a stream of its own, so the source
+        # patches are those of the same run without adaptation); no target case carries a label
+        self.target_batcher = PatchBatcher(
+            [], [to_memory_case(c, ignore, rng, aim=False) for c in self.data.target], cfg.data.patch_size,
+            cfg.data.fg_prob, ignore, cfg.train.seed + 2, cfg.data.class_balanced,
+        ) if self.data.target else None
 
     def _seed_rank(self, epoch: int) -> None:
         """Different torch streams per rank (augmentation, noise); the patch batcher stays shared."""
@@ -286,10 +294,16 @@ class Trainer:
         # one process with the whole batch; otherwise each process pools its own items.
         even = b_l % self.dist.world_size == 0 and b_u % self.dist.world_size == 0
         reduce_sums = distributed.loss_sums(self.dist) if even else None
+        image_t = None
+        if self.target_batcher is not None:
+            b_t = self.cfg.domain.target_batch_size or self.cfg.train.batch_size
+            crops = shard_batch(self.target_batcher.next_batch(0, b_t), self.dist.rank, self.dist.world_size)
+            image_t = batch_to_device({"image_t": crops["image_u"]}, self.device)["image_t"]
         image_l, image_u = t["image_l"], t["image_u"]
         if self.cfg.train.channels_last:
             image_l, image_u = to_channels_last(image_l), to_channels_last(image_u)
-        return Batch(image_l, t["label_l"], image_u, t.get("label_u"), reduce_sums=reduce_sums)
+            image_t = None if image_t is None else to_channels_last(image_t)
+        return Batch(image_l, t["label_l"], image_u, t.get("label_u"), image_t=image_t, reduce_sums=reduce_sums)
 
     def _step(self, epoch: int, it: int, active: list[str], stats: EpochStats, bar) -> None:
         """One training step: batch, the method's loss, backward, optimiser and schedule steps, NaN checks."""
@@ -373,6 +387,7 @@ class Trainer:
             schedulers={r: s.state_dict() for r, s in self.schedulers.items()},
             method=self.method.extra_state(),
             batcher=self.batcher.state(),
+            **({"target_batcher": self.target_batcher.state()} if self.target_batcher is not None else {}),
             rng=rngs[0],
             rng_ranks=rngs if self.dist.enabled else None,
             best_metric=self.best_metric,
@@ -389,6 +404,8 @@ class Trainer:
             sched.load_state_dict(ckpt["schedulers"][role])
         self.method.load_extra_state(ckpt.get("method", {}))
         self.batcher.load_state(ckpt["batcher"])
+        if self.target_batcher is not None and "target_batcher" in ckpt:
+            self.target_batcher.load_state(ckpt["target_batcher"])
         self.start_epoch = int(ckpt["epoch"])
         per_rank = ckpt.get("rng_ranks")
         if per_rank and len(per_rank) == self.dist.world_size:

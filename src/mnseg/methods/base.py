@@ -51,6 +51,9 @@ class Batch:
     # holds equally many labelled and unlabelled items; None when this batch is the whole batch. A method passes it
     # to every batch-Dice loss of its step, so the loss equals the one-process loss.
     reduce_sums: ReduceSums | None = None
+    # target-domain crops (b_t, C, X, Y, Z) from imagesTarget, never labelled: only with domain adaptation on
+    # (``domain.*``, read by ``methods/domain_adaptation.py``); methods themselves ignore them
+    image_t: torch.Tensor | None = None
 
     @property
     def b_l(self) -> int:

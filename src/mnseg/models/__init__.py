@@ -6,6 +6,7 @@ Importing this package imports every family module so their
 
 from mnseg.models import (  # noqa: F401  (registration)
     discriminator,
+    domain_classifier,
     effunet,
     pretext_head,
     segformer,
