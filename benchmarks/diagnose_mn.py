@@ -79,6 +79,10 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # the 2D partner is the weaker model on white/grey matter (validation Dice 0.65/0.77 against the 3D model's
     # 0.70/0.80 at mn's best checkpoint): its share in the ensemble pseudo-mask lowered to a quarter
     "mn_w25": ("cpu_grid_mn", ["method.params.partner_weight=0.25"], "mn"),
+    # no foreground refresh: at 1,500 updates the 3D model predicts lesions, and the refresh aims a third of the
+    # unlabelled crops at them, where the ensemble pseudo-mask halves the lesion (cause 2; at 500 updates no run
+    # predicted a lesion, so no_refresh could not show it)
+    "mn_no_refresh": ("cpu_grid_mn", ["method.params.fg_refresh_every=0"], "mn"),
     # the 2D partner on slices enlarged to 64 px (2x) without stochastic depth: stage 1 differs, so no base
     "scale2d": (PAPER, [KEEP, "models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.auto_side=64",
                         "models.net2d.kwargs.drop_connect_rate=0.0"], None),
