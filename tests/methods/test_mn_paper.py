@@ -104,7 +104,9 @@ BASELINE = {
 # The keys added since, each with the default that keeps today's behaviour.
 NEW_MODEL_KEYS = {"lora_train_bias_norm": False, "init": None, "init_role": None}
 NEW_PARAMS = {"cotrain_first": "net3d", "partner_weight": 0.5}
-NEW_OPTIM_KEYS = {"schedule": "cosine", "momentum": 0.99, "nesterov": True, "step_size": 0, "step_gamma": 0.1}
+NEW_OPTIM_KEYS = {"schedule": "cosine", "momentum": 0.99, "nesterov": True, "step_size": 0, "step_gamma": 0.1,
+                  "restart_epochs": []}
+NEW_SECTIONS = ("domain",)  # whole config sections added since, at their defaults (adaptation off)
 
 
 @pytest.mark.parametrize("preset", sorted(BASELINE))
@@ -116,6 +118,8 @@ def test_benchmarked_presets_resolve_exactly_as_before(preset):
     for model in expected["models"].values():
         model.update(NEW_MODEL_KEYS)
         model["optim"].update(NEW_OPTIM_KEYS)
+    defaults = Config().to_dict()
+    expected.update({section: defaults[section] for section in NEW_SECTIONS})
     assert json.loads(json.dumps(d)) == expected
 
 
