@@ -43,13 +43,13 @@ for name in sup dann entropy; do
   score "$run" "$name"
 done
 score "$OUT/runs/sup" tent --adapt entropy --adapt-steps "${ADAPT_STEPS:-10}"
-python - "$OUT" <<'PY'
+python - "$OUT" "${ADAPT_STEPS:-10}" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 rows = ["| run | target fg Dice | target WM | target GM | target lesion | source test fg Dice |", "|---|---|---|---|---|---|"]
 names = {"sup": "supervised", "dann": "supervised + DANN (0.1)", "entropy": "supervised + target entropy (0.1)",
-         "tent": "supervised, TENT at prediction (10 steps)"}
+         "tent": f"supervised, TENT at prediction ({sys.argv[2]} steps)"}
 for key, label in names.items():
     t = json.loads((out / "pred" / key / "Target" / "summary.json").read_text())
     s = json.loads((out / "pred" / key / "Ts" / "summary.json").read_text())
