@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from mnseg.reporting.benchmark_stats import aggregate, class_deltas, paired_comp
 
 def _runs(spec: str):
     label, _, pattern = spec.partition("=")
-    paths = sorted(glob.glob(pattern))
+    paths = sorted(p for p in glob.glob(pattern) if Path(p).is_dir())  # not the runs' log files beside them
     if not paths:
         raise SystemExit(f"{spec}: no run matches")
     return [read_run_result(p, label) for p in paths]
