@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mnseg.cli import main
+from tests.helpers.interrupted import train_then_die
 
 TINY_3D = ["models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 8}"]
 
@@ -40,7 +41,6 @@ def test_supervised_2d_slicewise_reaches_high_test_dice(toy_dataset, tmp_path):
 
 def test_resume_continues_the_same_run(toy_dataset, tmp_path):
     from mnseg.commands.train import build_config
-    from mnseg.engine.trainer import Trainer
 
     common = [*TINY_3D, "train.deterministic=true", "train.amp=false", "--num-val", "1", "train.val_every=1"]
     assert _train(toy_dataset, tmp_path / "full", tmp_path / "cache", *common, epochs=4, iters=3) == 0
@@ -56,16 +56,7 @@ def test_resume_continues_the_same_run(toy_dataset, tmp_path):
                          "--patch-size", "32,32,32", "--num-val", "1"])
     args.overrides = [*TINY_3D, f"data.cache_dir={tmp_path / 'cache'}", "train.deterministic=true",
                       "train.amp=false", "train.val_every=1"]
-    cfg = build_config(args)
-    first = Trainer(cfg, tmp_path / "part", progress=False)
-    first.setup()
-    from torch.utils.tensorboard import SummaryWriter
-
-    first.tb = SummaryWriter(str(tmp_path / "part" / "tb"))
-    for epoch in range(2):
-        first._train_epoch(epoch)
-    first.tb.close()
-    del first
+    train_then_die(build_config(args), tmp_path / "part", epochs=2)
     assert main(["train", "--resume", str(tmp_path / "part"), "--no-progress"]) == 0
 
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)

@@ -18,6 +18,7 @@ from mnseg.engine.build import build_method
 from mnseg.errors import ConfigError
 from mnseg.methods.base import Batch
 from mnseg.methods.domain_adaptation import DOMAIN_ROLE, grl_lambda
+from tests.helpers.interrupted import train_then_die
 from tests.helpers.method_scaffold import attach_with_sgd
 
 PLANS = {"num_classes": 2, "in_channels": 1, "ignore_label": None}
@@ -164,11 +165,8 @@ def test_a_resumed_adapted_run_ends_where_an_uninterrupted_one_does(tmp_path):
     """The target crops' batcher state is checkpointed with the rest."""
     import argparse
 
-    from torch.utils.tensorboard import SummaryWriter
-
     from mnseg.commands.train import add_arguments, build_config
     from mnseg.data.toy import make_toy_dataset
-    from mnseg.engine.trainer import Trainer
 
     ds = make_toy_dataset(tmp_path / "Dataset009_Shift", n_target=2)
     argv = [str(ds), "--num-labeled", "2", "--epochs", "2", "--iters-per-epoch", "2", "--patch-size", "16,16,16"]
@@ -181,12 +179,7 @@ def test_a_resumed_adapted_run_ends_where_an_uninterrupted_one_does(tmp_path):
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.overrides = overrides
-    first = Trainer(build_config(args), tmp_path / "part", progress=False)
-    first.setup()
-    first.tb = SummaryWriter(str(tmp_path / "part" / "tb"))
-    first._train_epoch(0)  # then the process "dies"
-    first.tb.close()
-    del first
+    train_then_die(build_config(args), tmp_path / "part", epochs=1)
     assert main(["train", "--resume", str(tmp_path / "part"), "--no-progress"]) == 0
 
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)

@@ -13,6 +13,7 @@ from mnseg.engine.schedules import make_scheduler
 from mnseg.losses import pseudo_label_loss, supervised_loss
 from mnseg.methods.base import Batch, MethodContext
 from mnseg.methods.mn import MN
+from tests.helpers.interrupted import train_then_die
 
 EPOCHS, ITERS, SUP, B = 10, 3, 4, 5
 
@@ -211,7 +212,6 @@ def test_resume_restores_lr_guided_sampling_state(toy_dataset, tmp_path):
 
     from mnseg.cli import main
     from mnseg.commands.train import build_config
-    from mnseg.engine.trainer import Trainer
 
     common = ["--method", "mn", "--num-labeled", "2", "--epochs", "5", "--iters-per-epoch", "3", "--batch-size", "3",
               "--patch-size", "16,16,16"]
@@ -229,15 +229,8 @@ def test_resume_restores_lr_guided_sampling_state(toy_dataset, tmp_path):
     add_arguments(p)
     args = p.parse_args([str(toy_dataset), *common])
     args.overrides = over
-    first = Trainer(build_config(args), tmp_path / "part", progress=False)
-    first.setup()
-    from torch.utils.tensorboard import SummaryWriter
-
-    first.tb = SummaryWriter(str(tmp_path / "part" / "tb"))
-    for epoch in range(3):  # stops after the first co-training epoch (fixed generators exist, uniform rng used)
-        first._train_epoch(epoch)
-    first.tb.close()
-    del first
+    # stops after the first co-training epoch (fixed generators exist, uniform rng used)
+    train_then_die(build_config(args), tmp_path / "part", epochs=3)
     assert main(["train", "--resume", str(tmp_path / "part"), "--no-progress"]) == 0
 
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)

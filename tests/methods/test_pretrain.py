@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mnseg.cli import main
+from tests.helpers.interrupted import train_then_die
 
 TINY = ["models.net.name=unet3d", "models.net.kwargs={depth: 3, base_filters: 8}"]
 FAST = ["models.net.optim.lr=3e-3", "models.head.optim.lr=3e-3", "models.net.optim.warmup_epochs=0",
@@ -93,10 +94,7 @@ def test_a_labelled_method_refuses_no_labels_and_pretrain_refuses_labels(ramp_da
 def test_resumed_pretraining_ends_where_an_uninterrupted_one_does(ramp_dataset, tmp_path):
     import argparse
 
-    from torch.utils.tensorboard import SummaryWriter
-
     from mnseg.commands.pretrain import add_arguments, build_config
-    from mnseg.engine.trainer import Trainer
 
     cache = tmp_path / "cache"
     assert pretrain(ramp_dataset, tmp_path / "full", cache, "contrastive", epochs=2, iters=3) == 0
@@ -106,12 +104,7 @@ def test_resumed_pretraining_ends_where_an_uninterrupted_one_does(ramp_dataset, 
     args = p.parse_args([str(ramp_dataset), "--task", "contrastive", "--epochs", "2", "--iters-per-epoch", "3",
                          "--patch-size", "16,16,16", "--batch-size", "2"])
     args.overrides = [f"data.cache_dir={cache}", *TINY, *FAST]
-    first = Trainer(build_config(args), tmp_path / "part", progress=False)
-    first.setup()
-    first.tb = SummaryWriter(str(tmp_path / "part" / "tb"))
-    first._train_epoch(0)  # then the process "dies"
-    first.tb.close()
-    del first
+    train_then_die(build_config(args), tmp_path / "part", epochs=1)
     assert main(["pretrain", "--resume", str(tmp_path / "part"), "--no-progress"]) == 0
 
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
