@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from mnseg.engine.run_dir import RunDir
-from mnseg.reporting.report import MethodResult, write_report
+from mnseg.reporting.report import MethodResult, dataset_test_cases, write_report
 
 
 def main() -> None:
@@ -34,10 +34,7 @@ def main() -> None:
         run = RunDir(Path(path))
         summary = json.loads((run.test_predictions / "summary.json").read_text())
         results.append(MethodResult(label, summary, run.history, run.test_predictions))
-    labels = json.loads((args.dataset / "dataset.json").read_text())["labels"]
-    class_names = {v: k for k, v in labels.items() if k != "ignore"}
-    cases = sorted((p.name[: -len("_0000.nii.gz")], p, args.dataset / "labelsTs" / p.name.replace("_0000", ""))
-                   for p in (args.dataset / "imagesTs").glob("*_0000.nii.gz"))
+    cases, class_names = dataset_test_cases(args.dataset)
     notes = ["Made from finished runs without training: " + ", ".join(args.run) + "."]
     print(write_report(args.out, args.title, results, cases, class_names, notes=notes))
 

@@ -42,6 +42,19 @@ class MethodResult:
     pred_dir: Path | None = None
 
 
+def dataset_test_cases(dataset: Path) -> tuple[list[tuple[str, Path, Path]], dict[int, str]]:
+    """``write_report``'s ``test_cases`` and ``class_names`` for a dataset folder's imagesTs/labelsTs (the demo's,
+    or any run predicted on them): ``(case_id, image, label)`` sorted by case, and label value -> class name."""
+    import json
+
+    labels = json.loads((Path(dataset) / "dataset.json").read_text())["labels"]
+    class_names = {v: k for k, v in labels.items() if k != "ignore"}
+    cases = sorted(
+        (p.name[: -len("_0000.nii.gz")], p, Path(dataset) / "labelsTs" / p.name.replace("_0000.nii.gz", ".nii.gz"))
+        for p in (Path(dataset) / "imagesTs").glob("*_0000.nii.gz"))
+    return cases, class_names
+
+
 def write_report(
     out_dir: Path,
     title: str,

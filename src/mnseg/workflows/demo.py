@@ -122,7 +122,7 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int | None = No
     from mnseg.data.synth import synthesize_dataset
     from mnseg.engine.hooks import TimingHook
     from mnseg.engine.run_dir import RunDir
-    from mnseg.reporting.report import MethodResult, write_report
+    from mnseg.reporting.report import MethodResult, dataset_test_cases, write_report
     from mnseg.utils.atomic import atomic_write_json
     from mnseg.utils.output_folder import claim_output_folder
     from mnseg.workflows.eta import RunEta, planned_updates
@@ -160,13 +160,7 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int | None = No
         log(eta.finished(method, None if trained is None else trained + (result.test_seconds or 0.0)))
 
     log("[4/4] report")
-    import json
-
-    labels = json.loads((dataset / "dataset.json").read_text())["labels"]
-    class_names = {v: k for k, v in labels.items() if k != "ignore"}
-    test_cases = sorted(
-        (p.name[: -len("_0000.nii.gz")], p, dataset / "labelsTs" / p.name.replace("_0000.nii.gz", ".nii.gz"))
-        for p in (dataset / "imagesTs").glob("*_0000.nii.gz"))
+    test_cases, class_names = dataset_test_cases(dataset)
     train = {m: _read_json(RunDir(runs / m).timing).get("train_seconds") for m in configs}
     total = record["data_seconds"] + sum(t or 0.0 for t in train.values()) + sum(record["predict_seconds"].values())
     notes = [
