@@ -239,13 +239,14 @@ def paired_softmax_mse(logits_a: Tensor, logits_b: Tensor, *, mask: Tensor | Non
     return _masked_mean((diff**2).mean(dim=1), _voxel_weight(mask, logits_a))
 
 
-def entropy_loss(logits: Tensor, *, mask: Tensor | None = None) -> Tensor:
-    """Mean voxel entropy of softmax(logits) divided by log K, so it lies in [0, 1] for any class count."""
+def entropy_loss(logits: Tensor, *, mask: Tensor | None = None, normalised: bool = True) -> Tensor:
+    """Mean voxel entropy of softmax(logits) divided by log K, so it lies in [0, 1] for any class count; in nats
+    with ``normalised=False`` (TENT's objective at prediction, ``inference/adapt.py``)."""
     _check_logits(logits)
     num_classes = logits.shape[1]
     log_p = torch.log_softmax(logits.float(), dim=1)
     per_voxel = -(log_p.exp() * log_p).sum(dim=1)
-    if num_classes > 1:
+    if normalised and num_classes > 1:
         per_voxel = per_voxel / math.log(num_classes)
     return _masked_mean(per_voxel, _voxel_weight(mask, logits))
 

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from mnseg.errors import ConfigError
 from mnseg.inference.window import WindowSettings, pad_to_at_least, window_slices
+from mnseg.losses import entropy_loss
 
 MODES = ("none", "norm", "entropy")
 DEFAULT_STEPS = 10
@@ -99,8 +100,7 @@ def mean_entropy(logits: Tensor | Sequence[Tensor]) -> Tensor:
     """Mean over voxels of the Shannon entropy (nats) of the softmax over classes (dim 1) of ``logits``."""
     if isinstance(logits, list | tuple):  # deep supervision: the full-resolution head comes first
         logits = logits[0]
-    log_p = torch.log_softmax(logits.float(), dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1).mean()
+    return entropy_loss(logits, normalised=False)
 
 
 class Tiles:
