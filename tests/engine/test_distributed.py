@@ -80,19 +80,32 @@ CASES = {
     "supervised": ["models.net.activation_checkpoint=true"],
     "mean_teacher": ["method.params.noise_std=0", "method.params.rampup=0", "method.params.consistency=1"],
 }
+# Domain adaptation on top (a dataset with imagesTarget): DANN's classifier is one more DDP-wrapped role, and each
+# process takes its share of the target crops like the others.
+CASES["supervised+dann"] = [*CASES["supervised"], "domain.dann_weight=0.5", "domain.target_entropy_weight=0.1",
+                            "domain.grl_schedule=constant"]
 
 
-def _roles(method):
-    return ["net"] if method == "supervised" else ["student", "teacher"]
+def _method(case):
+    return case.partition("+")[0]
 
 
-def _argv(method, ds, run, cache):
+def _method_roles(case):
+    return ["net"] if _method(case) == "supervised" else ["student", "teacher"]
+
+
+def _roles(case):
+    """Every trained or checkpointed role: the method's, and DANN's classifier (its optimiser is the net's)."""
+    return _method_roles(case) + (["domain_classifier"] if "+dann" in case else [])
+
+
+def _argv(case, ds, run, cache):
     argv = [
-        "train", str(ds), "--method", method, "--num-labeled", "3", "--epochs", "3", "--iters-per-epoch", "2",
+        "train", str(ds), "--method", _method(case), "--num-labeled", "3", "--epochs", "3", "--iters-per-epoch", "2",
         "--batch-size", "2", "--patch-size", "16,16,16", "--run-dir", str(run), "--no-progress",
-        f"data.cache_dir={cache}", "train.deterministic=true", "train.amp=false", "train.device=cpu", *CASES[method],
+        f"data.cache_dir={cache}", "train.deterministic=true", "train.amp=false", "train.device=cpu", *CASES[case],
     ]
-    for role in _roles(method):
+    for role in _method_roles(case):
         argv += [f"models.{role}.name={TINY[0]}", f"models.{role}.kwargs={TINY[1]}",
                  f"models.{role}.augment.preset=none", f"models.{role}.optim.name=sgd", f"models.{role}.optim.lr=1e-2",
                  f"models.{role}.optim.warmup_epochs=0"]
@@ -115,7 +128,10 @@ def _history(run) -> list[dict]:
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_two_processes_follow_the_one_process_trajectory(toy_dataset, tmp_path, method):
     from mnseg.cli import main
+    from mnseg.data.toy import make_toy_dataset
 
+    if "+dann" in method:
+        toy_dataset = make_toy_dataset(tmp_path / "Dataset003_Shift", n_target=2)
     cache = tmp_path / "cache"
     assert main(_argv(method, toy_dataset, tmp_path / "one", cache)) == 0
 

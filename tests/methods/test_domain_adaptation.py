@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mnseg.cli import main
-from mnseg.config.schema import load_config
+from mnseg.config.schema import Config, load_config
 from mnseg.engine.build import build_method
 from mnseg.errors import ConfigError
 from mnseg.methods.base import Batch
@@ -190,3 +190,37 @@ def test_a_resumed_adapted_run_ends_where_an_uninterrupted_one_does(tmp_path):
             torch.testing.assert_close(value, b["models"][role][key], rtol=1e-5, atol=1e-6, msg=f"{role} {key}")
     full, part = _history(tmp_path / "full"), _history(tmp_path / "part")
     assert [float(r["loss_domain"]) for r in full] == pytest.approx([float(r["loss_domain"]) for r in part], rel=1e-4)
+
+
+def test_mn_with_dann_adapts_its_3d_model_only_in_the_epochs_that_train_it():
+    """M&N alternates its models; the domain terms ride on the 3D model (its predicting role) and are left out of
+    the 2D model's co-training epochs, whose step then trains neither G_d nor the 3D model."""
+    torch.manual_seed(0)
+    tiny = {"kwargs": {"depth": 3, "base_filters": 4}, "optim": {"lr": 1e-3, "warmup_epochs": 0}}
+    cfg = Config.from_dict({
+        "method": {"name": "mn", "params": {"sup_epochs": 1}},
+        "models": {"net2d": {"name": "unet2d", **tiny}, "net3d": {"name": "unet3d", **tiny}},
+        "train": {"epochs": 4, "iters_per_epoch": 5, "batch_size": 2},
+        "domain": {"dann_weight": 1.0, "target_entropy_weight": 0.5, "grl_schedule": "constant"},
+    })
+    method, models = build_method(cfg, PLANS, torch.device("cpu"), n_labeled=2, n_unlabeled=2)
+    assert method.name == "mn" and method.da_role == "net3d"
+    assert set(models) == {"net2d", "net3d", DOMAIN_ROLE}
+    assert models[DOMAIN_ROLE].features == models["net3d"].filters[-1]
+    attach_with_sgd(method, models)
+    assert method.trained_role(1) == "net3d" and method.trained_role(2) == "net2d"
+    assert method.active_roles(1) == ["net3d", DOMAIN_ROLE] and DOMAIN_ROLE not in method.active_roles(2)
+
+    out = method.training_step(_batch(), 1, 0)  # the 3D model's co-training epoch: its terms are there
+    assert {"loss_domain", "domain_acc", "loss_target_entropy"} <= set(out.logs)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in models[DOMAIN_ROLE].parameters())
+    assert all(p.grad is None for p in models["net2d"].parameters())  # the partner only generates pseudo-masks
+    for m in models.values():
+        m.zero_grad(set_to_none=True)
+
+    out = method.training_step(_batch(), 2, 0)  # the 2D model's epoch: no domain term, nothing reaches G_d
+    assert not {"loss_domain", "loss_target_entropy"} & set(out.logs)
+    out.loss.backward()
+    assert all(p.grad is None for p in models[DOMAIN_ROLE].parameters())
+    assert all(p.grad is None for p in models["net3d"].parameters())
