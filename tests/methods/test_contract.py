@@ -93,3 +93,21 @@ def test_presets_hold_only_what_differs_from_the_method_defaults():
         defaults = {f.name: f.default for f in dataclasses.fields(cls.params_class)}
         same = [k for k, v in own.items() if k in defaults and defaults[k] == v]
         assert not same, f"{path.name}: {same} repeat the defaults"
+
+
+# the losses whose batch Dice pools its sums over the shards of the global batch (``losses.ReduceSums``)
+POOLING_LOSSES = {"soft_dice_loss", "supervised_loss", "pseudo_label_loss"}
+
+
+def test_every_method_hands_its_batch_dice_the_shards_sums():
+    """A call without ``reduce_sums`` would take batch Dice over this process's items alone under torchrun, silently
+    (each process a different loss than one process on the global batch): every such call in a method file passes
+    it, ``batch.reduce_sums`` or a value derived from it (None only where Dice is taken per item)."""
+    missing = []
+    for path in sorted(METHODS_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in POOLING_LOSSES and "reduce_sums" not in {k.arg for k in node.keywords}:
+                    missing.append(f"{path.name}:{node.lineno} {name}")
+    assert not missing, missing
