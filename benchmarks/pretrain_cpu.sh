@@ -1,0 +1,52 @@
+#!/bin/bash
+# Does self-supervised pretraining pay at 2 labelled subjects (issue 20)? On the CPU grid's data (strong variation,
+# 3 mm, 22 labelled subjects whose images are the unlabelled pool, 10 test subjects never seen before scoring):
+#  1. each pretext task (rotation, contrastive, reconstruction, clustering) pretrains the grid's 16-filter 3D UNet
+#     on the imagesTr images (no label read), 500 updates of 4 crops of 32^3;
+#  2. supervised training at 2 labelled (seed 0's split, 2 validation subjects) starts from each, at the budget of
+#     benchmarks/methods_cpu.sh (cpu_grid_supervised, 25 epochs of 20 updates), beside the same run from scratch;
+#  3. M&N (cpu_grid_mn at 10 + 30 epochs, the diagnosis's short budget) from scratch and with its 3D UNet started
+#     from the task whose supervised run had the best validation Dice (chosen on validation, never on test).
+# One run at a time with one thread; each run's test Dice is in RUN/test_predictions/summary.json.
+#
+#   bash benchmarks/pretrain_cpu.sh [OUT]          # default OUT=pretrain_cpu; run again to continue
+set -eu
+OUT=${1:-pretrain_cpu}
+DATA=$OUT/data/Dataset921_MNIStrong3mm
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MNSEG_CACHE_DIR=${MNSEG_CACHE_DIR:-$OUT/cache}
+[ -f "$DATA/dataset.json" ] || mnseg synth "$DATA" --variation strong --n-labeled 22 --n-unlabeled 0 --n-test 10 \
+  --spacing 3
+NET=(models.net.name=unet3d "models.net.kwargs={depth: 4, base_filters: 16}" models.net.optim.lr=2.0e-3
+     models.net.optim.warmup_epochs=1)
+SPLIT=(--num-labeled 2 --num-val 2 --seed 0 --test --no-progress)
+train() {  # RUN ARGS...: train (or resume) one run unless it is finished
+  local run=$1; shift
+  [ -f "$run/test_predictions/summary.json" ] && return 0
+  if [ -f "$run/checkpoints/last.pt" ]; then mnseg train --resume "$run" --test --no-progress
+  else mnseg train "$DATA" --run-dir "$run" --overwrite "$@"; fi
+}
+SUP=(--config cpu_grid_supervised "${SPLIT[@]}" train.epochs=25 train.val_every=5)
+train "$OUT/runs/supervised_scratch" "${SUP[@]}"
+for task in rotation contrastive reconstruction clustering; do
+  pre=$OUT/pretrain/$task
+  if [ "$(cat "$pre/history.csv" 2>/dev/null | wc -l)" -le 25 ]; then  # not all of its 25 epochs yet
+    if [ -f "$pre/checkpoints/last.pt" ]; then mnseg pretrain --resume "$pre" --no-progress
+    else mnseg pretrain "$DATA" --task "$task" -o "$pre" --overwrite --epochs 25 --iters-per-epoch 20 \
+      --patch-size 32,32,32 --no-progress "${NET[@]}"; fi
+  fi
+  train "$OUT/runs/supervised_$task" "${SUP[@]}" "models.net.init=$pre/checkpoints/last.pt"
+done
+best=$(python - "$OUT/runs" <<'PY'
+import csv, sys
+from pathlib import Path
+def best_val(run):
+    rows = [r for r in csv.DictReader(open(Path(run) / "history.csv")) if r.get("val_dice")]
+    return max(float(r["val_dice"]) for r in rows)
+tasks = ["rotation", "contrastive", "reconstruction", "clustering"]
+print(max(tasks, key=lambda t: best_val(Path(sys.argv[1]) / f"supervised_{t}")))
+PY
+)
+echo "pretext task with the best validation Dice: $best"
+MN=(--config cpu_grid_mn "${SPLIT[@]}" train.epochs=40 method.params.sup_epochs=10 train.val_every=5)
+train "$OUT/runs/mn_scratch" "${MN[@]}"
+train "$OUT/runs/mn_$best" "${MN[@]}" "models.net3d.init=$OUT/pretrain/$best/checkpoints/last.pt"
