@@ -14,10 +14,7 @@
 #     --include='timing.json' --include='history.csv' --exclude='*' OUT/bench/runs/ benchmarks/results/Dataset921_MNIStrong3mm/runs/
 set -eu
 OUT=${1:-grid_cpu}
-DATA=$OUT/data/Dataset921_MNIStrong3mm
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MNSEG_CACHE_DIR=${MNSEG_CACHE_DIR:-$OUT/cache}
-[ -f "$DATA/dataset.json" ] || mnseg synth "$DATA" --variation strong --n-labeled 22 --n-unlabeled 0 --n-test 10 \
-  --spacing 3
+. "$(dirname "$0")/grid_data.sh"
 mnseg benchmark "$DATA" --methods "${METHODS:-supervised,mn,mean_teacher}" --num-labeled "${COUNTS:-2,4}" \
   --seeds "${SEEDS:-0,1,2}" --preset cpu_grid --num-val 2 --no-upper-bound --jobs "${JOBS:-2}" --device cpu \
   --no-progress -o "$OUT/bench"

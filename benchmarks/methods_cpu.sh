@@ -11,10 +11,7 @@
 # Tables: OUT/bench/results.md, OUT/bench_dan/results.md. Keep the small files of each cell as cpu_grid.sh says.
 set -eu
 OUT=${1:-methods_cpu}
-DATA=$OUT/data/Dataset921_MNIStrong3mm
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MNSEG_CACHE_DIR=${MNSEG_CACHE_DIR:-$OUT/cache}
-[ -f "$DATA/dataset.json" ] || mnseg synth "$DATA" --variation strong --n-labeled 22 --n-unlabeled 0 --n-test 10 \
-  --spacing 3
+. "$(dirname "$0")/grid_data.sh"
 COMMON=(--num-labeled 2 --seeds 0 --preset cpu_grid --num-val 2 --no-upper-bound --set train.epochs=25
         --set train.val_every=5 --jobs "${JOBS:-1}" --device cpu --no-progress)
 mnseg benchmark "$DATA" --methods "${METHODS:-adversarial,arco,dual_contrast,pi_model,ua_mt}" "${COMMON[@]}" \

@@ -12,10 +12,7 @@
 #   bash benchmarks/pretrain_cpu.sh [OUT]          # default OUT=pretrain_cpu; run again to continue
 set -eu
 OUT=${1:-pretrain_cpu}
-DATA=$OUT/data/Dataset921_MNIStrong3mm
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MNSEG_CACHE_DIR=${MNSEG_CACHE_DIR:-$OUT/cache}
-[ -f "$DATA/dataset.json" ] || mnseg synth "$DATA" --variation strong --n-labeled 22 --n-unlabeled 0 --n-test 10 \
-  --spacing 3
+. "$(dirname "$0")/grid_data.sh"
 NET=(models.net.name=unet3d "models.net.kwargs={depth: 4, base_filters: 16}" models.net.optim.lr=2.0e-3
      models.net.optim.warmup_epochs=1)
 SPLIT=(--num-labeled 2 --num-val 2 --seed 0 --test --no-progress)
