@@ -138,6 +138,9 @@ def test_tiny_training_logs_the_domain_terms_and_never_reads_target_labels(tmp_p
         assert math.isfinite(float(row[key])), key
     assert float(row["loss_domain"]) > 0 and float(row["loss_target_entropy"]) > 0
     assert "lr_domain_classifier" in row
+    written = load_config(run / "config.yaml")  # the classifier the run trains is in its config.yaml
+    assert written.models[DOMAIN_ROLE].name == "domain_classifier3d"
+    assert written.models[DOMAIN_ROLE].optim.lr == written.models["net"].optim.lr
 
     # scoring on the target: predict imagesTarget (the run holds the classifier too), evaluate against labelsTarget
     monkeypatch.undo()

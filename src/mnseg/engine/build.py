@@ -59,6 +59,16 @@ def resolve_input_ranges(cfg, plans: dict) -> None:
             mcfg.kwargs = {**mcfg.kwargs, "input_range": input_range(plans)}
 
 
+def add_method_roles(cfg) -> None:
+    """Model sections a method adds to itself (DANN's domain classifier, from the ``domain`` settings), put into
+    ``cfg`` before the run's config.yaml is written, so that file shows every model the run trains; building adds
+    the same section when it is missing (runs made before this)."""
+    from mnseg.methods import method_class
+    from mnseg.methods.domain_adaptation import adapted
+
+    adapted(method_class(cfg.method.name), cfg)
+
+
 def frozen_dtype(mcfg: ModelConfig) -> torch.dtype | None:
     """The dtype of ``mcfg.frozen_dtype`` (None when unset); ConfigError for anything but bfloat16."""
     if mcfg.frozen_dtype is None:

@@ -27,6 +27,7 @@ from mnseg.config.checks import check_config
 from mnseg.config.schema import Config
 from mnseg.engine import distributed
 from mnseg.engine.build import (
+    add_method_roles,
     build_augmenter,
     build_method,
     build_optimizer,
@@ -179,6 +180,7 @@ class Trainer:
             self.data = prepare_data(cfg, split_dict, plans, progress=self.progress)
             if not self.resume:
                 resolve_input_ranges(cfg, self.data.plans)
+                add_method_roles(cfg)
                 run.write_start(cfg.to_yaml(), self.data.plans, self.data.split.to_json_dict())
                 env = f"{self.device}" + (f" x {self.dist.world_size} processes (DDP)" if self.dist.enabled else "")
                 run.write_env(env)

@@ -187,7 +187,10 @@ def resolved_params(method: str, params: dict) -> dict:
 
 def comparable_config(cfg) -> dict:
     """A config as a dict without what only changes how a run executes, so that two configs that train the same
-    model compare equal (defaults filled in)."""
+    model compare equal (defaults filled in, and the model sections a method adds to itself)."""
+    from mnseg.engine.build import add_method_roles
+
+    add_method_roles(cfg)
     d = cfg.to_dict()
     d["method"]["params"] = resolved_params(d["method"]["name"], d["method"]["params"])  # defaults filled in
     for key in EXECUTION_ONLY_TRAIN:
