@@ -15,6 +15,8 @@ OUT=${1:-pretrain_cpu}
 . "$(dirname "$0")/grid_data.sh"
 NET=(models.net.name=unet3d "models.net.kwargs={depth: 4, base_filters: 16}" models.net.optim.lr=2.0e-3
      models.net.optim.warmup_epochs=1)
+TASKS=(rotation contrastive reconstruction clustering)
+PRE_EPOCHS=25
 SPLIT=(--num-labeled 2 --num-val 2 --seed 0 --test --no-progress)
 train() {  # RUN ARGS...: train (or resume) one run unless it is finished
   local run=$1; shift
@@ -24,23 +26,22 @@ train() {  # RUN ARGS...: train (or resume) one run unless it is finished
 }
 SUP=(--config cpu_grid_supervised "${SPLIT[@]}" train.epochs=25 train.val_every=5)
 train "$OUT/runs/supervised_scratch" "${SUP[@]}"
-for task in rotation contrastive reconstruction clustering; do
+for task in "${TASKS[@]}"; do
   pre=$OUT/pretrain/$task
-  if [ "$(cat "$pre/history.csv" 2>/dev/null | wc -l)" -le 25 ]; then  # not all of its 25 epochs yet
+  if [ "$(cat "$pre/history.csv" 2>/dev/null | wc -l)" -le "$PRE_EPOCHS" ]; then  # not all its epochs yet
     if [ -f "$pre/checkpoints/last.pt" ]; then mnseg pretrain --resume "$pre" --no-progress
-    else mnseg pretrain "$DATA" --task "$task" -o "$pre" --overwrite --epochs 25 --iters-per-epoch 20 \
+    else mnseg pretrain "$DATA" --task "$task" -o "$pre" --overwrite --epochs "$PRE_EPOCHS" --iters-per-epoch 20 \
       --patch-size 32,32,32 --no-progress "${NET[@]}"; fi
   fi
   train "$OUT/runs/supervised_$task" "${SUP[@]}" "models.net.init=$pre/checkpoints/last.pt"
 done
-best=$(python - "$OUT/runs" <<'PY'
+best=$(python - "$OUT/runs" "${TASKS[@]}" <<'PY'
 import csv, sys
 from pathlib import Path
 def best_val(run):
     rows = [r for r in csv.DictReader(open(Path(run) / "history.csv")) if r.get("val_dice")]
     return max(float(r["val_dice"]) for r in rows)
-tasks = ["rotation", "contrastive", "reconstruction", "clustering"]
-print(max(tasks, key=lambda t: best_val(Path(sys.argv[1]) / f"supervised_{t}")))
+print(max(sys.argv[2:], key=lambda t: best_val(Path(sys.argv[1]) / f"supervised_{t}")))
 PY
 )
 echo "pretext task with the best validation Dice: $best"

@@ -187,9 +187,12 @@ def resolved_params(method: str, params: dict) -> dict:
 
 def comparable_config(cfg) -> dict:
     """A config as a dict without what only changes how a run executes, so that two configs that train the same
-    model compare equal (defaults filled in, and the model sections a method adds to itself)."""
+    model compare equal (defaults filled in, and the model sections a method adds to itself; ``cfg`` itself is
+    left as it is)."""
+    from mnseg.config.schema import Config
     from mnseg.engine.build import add_method_roles
 
+    cfg = Config.from_dict(cfg.to_dict())
     add_method_roles(cfg)
     d = cfg.to_dict()
     d["method"]["params"] = resolved_params(d["method"]["name"], d["method"]["params"])  # defaults filled in
