@@ -83,6 +83,13 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # unlabelled crops at them, where the ensemble pseudo-mask halves the lesion (cause 2; at 500 updates no run
     # predicted a lesion, so no_refresh could not show it)
     "mn_no_refresh": ("cpu_grid_mn", ["method.params.fg_refresh_every=0"], "mn"),
+    # L_u only where both models' argmax agree: the trained model is never pulled towards a class its partner
+    # disputes (the white/grey-matter loss at 4 labelled starts with the first unlabelled items, 2026-12-02)
+    "mn_agree": ("cpu_grid_mn", ["method.params.pseudo_weight=agree"], "mn"),
+    # at 4 labelled: the starvation control for the default recipe (unlabelled items take batch places and teach
+    # nothing), and the Dice form for probability targets (cause 1) where the 3D model's white matter falls
+    "mn_wu0": ("cpu_grid_mn", ["method.params.w_u=0"], "mn"),
+    "mn_sq": ("cpu_grid_mn", ["method.params.soft_dice=squared"], "mn"),
     # the 2D partner on slices enlarged to 64 px (2x) without stochastic depth: stage 1 differs, so no base
     "scale2d": (PAPER, [KEEP, "models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.auto_side=64",
                         "models.net2d.kwargs.drop_connect_rate=0.0"], None),

@@ -105,6 +105,31 @@ def test_ensemble_and_confidence_pseudo_masks_by_hand():
     assert method.models["net3d"].training  # the trained model's mode is restored after its eval pass
 
 
+@pytest.mark.parametrize("pseudo", ["partner", "ensemble"])
+def test_agreement_weights_keep_only_voxels_where_both_models_name_the_same_class(pseudo):
+    batch = _batch(2, 3)
+    method, _ = _method(pseudo=pseudo, pseudo_weight="agree")
+    for r, m in method.models.items():
+        m.train(r == "net3d")
+    out = method.training_step(batch, SUP, 0)
+    with torch.no_grad():
+        partner = torch.softmax(method.models["net2d"].eval()(batch.image_u), 1)
+        own = torch.softmax(method.models["net3d"].eval()(batch.image_u), 1)
+        agree = (partner.argmax(1) == own.argmax(1)).float()
+        p = partner if pseudo == "partner" else (partner + own) / 2
+        method.models["net3d"].train()
+        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
+        from mnseg.losses import supervised_loss
+
+        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(
+            logits[2:], p, mask=agree)
+    assert 0.0 < float(agree.mean()) < 1.0  # the untrained models disagree somewhere, so the mask matters
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-4)
+    assert float(out.logs["agree_share"]) == pytest.approx(float(agree.mean()), rel=1e-6)
+    unmasked = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], p)
+    assert float(out.loss.detach()) != pytest.approx(float(unmasked), rel=1e-4)
+
+
 def test_partner_weight_sets_the_partners_share_in_the_ensemble_pseudo_mask():
     batch = _batch(2, 3)
     method, _ = _method(pseudo="ensemble", partner_weight=0.25)

@@ -381,3 +381,43 @@ def test_benchmark_refuses_an_output_folder_that_is_not_a_benchmarks(toy_dataset
     assert main(argv) == 2
     assert "not a benchmark folder" in capsys.readouterr().err
     assert (out / "results.csv").read_text() == "my own table" and len(list(out.iterdir())) == 2
+
+
+def _alive(pid: int) -> bool:
+    """A process exists and is not a zombie (a container's init may leave orphans unreaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_sigterm_stops_the_benchmarks_worker_processes_too(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    parent = subprocess.Popen([sys.executable, "-m", "tests.helpers.sleepy_worker", str(tmp_path)], cwd=repo,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pid_files = [tmp_path / "pids" / "supervised_0", tmp_path / "pids" / "supervised_1"]
+    deadline = time.time() + 60
+    while not all(f.exists() and f.read_text() for f in pid_files):
+        assert parent.poll() is None and time.time() < deadline, parent.communicate()[0]
+        time.sleep(0.2)
+    workers = [int(f.read_text()) for f in pid_files]
+    assert all(_alive(pid) for pid in workers)
+    parent.send_signal(signal.SIGTERM)
+    output = parent.communicate(timeout=30)[0]
+    assert parent.returncode != 0  # interrupted, not finished
+    assert "stopping its worker processes" in output
+    deadline = time.time() + 15
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), f"workers {workers} outlived the benchmark"
+    for pid in workers:  # nothing left behind if the assertion above failed on another platform
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)

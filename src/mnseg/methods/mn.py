@@ -28,6 +28,8 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
 - ``w_u``: a factor on L_u (0: the starvation ablation);
 - ``pseudo: ensemble``: P is the mean of both models' softmax (``partner_weight``: the partner's share in it, 0.5);
 - ``pseudo_weight: confidence``: each voxel's L_u weighted by max_c P;
+- ``pseudo_weight: agree``: L_u only on voxels where both models' argmax name the same class, so the trained model
+  is never pulled towards a class that it and its partner dispute (where they agree, P is the pseudo-mask as set);
 - ``fg_refresh: agree``: unlabelled crops centred on voxels where both models name the same class;
 - ``pre2d_epochs: k``: the 2D model alone trains on labels for k epochs before stage 1 (no 3D updates);
 - ``oracle_pseudo``: a diagnostic, the unlabelled imagesTr cases' true labels as P (the ceiling of any P).
@@ -52,7 +54,7 @@ SAMPLING = ("lr", "epoch-linear", "uniform", "fixed")
 CHOICES = {
     "soft_dice": ("linear", "squared"),
     "pseudo": ("partner", "ensemble"),
-    "pseudo_weight": ("none", "confidence"),
+    "pseudo_weight": ("none", "confidence", "agree"),
     "fg_refresh": ("net3d", "agree"),
     "cotrain_first": ("net3d", "net2d"),
 }
@@ -100,7 +102,7 @@ class MNParams(Params):
     unlabeled_on_top: bool = False  # b_l = B always, the b_u unlabelled items on top
     w_u: float = 1.0  # factor on L_u (0: the starvation ablation)
     pseudo: str = "partner"  # P: the partner's softmax | ensemble (the mean of both models')
-    pseudo_weight: str = "none"  # each voxel's L_u weighted by: none | confidence (max_c P)
+    pseudo_weight: str = "none"  # each voxel's L_u weighted by: none | confidence (max_c P) | agree (same argmax)
     partner_weight: float = 0.5  # pseudo: ensemble: P = w P_partner + (1 - w) P_self
     fg_refresh: str = "net3d"  # unlabelled crop centres from: net3d | agree (both models name the same class)
     pre2d_epochs: int = 0  # epochs before stage 1 in which the 2D model alone trains on labels
@@ -297,10 +299,16 @@ class MN(Method):
             image_u, _ = self.augment(role, batch.image_u)
         else:
             image_u = batch.image_u
-        pseudo = None
+        pseudo = weight = None
         if b_u:
-            pseudo = self._pseudo_masks(role, image_u) if oracle is None else self._one_hot(oracle)
-            image_u, pseudo = self._depth_subset(role, image_u, pseudo)
+            if oracle is None:
+                pseudo, weight = self._pseudo_masks(role, image_u)
+            else:
+                pseudo = self._one_hot(oracle)
+            if weight is None:
+                image_u, pseudo = self._depth_subset(role, image_u, pseudo)
+            else:
+                image_u, pseudo, weight = self._depth_subset(role, image_u, pseudo, weight)
         image_l, label = self._depth_subset(role, image_l, label)
         logits = model(torch.cat([image_l, image_u]) if b_u else image_l)
         logs = {}
@@ -310,10 +318,13 @@ class MN(Method):
             loss = loss + b_l / (b_l + b_u) * loss_l
             logs["loss_l"] = loss_l.detach()
         if b_u:
-            confidence = pseudo.amax(dim=1) if self.choice["pseudo_weight"] == "confidence" else None
+            if self.choice["pseudo_weight"] == "confidence":
+                weight = pseudo.amax(dim=1)
             loss_u = pseudo_label_loss(logits[b_l:], pseudo, w_kl=self.weights["w_kl"], w_dice=self.weights["w_dice"],
-                                       mask=confidence, squared_dice=self.choice["soft_dice"] == "squared",
+                                       mask=weight, squared_dice=self.choice["soft_dice"] == "squared",
                                        reduce_sums=batch.reduce_sums)
+            if self.choice["pseudo_weight"] == "agree":
+                logs["agree_share"] = weight.mean().detach()
             loss = loss + self.weights["w_u"] * b_u / (b_l + b_u) * loss_u
             logs["loss_u"] = loss_u.detach()
             logs.update(self._class_shares("pseudo", pseudo.argmax(dim=1), pseudo.shape[1]))
@@ -325,10 +336,11 @@ class MN(Method):
         return torch.nn.functional.one_hot(labels.long(), self.ctx.num_classes).movedim(-1, 1).float()
 
     @torch.no_grad()
-    def _pseudo_masks(self, role: str, image_u: Tensor) -> Tensor:
-        """P: the partner's softmax in eval mode, or (``pseudo: ensemble``) the mean of both models' softmax."""
+    def _pseudo_masks(self, role: str, image_u: Tensor) -> tuple[Tensor, Tensor | None]:
+        """P: the partner's softmax in eval mode, or (``pseudo: ensemble``) the mean of both models' softmax; and
+        with ``pseudo_weight: agree`` the voxel weights (1 where both models' argmax agree, else 0), else None."""
         models = [self.generator_for(role)]
-        if self.choice["pseudo"] == "ensemble":
+        if self.choice["pseudo"] == "ensemble" or self.choice["pseudo_weight"] == "agree":
             models.append(self.generators.get(role, self.models[role]))
         probs = []
         for model in models:
@@ -336,10 +348,15 @@ class MN(Method):
             model.eval()
             probs.append(torch.softmax(model(image_u).float(), dim=1))
             model.train(was_training)
+        weight = None
+        if self.choice["pseudo_weight"] == "agree":
+            weight = (probs[0].argmax(1) == probs[1].argmax(1)).float()
+        if self.choice["pseudo"] == "partner":
+            return probs[0], weight
         w = float(self.p.partner_weight)
-        if len(probs) == 1 or w == 0.5:  # the plain mean (bit for bit as before the weight existed)
-            return torch.stack(probs).mean(0)
-        return w * probs[0] + (1.0 - w) * probs[1]
+        if w == 0.5:  # the plain mean (bit for bit as before the weight existed)
+            return torch.stack(probs).mean(0), weight
+        return w * probs[0] + (1.0 - w) * probs[1], weight
 
     def _class_shares(self, prefix: str, labels: Tensor, num_classes: int) -> dict[str, Tensor]:
         """Share of each foreground class among the (annotated) voxels, ``<prefix>_share_<class>``. Side by side,

@@ -16,6 +16,7 @@ a table of what finished; ``report_only`` re-makes them from OUT alone (run fold
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -352,12 +353,15 @@ def _pin_worker_to_gpu(counter, gpus: list[str]) -> None:
 
 
 def _run_parallel(spec: BenchmarkSpec, todo: list[tuple[int, Cell]], total: int, log=print,
-                  on_finished=lambda failure: None) -> None:
+                  on_finished=lambda failure: None, worker=None) -> None:
     """Train up to spec.jobs cells at once, each in its own process (spawned: CUDA cannot be forked);
-    ``on_finished(failure or None)`` after each."""
+    ``on_finished(failure or None)`` after each. SIGTERM or Ctrl-C stops the workers too (a worker left running
+    would go on training a cell that the next benchmark then resumes as well); their checkpoints, written
+    atomically, let that next benchmark continue the cells."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    worker = worker or _run_cell_quietly
     context = multiprocessing.get_context("spawn")
     gpus = worker_gpus(spec.device, spec.jobs)
     pin = {}
@@ -366,19 +370,59 @@ def _run_parallel(spec: BenchmarkSpec, todo: list[tuple[int, Cell]], total: int,
         log(f"training {len(todo)} run(s), {spec.jobs} at a time, spread over GPUs {','.join(gpus)}")
     else:
         log(f"training {len(todo)} run(s), {spec.jobs} at a time")
-    with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=context, **pin) as pool:
-        # Counted here: a worker sees only its own GPU, so it cannot tell how many runs share each one.
-        sharing = runs_per_device(spec)
-        futures = {pool.submit(_run_cell_quietly, spec, cell, f"[{i}/{total}]", sharing): cell for i, cell in todo}
-        for future in as_completed(futures):
-            cell = futures[future]
-            try:
-                failure = future.result()
-            except Exception as exc:  # noqa: BLE001 - the worker process itself died (killed, out of memory)
-                failure = _failure(spec, cell, f"worker process died: {type(exc).__name__}: {exc}",
-                                   traceback.format_exc())
-                log(f"{cell.name}: FAILED: {failure['error']}")
-            on_finished(failure)
+    pool = ProcessPoolExecutor(max_workers=spec.jobs, mp_context=context, **pin)
+    try:
+        with _sigterm_as_interrupt():
+            # Counted here: a worker sees only its own GPU, so it cannot tell how many runs share each one.
+            sharing = runs_per_device(spec)
+            futures = {pool.submit(worker, spec, cell, f"[{i}/{total}]", sharing): cell for i, cell in todo}
+            for future in as_completed(futures):
+                cell = futures[future]
+                try:
+                    failure = future.result()
+                except Exception as exc:  # noqa: BLE001 - the worker process itself died (killed, out of memory)
+                    failure = _failure(spec, cell, f"worker process died: {type(exc).__name__}: {exc}",
+                                       traceback.format_exc())
+                    log(f"{cell.name}: FAILED: {failure['error']}")
+                on_finished(failure)
+    except KeyboardInterrupt:
+        log("benchmark stopped: stopping its worker processes (their cells resume from their checkpoints)")
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop_workers(pool) -> None:
+    """Terminate a ProcessPoolExecutor's workers now, not after their current cell."""
+    processes = list(getattr(pool, "_processes", {}).values())  # terminate_workers() exists from Python 3.14 only
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a scheduler's stop) raises KeyboardInterrupt in the main thread, as Ctrl-C does."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _spec_record(spec: BenchmarkSpec, cells: list[Cell]) -> dict:
