@@ -29,6 +29,8 @@ def test_supervised_3d_reaches_high_test_dice(toy_dataset, tmp_path):
         assert (tmp_path / "run" / name).exists(), name
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert len(split["labeled"]) == 3
+    timing = json.loads((tmp_path / "run" / "timing.json").read_text())  # a plain train records its time too
+    assert timing["iterations"] == 8 * 8 and timing["train_seconds"] > 0
 
 
 def test_supervised_2d_slicewise_reaches_high_test_dice(toy_dataset, tmp_path):

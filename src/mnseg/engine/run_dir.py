@@ -6,7 +6,7 @@ RUN_DIR/
   split.json         which cases were labelled / unlabelled / validation / test, and the seed
   env.json           versions, command line, device
   history.csv        one row per epoch
-  timing.json        wall-clock, iterations, peak GPU memory (runs of the benchmark and the demo)
+  timing.json        wall-clock, iterations, peak GPU memory (every run of train, pretrain, benchmark, demo)
   tb/                TensorBoard scalars and prediction pictures
   checkpoints/       last.pt, best.pt, epoch<N>.pt (full training state) and a .safetensors beside each
                      (every role's weights), all written atomically
