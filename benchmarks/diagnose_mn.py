@@ -9,7 +9,9 @@ with one thing changed, next to the supervised baseline with the same labels and
     python benchmarks/diagnose_mn.py --out /tmp/diag_short --budget short     # the first diagnosis: 500 updates
 
 Variants that change only co-training start from their base run's model at the end of the supervised stage, so
-stage 1 is trained once per base. Runs go to OUT/runs/<variant>/n<N>_seed<S> (finished runs are kept, so a rerun
+stage 1 is trained once per base; a base that is not asked for itself trains no further than that (OUT/runs/
+<base>_stage1/), so `--variants mn_wu0 --num-labeled 4 --seeds 0,1` costs two stage 1s and two co-trainings.
+Runs go to OUT/runs/<variant>/n<N>_seed<S> (finished runs are kept, so a rerun
 continues); OUT/diagnosis.csv and
 OUT/diagnosis.md hold, per run: validation Dice (2 held-out labelled subjects: what a recipe is chosen on), test
 Dice per class (10 test subjects: reported, never chosen on), and for M&N the lesion's share in the pseudo-masks
@@ -99,12 +101,33 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
 }
 
 
-def _train(cmd: list[str], log_file: Path) -> int:
+def _train(cmd: list[str], log_file: Path, test: bool = True) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as fh:
-        return subprocess.run([sys.executable, "-m", "mnseg", "train", *cmd, "--test", "--no-progress"], env=env,
-                              stdout=fh, stderr=subprocess.STDOUT).returncode
+        return subprocess.run([sys.executable, "-m", "mnseg", "train", *cmd, *(["--test"] if test else []),
+                               "--no-progress"], env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+
+
+# A base that only branches need (not asked for as a variant itself) trains stage 1 and one co-training epoch
+# (train.epochs must exceed sup_epochs), in OUT/runs/<base>_stage1/, unscored: its epoch-sup_epochs checkpoint is
+# the one a full base run would keep (tests/benchmarks/test_diagnose_mn.py), at a fraction of the cost.
+STAGE1 = "_stage1"
+
+
+def base_dir(out: Path, base: str, n: int, seed: int, sup_epochs: int) -> Path:
+    """The base run to branch from: the full base run where its stage-1 snapshot exists, else the stage-1 one."""
+    full = out / "runs" / base / f"n{n}_seed{seed}"
+    if (full / "checkpoints" / f"epoch{sup_epochs}.pt").exists():
+        return full
+    return out / "runs" / f"{base}{STAGE1}" / f"n{n}_seed{seed}"
+
+
+def full_epochs(preset: str, overrides: list[str]) -> int:
+    """train.epochs of a run of ``preset`` with ``overrides``: what a branch of a stage-1-only base trains to."""
+    from mnseg.config.schema import load_config, resolve_preset
+
+    return load_config(resolve_preset(preset), overrides).train.epochs
 
 
 def _branch(run_dir: Path, base_dir: Path, overrides: list[str], sup_epochs: int) -> None:
@@ -141,28 +164,38 @@ def labelled_count(dataset: Path, variant: str, n: int) -> int:
 
 
 def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Path, log, budget: dict,
-            extra=()) -> Path:
-    """Train (or resume, or branch) one cell under ``budget`` (an entry of BUDGETS); return its run directory."""
+            extra=(), stage1_only: bool = False) -> Path:
+    """Train (or resume, or branch) one cell under ``budget`` (an entry of BUDGETS); return its run directory.
+    ``stage1_only``: a base for branches only, trained to its stage-1 snapshot (STAGE1)."""
     preset, overrides, base = VARIANTS[variant]
-    fields = {"sup_epochs": budget["sup_epochs"], "pre2d_epochs": budget["mn_epochs"] + 30}
+    sup = budget["sup_epochs"]
+    fields = {"sup_epochs": sup, "pre2d_epochs": budget["mn_epochs"] + 30}
     overrides = [o.format(**fields) for o in overrides]
     if not base:  # a branch keeps its base's settings
         overrides = [*budget["mn" if preset.startswith("cpu_grid_mn") else "other"], *overrides, *extra]
     labelled = labelled_count(dataset, variant, n)
-    run_dir = out / "runs" / variant / f"n{labelled}_seed{seed}"  # the ceiling's folder names its own count
-    if (run_dir / "test_predictions" / "summary.json").exists():
+    run_dir = out / "runs" / f"{variant}{STAGE1 if stage1_only else ''}" / f"n{labelled}_seed{seed}"
+    done = run_dir / "checkpoints" / f"epoch{sup}.pt" if stage1_only else run_dir / "test_predictions" / "summary.json"
+    if done.exists():
         return run_dir
+    if stage1_only:
+        overrides = [*overrides, f"train.epochs={sup + 1}"]
     os.environ["MNSEG_CACHE_DIR"] = str(cache)
     t0 = time.time()
     log_file = run_dir.parent / f"{run_dir.name}.log"
     if base and not (run_dir / "checkpoints" / "last.pt").exists():
-        _branch(run_dir, out / "runs" / base / f"n{n}_seed{seed}", overrides, budget["sup_epochs"])
+        base_run = base_dir(out, base, n, seed, sup)
+        if base_run.parent.name.endswith(STAGE1):  # back to the full run's length, as the full base would have
+            base_preset, base_overrides, _ = VARIANTS[base]
+            base_overrides = [*budget["mn"], *(o.format(**fields) for o in base_overrides), *extra]
+            overrides = [f"train.epochs={full_epochs(base_preset, base_overrides)}", *overrides]
+        _branch(run_dir, base_run, overrides, sup)
     if (run_dir / "checkpoints" / "last.pt").exists():
-        rc = _train(["--resume", str(run_dir)], log_file)
+        rc = _train(["--resume", str(run_dir)], log_file, test=not stage1_only)
     else:
         rc = _train([str(dataset), "--config", preset, "--num-labeled", str(labelled),
                      "--num-val", "2", "--seed", str(seed),
-                     "--run-dir", str(run_dir), "--overwrite", *overrides], log_file)
+                     "--run-dir", str(run_dir), "--overwrite", *overrides], log_file, test=not stage1_only)
     log(f"{variant} n={n} seed={seed}: rc={rc} ({(time.time() - t0) / 60:.1f} min)")
     if rc != 0:
         raise RuntimeError(f"{variant} n={n} seed={seed} failed, see {log_file}")
@@ -236,15 +269,18 @@ def main(argv=None) -> int:
                         "22", "--n-unlabeled", "0", "--n-test", "10", "--spacing", args.spacing], check=True)
     cells = [(v, args.num_labeled, s) for s in seeds for v in variants]
     needed = {(VARIANTS[v][2], n, s) for v, n, s in cells if VARIANTS[v][2]}
-    snapshot = lambda b, n, s: out / "runs" / b / f"n{n}_seed{s}" / "checkpoints" / f"epoch{budget['sup_epochs']}.pt"  # noqa: E731
-    missing = sorted(c for c in needed - set(cells) if not snapshot(*c).exists())
-    first = [c for c in cells if not VARIANTS[c[0]][2]] + missing  # bases before branches
-    then = [c for c in cells if VARIANTS[c[0]][2]]
+    sup = budget["sup_epochs"]
+    missing = sorted(c for c in needed - set(cells)
+                     if not (base_dir(out, *c, sup) / "checkpoints" / f"epoch{sup}.pt").exists())
+    # bases before branches; a base no cell asks for trains its stage 1 only
+    first = [(*c, False) for c in cells if not VARIANTS[c[0]][2]] + [(*c, True) for c in missing]
+    then = [(*c, False) for c in cells if VARIANTS[c[0]][2]]
     dirs = {}
     for stage in (first, then):
         with ThreadPoolExecutor(args.jobs) as pool:
-            train = lambda c: run_one(dataset, out, *c, out / "cache", print, budget, args.set)  # noqa: E731
-            dirs.update(zip(stage, pool.map(train, stage)))
+            train = lambda c: run_one(dataset, out, *c[:3], out / "cache", print, budget, args.set,  # noqa: E731
+                                      stage1_only=c[3])
+            dirs.update(zip((c[:3] for c in stage), pool.map(train, stage)))
     results = [{"variant": v, "n": labelled_count(dataset, v, n), "seed": s, **read_run(dirs[(v, n, s)])}
                for v, n, s in cells]
     write_tables(out, results)
