@@ -70,10 +70,8 @@ def run(args) -> int:
     run_dir = args.resume or args.run_dir or default_run_dir(cfg)
     preflight(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     with removed_if_failed_early(run_dir):
-        from mnseg.engine.hooks import TimingHook
         from mnseg.workflows.pipeline import train_run
 
-        train_run(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress,
-                  hooks=[TimingHook()])
+        train_run(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     print(f"done: {run_dir}; start a model from it with models.<role>.init={run_dir}/checkpoints/last.pt")
     return 0

@@ -131,12 +131,11 @@ def preflight(cfg, run_dir: str, resume: bool, overwrite: bool) -> None:
 def train_and_test(args, cfg, run_dir: str) -> int:
     import torch
 
-    from mnseg.engine.hooks import TimingHook
     from mnseg.workflows.pipeline import run_pipeline
 
-    try:  # every run records its wall-clock (timing.json), not only the benchmark's and the demo's
+    try:
         result = run_pipeline(cfg, run_dir, test=args.test, resume=bool(args.resume), overwrite=args.overwrite,
-                              strict=False, progress=not args.no_progress, hooks=[TimingHook()])
+                              strict=False, progress=not args.no_progress)
     except torch.OutOfMemoryError:
         raise out_of_memory_error(cfg, run_dir) from None
     except OSError as exc:

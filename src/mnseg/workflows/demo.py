@@ -120,7 +120,6 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int | None = No
     import torch
 
     from mnseg.data.synth import synthesize_dataset
-    from mnseg.engine.hooks import TimingHook
     from mnseg.engine.run_dir import RunDir
     from mnseg.reporting.report import MethodResult, dataset_test_cases, write_report
     from mnseg.utils.atomic import atomic_write_json
@@ -151,7 +150,7 @@ def run_demo(out: str | Path, device: str = "auto", num_labeled: int | None = No
         run = RunDir(runs / method)
         log(f"[{step}/4] train {METHOD_LABELS[method]} -> {run.path}")
         # a finished run is kept, an interrupted one resumes; timing.json per epoch
-        result = run_pipeline(cfg, run.path, checkpoint=spec.checkpoint, hooks=[TimingHook()], progress=progress,
+        result = run_pipeline(cfg, run.path, checkpoint=spec.checkpoint, progress=progress,
                               log=log)
         record.setdefault("predict_seconds", {})[method] = result.test_seconds
         atomic_write_json(timing, record)

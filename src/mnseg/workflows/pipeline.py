@@ -42,6 +42,10 @@ def train_run(cfg, run_dir: str | Path, resume: bool | None = None, overwrite: b
         if resume and run.trained(cfg.train.epochs):
             return None
     overwrite = not resume if overwrite is None else overwrite
+    from mnseg.engine.hooks import TimingHook
+
+    if not any(isinstance(h, TimingHook) for h in hooks):  # every run records its time (the benchmark: shared)
+        hooks = [TimingHook(), *hooks]
     trainer = Trainer(cfg, run_dir, resume=resume, overwrite=overwrite, progress=progress, log=log,
                       hooks=[OverlayHook(), *hooks])
     trainer.fit()
