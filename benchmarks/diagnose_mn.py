@@ -115,10 +115,15 @@ def _train(cmd: list[str], log_file: Path, test: bool = True) -> int:
 STAGE1 = "_stage1"
 
 
+def snapshot(run_dir: Path, sup_epochs: int) -> Path:
+    """A run's end-of-stage-1 checkpoint (train.keep_epochs), what branches start from."""
+    return run_dir / "checkpoints" / f"epoch{sup_epochs}.pt"
+
+
 def base_dir(out: Path, base: str, n: int, seed: int, sup_epochs: int) -> Path:
     """The base run to branch from: the full base run where its stage-1 snapshot exists, else the stage-1 one."""
     full = out / "runs" / base / f"n{n}_seed{seed}"
-    if (full / "checkpoints" / f"epoch{sup_epochs}.pt").exists():
+    if snapshot(full, sup_epochs).exists():
         return full
     return out / "runs" / f"{base}{STAGE1}" / f"n{n}_seed{seed}"
 
@@ -139,9 +144,9 @@ def _branch(run_dir: Path, base_dir: Path, overrides: list[str], sup_epochs: int
 
     from mnseg.config.schema import Config, apply_overrides, read_yaml
 
-    snapshot = base_dir / "checkpoints" / f"epoch{sup_epochs}.pt"
-    if not snapshot.exists():
-        raise RuntimeError(f"{snapshot} missing: the base run must finish first")
+    kept = snapshot(base_dir, sup_epochs)
+    if not kept.exists():
+        raise RuntimeError(f"{kept} missing: the base run must finish first")
     tmp = run_dir.with_name(run_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "checkpoints").mkdir(parents=True)
@@ -151,7 +156,7 @@ def _branch(run_dir: Path, base_dir: Path, overrides: list[str], sup_epochs: int
         (tmp / "history.csv").write_text("".join(fh.readlines()[: sup_epochs + 1]))
     cfg = Config.from_dict(apply_overrides(read_yaml(base_dir / "config.yaml"), overrides + ["train.keep_epochs=[]"]))
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    shutil.copy(snapshot, tmp / "checkpoints" / "last.pt")
+    shutil.copy(kept, tmp / "checkpoints" / "last.pt")
     tmp.rename(run_dir)
 
 
@@ -163,19 +168,27 @@ def labelled_count(dataset: Path, variant: str, n: int) -> int:
     return len(list((dataset / "labelsTr").glob("*.nii*"))) - 2 if variant in ALL_LABELLED else n
 
 
+def own_overrides(variant: str, budget: dict, extra=(), branch: bool = False) -> list[str]:
+    """The variant's overrides under ``budget``; a run that does not branch also gets the budget's and ``extra``
+    (a branch keeps its base's settings)."""
+    preset, overrides, _ = VARIANTS[variant]
+    fields = {"sup_epochs": budget["sup_epochs"], "pre2d_epochs": budget["mn_epochs"] + 30}
+    overrides = [o.format(**fields) for o in overrides]
+    if branch:
+        return overrides
+    return [*budget["mn" if preset.startswith("cpu_grid_mn") else "other"], *overrides, *extra]
+
+
 def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Path, log, budget: dict,
             extra=(), stage1_only: bool = False) -> Path:
     """Train (or resume, or branch) one cell under ``budget`` (an entry of BUDGETS); return its run directory.
     ``stage1_only``: a base for branches only, trained to its stage-1 snapshot (STAGE1)."""
     preset, overrides, base = VARIANTS[variant]
     sup = budget["sup_epochs"]
-    fields = {"sup_epochs": sup, "pre2d_epochs": budget["mn_epochs"] + 30}
-    overrides = [o.format(**fields) for o in overrides]
-    if not base:  # a branch keeps its base's settings
-        overrides = [*budget["mn" if preset.startswith("cpu_grid_mn") else "other"], *overrides, *extra]
+    overrides = own_overrides(variant, budget, extra, branch=bool(base))
     labelled = labelled_count(dataset, variant, n)
     run_dir = out / "runs" / f"{variant}{STAGE1 if stage1_only else ''}" / f"n{labelled}_seed{seed}"
-    done = run_dir / "checkpoints" / f"epoch{sup}.pt" if stage1_only else run_dir / "test_predictions" / "summary.json"
+    done = snapshot(run_dir, sup) if stage1_only else run_dir / "test_predictions" / "summary.json"
     if done.exists():
         return run_dir
     if stage1_only:
@@ -186,9 +199,8 @@ def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Pa
     if base and not (run_dir / "checkpoints" / "last.pt").exists():
         base_run = base_dir(out, base, n, seed, sup)
         if base_run.parent.name.endswith(STAGE1):  # back to the full run's length, as the full base would have
-            base_preset, base_overrides, _ = VARIANTS[base]
-            base_overrides = [*budget["mn"], *(o.format(**fields) for o in base_overrides), *extra]
-            overrides = [f"train.epochs={full_epochs(base_preset, base_overrides)}", *overrides]
+            full = full_epochs(VARIANTS[base][0], own_overrides(base, budget, extra, branch=False))
+            overrides = [f"train.epochs={full}", *overrides]
         _branch(run_dir, base_run, overrides, sup)
     if (run_dir / "checkpoints" / "last.pt").exists():
         rc = _train(["--resume", str(run_dir)], log_file, test=not stage1_only)
@@ -271,7 +283,7 @@ def main(argv=None) -> int:
     needed = {(VARIANTS[v][2], n, s) for v, n, s in cells if VARIANTS[v][2]}
     sup = budget["sup_epochs"]
     missing = sorted(c for c in needed - set(cells)
-                     if not (base_dir(out, *c, sup) / "checkpoints" / f"epoch{sup}.pt").exists())
+                     if not snapshot(base_dir(out, *c, sup), sup).exists())
     # bases before branches; a base no cell asks for trains its stage 1 only
     first = [(*c, False) for c in cells if not VARIANTS[c[0]][2]] + [(*c, True) for c in missing]
     then = [(*c, False) for c in cells if VARIANTS[c[0]][2]]
