@@ -18,7 +18,7 @@ Dice per class (10 test subjects: reported, never chosen on), and for M&N the le
 against its share in the labels over the 3D model's co-training epochs. Test Dice is that of the checkpoint with the
 best validation Dice (as `mnseg train --test` and the benchmark predict), so a variant whose co-training only lowers
 validation Dice is scored at an epoch before it (the best-epoch column says which). Each job runs with one thread
-(OMP_NUM_THREADS=1), so --jobs 2 uses both cores of a 2-core machine.
+(OMP_NUM_THREADS=1, or --threads), so --jobs 2 uses both cores of a 2-core machine.
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # nothing), and the Dice form for probability targets (cause 1) where the 3D model's white matter falls
     "mn_wu0": ("cpu_grid_mn", ["method.params.w_u=0"], "mn"),
     "mn_sq": ("cpu_grid_mn", ["method.params.soft_dice=squared"], "mn"),
+    # the labelled loss at full weight and a full labelled batch (b_l = B), the unlabelled items on top: whether the
+    # late white-matter fall is the labelled loss losing weight while the learning rate is low
+    "mn_top": ("cpu_grid_mn", ["method.params.unlabeled_on_top=true"], "mn"),
     # the 2D partner on slices enlarged to 64 px (2x) without stochastic depth: stage 1 differs, so no base
     "scale2d": (PAPER, [KEEP, "models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.auto_side=64",
                         "models.net2d.kwargs.drop_connect_rate=0.0"], None),
@@ -101,8 +104,12 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
 }
 
 
+THREADS = {"n": 1}  # threads per training job (--threads): jobs x threads should not exceed the cores
+
+
 def _train(cmd: list[str], log_file: Path, test: bool = True) -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    threads = str(THREADS["n"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as fh:
         return subprocess.run([sys.executable, "-m", "mnseg", "train", *cmd, *(["--test"] if test else []),
@@ -261,12 +268,16 @@ def main(argv=None) -> int:
     parser.add_argument("--num-labeled", type=int, default=2)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads per job (default 1); --jobs 1 --threads 2 gives one run both cores, so each "
+                             "result comes in half the time and the next variant can be chosen on it")
     parser.add_argument("--budget", choices=list(BUDGETS), default="long")
     parser.add_argument("--spacing", default="3", help="of the synthesized dataset (default 3 mm)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run that does not branch (e.g. train.epochs=75)")
     args = parser.parse_args(argv)
     budget = BUDGETS[args.budget]
+    THREADS["n"] = max(args.threads, 1)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:

@@ -41,3 +41,14 @@ def test_branches_prefer_a_full_base_and_get_back_the_full_length(tmp_path):
     assert base_dir(tmp_path, "mn", 4, 1, 30) == full
     assert full_epochs("cpu_grid_mn", []) == 120  # the preset's own length
     assert full_epochs("cpu_grid_mn", ["train.epochs=40", "method.params.sup_epochs=10"]) == 40  # the short budget
+
+
+def test_threads_reach_the_training_jobs(tmp_path, monkeypatch):
+    import diagnose_mn
+
+    seen = []
+    monkeypatch.setattr(diagnose_mn.subprocess, "run",
+                        lambda cmd, env, **kw: seen.append(env["OMP_NUM_THREADS"]) or type("R", (), {"returncode": 0}))
+    monkeypatch.setitem(diagnose_mn.THREADS, "n", 2)
+    assert diagnose_mn._train(["x"], tmp_path / "log.txt") == 0
+    assert seen == ["2"]
