@@ -1,0 +1,73 @@
+"""How good are M&N's pseudo-masks? Score a run's 3D model, 2D model and their mean softmax on its unlabelled subjects.
+
+M&N's 3D model learns its unlabelled loss from the 2D partner's softmax, or (``pseudo: ensemble``) from the mean of
+both models'. If that target is worse on a class than the 3D model alone, fitting it can only cost the 3D model that
+class. This reads the answer without training: each predictor of a run's checkpoint (``best``, ``last`` or a kept
+``epoch<N>``, e.g. the end of stage 1) segments the run's unlabelled imagesTr subjects (split.json) and is scored
+per class against their labels. Only synthesized data (``mnseg synth``, benchmarks/diagnose_mn.py's) has labels for
+the unlabelled subjects; the method never reads them.
+
+    python benchmarks/pseudo_quality.py --run /tmp/d4/runs/mn_stage1/n4_seed0 --checkpoint epoch30 \\
+        --dataset /tmp/d4/data/Dataset921_MNIStrong3mm
+
+Whole-volume sliding-window predictions stand in for the crops co-training scores (the same models, eval mode).
+Prints a markdown table: mean Dice over the subjects per class and predictor, and the foreground mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mnseg.data.io import load_nifti
+from mnseg.evaluation.metrics import dice
+from mnseg.inference.predict import load_run, predict_case
+
+PREDICTORS = {"3d": "the 3D model", "2d": "the 2D partner", "average": "their mean softmax (pseudo: ensemble)"}
+
+
+def score(run_dir: Path, dataset: Path, checkpoint: str, predictors=tuple(PREDICTORS)) -> dict[str, dict[str, float]]:
+    """{predictor: {class name: mean Dice over the run's unlabelled imagesTr subjects}}."""
+    split = json.loads((run_dir / "split.json").read_text())
+    cases = split["unlabeled"]["imagesTr"]
+    labels = {int(v): k for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()}
+    classes = {i: name for i, name in sorted(labels.items()) if i > 0}
+    out = {}
+    for which in predictors:
+        run = load_run(run_dir, checkpoint, device="cpu", model=which)
+        per_class = {name: [] for name in classes.values()}
+        for case in cases:
+            images = sorted((dataset / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9].nii*"))
+            pred, _, _ = predict_case(run, case, images)
+            ref = np.asarray(load_nifti(next((dataset / "labelsTr").glob(f"{case}.nii*"))).data)
+            for i, name in classes.items():
+                per_class[name].append(dice(pred == i, ref == i))
+        out[which] = {name: float(np.mean(v)) for name, v in per_class.items()}
+    return out
+
+
+def table(scores: dict[str, dict[str, float]]) -> str:
+    names = list(next(iter(scores.values())))
+    lines = ["| predictor | " + " | ".join(names) + " | fg mean |", "|---|" + "---|" * (len(names) + 1)]
+    for which, per_class in scores.items():
+        values = [per_class[n] for n in names]
+        lines.append(f"| {which} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {np.mean(values):.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="an M&N run directory")
+    parser.add_argument("--dataset", type=Path, required=True, help="its dataset (with labels for every imagesTr)")
+    parser.add_argument("--checkpoint", default="best", help="best, last or a kept epoch<N> (default best)")
+    parser.add_argument("--predictors", default=",".join(PREDICTORS))
+    args = parser.parse_args(argv)
+    print(table(score(args.run, args.dataset, args.checkpoint, args.predictors.split(","))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
