@@ -11,7 +11,9 @@ the unlabelled subjects; the method never reads them.
         --dataset /tmp/d4/data/Dataset921_MNIStrong3mm
 
 Whole-volume sliding-window predictions stand in for the crops co-training scores (the same models, eval mode).
-Prints a markdown table: mean Dice over the subjects per class and predictor, and the foreground mean.
+Prints a markdown table per class and predictor: the mean Dice over the subjects and, in brackets, the predicted
+volume over the true one (summed over the subjects; above 1: the class is over-predicted, e.g. a lesion that spreads
+into the white matter around it), and the foreground-mean Dice.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from mnseg.inference.predict import load_run, predict_case
 PREDICTORS = {"3d": "the 3D model", "2d": "the 2D partner", "average": "their mean softmax (pseudo: ensemble)"}
 
 
-def score(run_dir: Path, dataset: Path, checkpoint: str, predictors=tuple(PREDICTORS)) -> dict[str, dict[str, float]]:
-    """{predictor: {class name: mean Dice over the run's unlabelled imagesTr subjects}}."""
+def score(run_dir: Path, dataset: Path, checkpoint: str, predictors=tuple(PREDICTORS)) -> dict[str, dict[str, dict]]:
+    """{predictor: {class name: {"dice": mean Dice, "volume_ratio": predicted / true voxels}}} over the run's
+    unlabelled imagesTr subjects."""
     split = json.loads((run_dir / "split.json").read_text())
     cases = split["unlabeled"]["imagesTr"]
     labels = {int(v): k for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()}
@@ -39,22 +42,28 @@ def score(run_dir: Path, dataset: Path, checkpoint: str, predictors=tuple(PREDIC
     for which in predictors:
         run = load_run(run_dir, checkpoint, device="cpu", model=which)
         per_class = {name: [] for name in classes.values()}
+        volumes = {name: [0, 0] for name in classes.values()}
         for case in cases:
             images = sorted((dataset / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9].nii*"))
             pred, _, _ = predict_case(run, case, images)
             ref = np.asarray(load_nifti(next((dataset / "labelsTr").glob(f"{case}.nii*"))).data)
             for i, name in classes.items():
                 per_class[name].append(dice(pred == i, ref == i))
-        out[which] = {name: float(np.mean(v)) for name, v in per_class.items()}
+                volumes[name][0] += int((pred == i).sum())
+                volumes[name][1] += int((ref == i).sum())
+        out[which] = {name: {"dice": float(np.mean(v)), "volume_ratio": volumes[name][0] / max(volumes[name][1], 1)}
+                      for name, v in per_class.items()}
     return out
 
 
-def table(scores: dict[str, dict[str, float]]) -> str:
+def table(scores: dict[str, dict[str, dict]]) -> str:
     names = list(next(iter(scores.values())))
-    lines = ["| predictor | " + " | ".join(names) + " | fg mean |", "|---|" + "---|" * (len(names) + 1)]
+    lines = ["| predictor | " + " | ".join(f"{n} Dice (volume ratio)" for n in names) + " | fg mean Dice |",
+             "|---|" + "---|" * (len(names) + 1)]
     for which, per_class in scores.items():
-        values = [per_class[n] for n in names]
-        lines.append(f"| {which} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {np.mean(values):.4f} |")
+        cells = [f"{per_class[n]['dice']:.4f} ({per_class[n]['volume_ratio']:.2f})" for n in names]
+        mean = np.mean([per_class[n]["dice"] for n in names])
+        lines.append(f"| {which} | " + " | ".join(cells) + f" | {mean:.4f} |")
     return "\n".join(lines)
 
 

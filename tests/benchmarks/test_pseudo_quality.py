@@ -32,11 +32,13 @@ def test_scores_are_medpy_dice_on_the_unlabelled_subjects(toy_dataset, tmp_path)
     out = tmp_path / "pred"
     assert main(["predict", "-i", str(toy_dataset / "imagesTr"), "-o", str(out), "-m", str(run),
                  "--predict-with", "3d", "--checkpoint", "last", "--no-progress"]) == 0
-    expected = []
+    expected, volumes = [], np.zeros(2)
     for case in unlabelled:
         pred = np.asarray(nib.load(out / f"{case}.nii.gz").dataobj)
         ref = np.asarray(nib.load(next((toy_dataset / "labelsTr").glob(f"{case}.nii*"))).dataobj)
         expected.append(dc(pred == 1, ref == 1) if (pred == 1).any() or (ref == 1).any() else 1.0)
+        volumes += [(pred == 1).sum(), (ref == 1).sum()]
     last = score(run, toy_dataset, "last", ["3d"])
     name = next(iter(last["3d"]))
-    assert abs(last["3d"][name] - float(np.mean(expected))) < 1e-9
+    assert abs(last["3d"][name]["dice"] - float(np.mean(expected))) < 1e-9
+    assert abs(last["3d"][name]["volume_ratio"] - volumes[0] / volumes[1]) < 1e-9
