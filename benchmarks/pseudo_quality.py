@@ -26,14 +26,16 @@ import numpy as np
 
 from mnseg.data.io import load_nifti
 from mnseg.evaluation.metrics import dice
-from mnseg.inference.predict import load_run, predict_case
+from mnseg.inference.predict import configure_tta, load_run, predict_case
 
 PREDICTORS = {"3d": "the 3D model", "2d": "the 2D partner", "average": "their mean softmax (pseudo: ensemble)"}
 
 
-def score(run_dir: Path, dataset: Path, checkpoint: str, predictors=tuple(PREDICTORS)) -> dict[str, dict[str, dict]]:
+def score(run_dir: Path, dataset: Path, checkpoint: str, predictors=tuple(PREDICTORS),
+          tta: bool = False) -> dict[str, dict[str, dict]]:
     """{predictor: {class name: {"dice": mean Dice, "volume_ratio": predicted / true voxels}}} over the run's
-    unlabelled imagesTr subjects."""
+    unlabelled imagesTr subjects; ``tta``: each predictor mirrored over its training flips (a candidate target that
+    may be better than the model itself), keyed ``<predictor>+tta``."""
     split = json.loads((run_dir / "split.json").read_text())
     cases = split["unlabeled"]["imagesTr"]
     labels = {int(v): k for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()}
@@ -41,6 +43,8 @@ def score(run_dir: Path, dataset: Path, checkpoint: str, predictors=tuple(PREDIC
     out = {}
     for which in predictors:
         run = load_run(run_dir, checkpoint, device="cpu", model=which)
+        if tta:
+            configure_tta(run)
         per_class = {name: [] for name in classes.values()}
         volumes = {name: [0, 0] for name in classes.values()}
         for case in cases:
@@ -51,8 +55,9 @@ def score(run_dir: Path, dataset: Path, checkpoint: str, predictors=tuple(PREDIC
                 per_class[name].append(dice(pred == i, ref == i))
                 volumes[name][0] += int((pred == i).sum())
                 volumes[name][1] += int((ref == i).sum())
-        out[which] = {name: {"dice": float(np.mean(v)), "volume_ratio": volumes[name][0] / max(volumes[name][1], 1)}
-                      for name, v in per_class.items()}
+        key = f"{which}+tta" if tta else which
+        out[key] = {name: {"dice": float(np.mean(v)), "volume_ratio": volumes[name][0] / max(volumes[name][1], 1)}
+                    for name, v in per_class.items()}
     return out
 
 
@@ -73,8 +78,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", type=Path, required=True, help="its dataset (with labels for every imagesTr)")
     parser.add_argument("--checkpoint", default="best", help="best, last or a kept epoch<N> (default best)")
     parser.add_argument("--predictors", default=",".join(PREDICTORS))
+    parser.add_argument("--tta", action="store_true", help="also score each predictor mirrored over its training flips")
     args = parser.parse_args(argv)
-    print(table(score(args.run, args.dataset, args.checkpoint, args.predictors.split(","))))
+    predictors = args.predictors.split(",")
+    scores = score(args.run, args.dataset, args.checkpoint, predictors)
+    if args.tta:
+        scores.update(score(args.run, args.dataset, args.checkpoint, predictors, tta=True))
+    print(table(scores))
     return 0
 
 

@@ -42,3 +42,4 @@ def test_scores_are_medpy_dice_on_the_unlabelled_subjects(toy_dataset, tmp_path)
     name = next(iter(last["3d"]))
     assert abs(last["3d"][name]["dice"] - float(np.mean(expected))) < 1e-9
     assert abs(last["3d"][name]["volume_ratio"] - volumes[0] / volumes[1]) < 1e-9
+    assert set(score(run, toy_dataset, "last", ["3d"], tta=True)) == {"3d+tta"}
