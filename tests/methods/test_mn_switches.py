@@ -66,7 +66,7 @@ def test_labelled_floor_caps_the_unlabelled_count(floor):
 
 
 def test_unknown_switch_values_are_refused():
-    for key in ("soft_dice", "pseudo", "pseudo_weight", "fg_refresh"):
+    for key in ("soft_dice", "pseudo", "pseudo_weight", "fg_refresh", "generator"):
         with pytest.raises(Exception, match=key):
             _method(**{key: "nonsense"})
 
@@ -303,3 +303,33 @@ def test_pre2d_epochs_train_the_2d_partner_alone_before_stage_one():
     assert method.batch_split(1, 0) == (B, 0)
     with pytest.raises(Exception, match="sup_epochs"):
         _method(pre2d_epochs=6, sup_epochs=4)
+
+
+def test_ema_generator_moves_each_copy_towards_its_model_and_makes_the_pseudo_masks():
+    batch = _batch(2, 3)
+    method, _ = _method(generator="ema", generator_decay=0.75, pseudo="ensemble")
+    method.on_epoch_start(SUP)  # co-training starts: the copies are made
+    assert set(method.generators) == {"net2d", "net3d"}
+    live, ema = method.models["net3d"], method.generators["net3d"]
+    before = [g.detach().clone() for g in ema.parameters()]
+    with torch.no_grad():
+        for p in live.parameters():
+            p.add_(0.5)  # the trained model "steps"
+    partner_before = [g.detach().clone() for g in method.generators["net2d"].parameters()]
+    method.after_optimizer_step(SUP, 0)  # epoch SUP trains net3d: only its copy moves
+    for g, b, p in zip(ema.parameters(), before, live.parameters()):
+        assert torch.allclose(g, 0.75 * b + 0.25 * p.detach(), atol=1e-6)
+    assert all(torch.equal(g, b) for g, b in zip(method.generators["net2d"].parameters(), partner_before))
+    got = _step_loss(method, batch)
+    with torch.no_grad():
+        p = (torch.softmax(method.generators["net2d"](batch.image_u), 1)
+             + torch.softmax(ema(batch.image_u), 1)) / 2  # both halves from the moving averages
+        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
+        from mnseg.losses import supervised_loss
+
+        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], p)
+    assert got == pytest.approx(float(expected), rel=1e-4)
+    with pytest.raises(Exception, match="generator_decay"):
+        _method(generator="ema", generator_decay=1.0)
+    with pytest.raises(Exception, match="fixed_pseudo"):
+        _method(generator="ema", fixed_pseudo=True)

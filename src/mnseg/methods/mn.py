@@ -32,6 +32,9 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
   is never pulled towards a class that it and its partner dispute (where they agree, P is the pseudo-mask as set);
 - ``fg_refresh: agree``: unlabelled crops centred on voxels where both models name the same class;
 - ``pre2d_epochs: k``: the 2D model alone trains on labels for k epochs before stage 1 (no 3D updates);
+- ``generator: ema``: P from each model's exponential moving average (decay ``generator_decay``, from the start of
+  co-training, updated after each of that model's steps), so pseudo-masks are averaged over many updates rather
+  than taken from one noisy iterate; with ``pseudo: ensemble`` the self half is then the model's mean teacher;
 - ``oracle_pseudo``: a diagnostic, the unlabelled imagesTr cases' true labels as P (the ceiling of any P).
 """
 
@@ -57,6 +60,7 @@ CHOICES = {
     "pseudo_weight": ("none", "confidence", "agree"),
     "fg_refresh": ("net3d", "agree"),
     "cotrain_first": ("net3d", "net2d"),
+    "generator": ("live", "ema"),
 }
 
 
@@ -106,6 +110,8 @@ class MNParams(Params):
     partner_weight: float = 0.5  # pseudo: ensemble: P = w P_partner + (1 - w) P_self
     fg_refresh: str = "net3d"  # unlabelled crop centres from: net3d | agree (both models name the same class)
     pre2d_epochs: int = 0  # epochs before stage 1 in which the 2D model alone trains on labels
+    generator: str = "live"  # P from: live (the models as they train) | ema (their exponential moving averages)
+    generator_decay: float = 0.99  # generator: ema: G <- decay G + (1 - decay) model after each of its steps
     oracle_pseudo: bool = False  # diagnostic: the unlabelled imagesTr cases' true labels as P
     cotrain_first: str = "net3d"  # the role the 1st, 3rd, ... co-training epoch trains (net2d: the authors' code)
 
@@ -142,6 +148,12 @@ class MN(Method):
                 raise ConfigError(f"method.params.{key}='{value}' unknown; choose one of {', '.join(CHOICES[key])}")
         if not 0.0 <= float(self.p.partner_weight) <= 1.0:
             raise ConfigError(f"method.params.partner_weight={self.p.partner_weight} must lie between 0 and 1")
+        if self.choice["generator"] == "ema":
+            if self.fixed_pseudo:
+                raise ConfigError("method.params.generator=ema and fixed_pseudo=true exclude each other: "
+                                  "fixed pseudo-masks come from frozen models, not moving averages")
+            if not 0.0 <= float(self.p.generator_decay) < 1.0:
+                raise ConfigError(f"method.params.generator_decay={self.p.generator_decay} must lie in [0, 1)")
         self.min_labeled = int(self.p.min_labeled)
         if not 0 <= self.min_labeled <= self.ctx.batch_size:
             raise ConfigError(f"method.params.min_labeled={self.min_labeled} must lie between 0 and "
@@ -225,8 +237,10 @@ class MN(Method):
         return self.generators.get(other, self.models[other])
 
     def on_epoch_start(self, epoch: int) -> None:
-        if epoch == self.cotrain_start and self.fixed_pseudo and not self.generators:
-            # Ablation "no iteration": pseudo-masks come from the models as they were after stage 1.
+        frozen_or_ema = self.fixed_pseudo or self.choice["generator"] == "ema"
+        if epoch == self.cotrain_start and frozen_or_ema and not self.generators:
+            # fixed_pseudo (ablation "no iteration"): pseudo-masks from the models as they were after stage 1;
+            # generator: ema: the same copies, then moved towards each model after its steps.
             self.generators = {
                 r: copy.deepcopy(unwrap(m)).eval().requires_grad_(False) for r, m in self.models.items()
             }
@@ -239,6 +253,22 @@ class MN(Method):
             and self.batcher.unlabeled
         ):
             self._refresh_unlabeled_foreground()
+
+    @torch.no_grad()
+    def after_optimizer_step(self, epoch: int, iteration: int) -> None:
+        """generator: ema: G_r <- d G_r + (1 - d) f_r for the model r that just stepped (float buffers alike)."""
+        role = self.trained_role(epoch)
+        if self.choice["generator"] != "ema" or role is None or role not in self.generators:
+            return
+        keep = float(self.p.generator_decay)
+        ema, live = self.generators[role], unwrap(self.models[role])
+        for g, p in zip(ema.parameters(), live.parameters()):
+            g.lerp_(p.detach(), 1.0 - keep)
+        for g, b in zip(ema.buffers(), live.buffers()):
+            if g.is_floating_point():
+                g.lerp_(b, 1.0 - keep)
+            else:
+                g.copy_(b)
 
     @torch.no_grad()
     def _refresh_unlabeled_foreground(self) -> None:
