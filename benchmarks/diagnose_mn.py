@@ -98,6 +98,9 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # a target better than the model it teaches: at 4 labelled the ensemble pseudo-mask is 0.020 white-matter Dice
     # below the 3D model (pseudo_quality.py); both halves from moving averages (the self half a mean teacher)
     "mn_ema": ("cpu_grid_mn", ["method.params.generator=ema"], "mn"),
+    # the partner out of the 3D model's target: P is its own moving average only (partner_weight 0), the same loss
+    # and batches. If white matter still falls, fitting any pseudo-mask costs it; if not, the partner does
+    "mn_self_ema": ("cpu_grid_mn", ["method.params.generator=ema", "method.params.partner_weight=0"], "mn"),
     # the 2D partner on slices enlarged to 64 px (2x) without stochastic depth: stage 1 differs, so no base
     "scale2d": (PAPER, [KEEP, "models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.auto_side=64",
                         "models.net2d.kwargs.drop_connect_rate=0.0"], None),
