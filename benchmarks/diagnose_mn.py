@@ -101,6 +101,9 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # the partner out of the 3D model's target: P is its own moving average only (partner_weight 0), the same loss
     # and batches. If white matter still falls, fitting any pseudo-mask costs it; if not, the partner does
     "mn_self_ema": ("cpu_grid_mn", ["method.params.generator=ema", "method.params.partner_weight=0"], "mn"),
+    # what mn_self_ema against mn suggests: the lesion's target from the ensemble (the partner brings it), the other
+    # classes' from the 3D model itself (the partner costs them white matter)
+    "mn_lesion_partner": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]"], "mn"),
     # the 2D partner on slices enlarged to 64 px (2x) without stochastic depth: stage 1 differs, so no base
     "scale2d": (PAPER, [KEEP, "models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.auto_side=64",
                         "models.net2d.kwargs.drop_connect_rate=0.0"], None),

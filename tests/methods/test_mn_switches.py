@@ -333,3 +333,27 @@ def test_ema_generator_moves_each_copy_towards_its_model_and_makes_the_pseudo_ma
         _method(generator="ema", generator_decay=1.0)
     with pytest.raises(Exception, match="fixed_pseudo"):
         _method(generator="ema", fixed_pseudo=True)
+
+
+def test_partner_weight_by_class_takes_each_class_from_its_own_mix_renormalised():
+    batch = _batch(2, 3)
+    method, _ = _method(pseudo="ensemble", partner_weight_by_class=[0.0, 1.0])  # class 1 from the partner only
+    got = _step_loss(method, batch)
+    with torch.no_grad():
+        partner = torch.softmax(method.models["net2d"].eval()(batch.image_u), 1)
+        own = torch.softmax(method.models["net3d"].eval()(batch.image_u), 1)
+        mixed = torch.stack([own[:, 0], partner[:, 1]], dim=1)
+        p = mixed / mixed.sum(1, keepdim=True)
+        method.models["net3d"].train()
+        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
+        from mnseg.losses import supervised_loss
+
+        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], p)
+    assert got == pytest.approx(float(expected), rel=1e-4)
+    plain, _ = _method(pseudo="ensemble")
+    assert got != pytest.approx(_step_loss(plain, batch), rel=1e-4)  # not the plain mean
+    for bad in ([0.5], [0.0, 1.5]):
+        with pytest.raises(Exception, match="partner_weight_by_class"):
+            _method(pseudo="ensemble", partner_weight_by_class=bad)
+    with pytest.raises(Exception, match="pseudo=ensemble"):
+        _method(partner_weight_by_class=[0.0, 1.0])

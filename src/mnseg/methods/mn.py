@@ -27,6 +27,9 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
 - ``unlabeled_on_top``: b_l = B always, the LR-guided b_u unlabelled items on top (as mean teacher's B + B);
 - ``w_u``: a factor on L_u (0: the starvation ablation);
 - ``pseudo: ensemble``: P is the mean of both models' softmax (``partner_weight``: the partner's share in it, 0.5);
+- ``partner_weight_by_class: [w_0, ..., w_C-1]`` (with ``pseudo: ensemble``): the partner's share per class,
+  P_c = w_c P_partner,c + (1 - w_c) P_self,c renormalised over c, so a class can be taken from the partner (a rare
+  class it brings) while the others stay the trained model's own;
 - ``pseudo_weight: confidence``: each voxel's L_u weighted by max_c P;
 - ``pseudo_weight: agree``: L_u only on voxels where both models' argmax name the same class, so the trained model
   is never pulled towards a class that it and its partner dispute (where they agree, P is the pseudo-mask as set);
@@ -108,6 +111,7 @@ class MNParams(Params):
     pseudo: str = "partner"  # P: the partner's softmax | ensemble (the mean of both models')
     pseudo_weight: str = "none"  # each voxel's L_u weighted by: none | confidence (max_c P) | agree (same argmax)
     partner_weight: float = 0.5  # pseudo: ensemble: P = w P_partner + (1 - w) P_self
+    partner_weight_by_class: list[float] | None = None  # pseudo: ensemble: one w per class (renormalised)
     fg_refresh: str = "net3d"  # unlabelled crop centres from: net3d | agree (both models name the same class)
     pre2d_epochs: int = 0  # epochs before stage 1 in which the 2D model alone trains on labels
     generator: str = "live"  # P from: live (the models as they train) | ema (their exponential moving averages)
@@ -154,6 +158,13 @@ class MN(Method):
                                   "fixed pseudo-masks come from frozen models, not moving averages")
             if not 0.0 <= float(self.p.generator_decay) < 1.0:
                 raise ConfigError(f"method.params.generator_decay={self.p.generator_decay} must lie in [0, 1)")
+        by_class = self.p.partner_weight_by_class
+        if by_class is not None:
+            if self.choice["pseudo"] != "ensemble":
+                raise ConfigError("method.params.partner_weight_by_class needs pseudo=ensemble (it mixes both models)")
+            if len(by_class) != self.ctx.num_classes or not all(0.0 <= float(w) <= 1.0 for w in by_class):
+                raise ConfigError(f"method.params.partner_weight_by_class={list(by_class)} must hold one weight in "
+                                  f"[0, 1] per class ({self.ctx.num_classes} classes)")
         self.min_labeled = int(self.p.min_labeled)
         if not 0 <= self.min_labeled <= self.ctx.batch_size:
             raise ConfigError(f"method.params.min_labeled={self.min_labeled} must lie between 0 and "
@@ -383,6 +394,11 @@ class MN(Method):
             weight = (probs[0].argmax(1) == probs[1].argmax(1)).float()
         if self.choice["pseudo"] == "partner":
             return probs[0], weight
+        if self.p.partner_weight_by_class is not None:
+            w = torch.tensor([float(x) for x in self.p.partner_weight_by_class], device=probs[0].device)
+            w = w.view(1, -1, *([1] * (probs[0].dim() - 2)))
+            mixed = w * probs[0] + (1.0 - w) * probs[1]
+            return mixed / mixed.sum(dim=1, keepdim=True).clamp_min(1e-8), weight
         w = float(self.p.partner_weight)
         if w == 0.5:  # the plain mean (bit for bit as before the weight existed)
             return torch.stack(probs).mean(0), weight
