@@ -76,6 +76,19 @@ class Params:
     per parameter, with its default; None where the default is derived from the run (the method says how)."""
 
 
+@torch.no_grad()
+def ema_update_(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """average <- decay average + (1 - decay) model, weights and float buffers alike (integer buffers, e.g. batch
+    counters, copied): the moving average of mean teacher's teacher and of M&N's ``generator: ema``."""
+    for a, p in zip(average.parameters(), model.parameters()):
+        a.lerp_(p.detach(), 1.0 - decay)
+    for a, b in zip(average.buffers(), model.buffers()):
+        if a.is_floating_point():
+            a.lerp_(b, 1.0 - decay)
+        else:
+            a.copy_(b)
+
+
 def parse_params(params_class: type[Params], given: Mapping[str, Any], method: str) -> Params:
     """``method.params`` as the method's ``Params``; an unknown key is a ``ConfigError`` naming the closest one."""
     names = [f.name for f in dataclasses.fields(params_class)]

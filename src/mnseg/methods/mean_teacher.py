@@ -21,7 +21,7 @@ from torch import Tensor
 from mnseg.engine.contract import unwrap
 from mnseg.errors import ConfigError
 from mnseg.losses import softmax_mse_loss
-from mnseg.methods.base import Batch, StepOutput
+from mnseg.methods.base import Batch, StepOutput, ema_update_
 from mnseg.methods.semi import SemiParams, SemiSupervised
 
 
@@ -79,14 +79,7 @@ class MeanTeacher(SemiSupervised):
         """theta' <- alpha_t theta' + (1 - alpha_t) theta, alpha_t = min(1 - 1/(t+1), alpha) (UA-MT's code)."""
         step = self.global_step(epoch, iteration)
         alpha = min(1.0 - 1.0 / (step + 1), self.ema_decay)
-        student, teacher = unwrap(self.models["student"]), self.models["teacher"]
-        for ema, p in zip(teacher.parameters(), student.parameters()):
-            ema.lerp_(p.detach(), 1.0 - alpha)
-        for ema, b in zip(teacher.buffers(), student.buffers()):
-            if ema.is_floating_point():
-                ema.lerp_(b, 1.0 - alpha)
-            else:
-                ema.copy_(b)
+        ema_update_(self.models["teacher"], unwrap(self.models["student"]), alpha)
 
     def noisy(self, image: Tensor) -> Tensor:
         return image + clamped_noise(image, self.noise_std, self.noise_clip)

@@ -54,7 +54,7 @@ from torch import Tensor
 from mnseg.engine.contract import Segment, current_lr, unwrap
 from mnseg.errors import ConfigError
 from mnseg.losses import pseudo_label_loss, supervised_loss
-from mnseg.methods.base import Batch, Method, Params, StepOutput
+from mnseg.methods.base import Batch, Method, Params, StepOutput, ema_update_
 
 SAMPLING = ("lr", "epoch-linear", "uniform", "fixed")
 CHOICES = {
@@ -271,15 +271,7 @@ class MN(Method):
         role = self.trained_role(epoch)
         if self.choice["generator"] != "ema" or role is None or role not in self.generators:
             return
-        keep = float(self.p.generator_decay)
-        ema, live = self.generators[role], unwrap(self.models[role])
-        for g, p in zip(ema.parameters(), live.parameters()):
-            g.lerp_(p.detach(), 1.0 - keep)
-        for g, b in zip(ema.buffers(), live.buffers()):
-            if g.is_floating_point():
-                g.lerp_(b, 1.0 - keep)
-            else:
-                g.copy_(b)
+        ema_update_(self.generators[role], unwrap(self.models[role]), float(self.p.generator_decay))
 
     @torch.no_grad()
     def _refresh_unlabeled_foreground(self) -> None:
