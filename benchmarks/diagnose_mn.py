@@ -104,6 +104,11 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # what mn_self_ema against mn suggests: the lesion's target from the ensemble (the partner brings it), the other
     # classes' from the 3D model itself (the partner costs them white matter)
     "mn_lesion_partner": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]"], "mn"),
+    # the ensemble's class frequencies aligned to the labelled crops' (ReMixMatch distribution alignment): at 4
+    # labelled the lesion share of the target starts at a tenth of the labels' and ends at five times it
+    "mn_align": ("cpu_grid_mn", ["method.params.pseudo_align=labels"], "mn"),
+    "mn_lesion_partner_align": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
+                                                "method.params.pseudo_align=labels"], "mn"),
     # the 2D partner on slices enlarged to 64 px (2x) without stochastic depth: stage 1 differs, so no base
     "scale2d": (PAPER, [KEEP, "models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.auto_side=64",
                         "models.net2d.kwargs.drop_connect_rate=0.0"], None),

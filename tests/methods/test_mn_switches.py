@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mnseg.losses import pseudo_label_loss, soft_dice_loss
-from mnseg.methods.mn import agreed_labels
+from mnseg.methods.mn import agreed_labels, align_distribution
 from mnseg.models import create_model
 from tests.methods.test_mn import EPOCHS, ITERS, SUP, B, _batch, _method
 
@@ -357,3 +357,61 @@ def test_partner_weight_by_class_takes_each_class_from_its_own_mix_renormalised(
             _method(pseudo="ensemble", partner_weight_by_class=bad)
     with pytest.raises(Exception, match="pseudo=ensemble"):
         _method(partner_weight_by_class=[0.0, 1.0])
+
+
+def test_distribution_alignment_moves_the_class_frequencies_towards_the_target():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(2, 3, 5, 5, 5, generator=g) * 2, dim=1)
+    current = probs.mean(dim=(0, 2, 3, 4))
+    target = torch.tensor([0.5, 0.45, 0.05])
+    aligned, ratio = align_distribution(probs, target, current, max_ratio=100.0)
+    assert torch.allclose(aligned.sum(1), torch.ones(2, 5, 5, 5), atol=1e-6)
+    assert torch.allclose(ratio, target / current)
+    # the rare class's mean share falls towards 0.05, every voxel's order of classes by P * r is kept
+    new = aligned.mean(dim=(0, 2, 3, 4))
+    assert abs(float(new[2]) - 0.05) < abs(float(current[2]) - 0.05)
+    assert torch.equal(aligned.argmax(1), (probs * ratio.view(1, -1, 1, 1, 1)).argmax(1))
+    # by hand for one voxel
+    p = probs[0, :, 0, 0, 0] * ratio
+    assert torch.allclose(aligned[0, :, 0, 0, 0], p / p.sum())
+    # equal frequencies change nothing; a class never predicted is raised at most max_ratio times
+    same, _ = align_distribution(probs, current, current)
+    assert torch.allclose(same, probs, atol=1e-6)
+    _, clipped = align_distribution(probs, torch.tensor([0.5, 0.0, 0.5]), torch.tensor([0.5, 0.5, 1e-9]), 10.0)
+    assert torch.allclose(clipped, torch.tensor([1.0, 0.1, 10.0]))
+
+
+def test_pseudo_align_labels_trains_on_the_aligned_ensemble_and_keeps_running_frequencies():
+    batch = _batch(2, 3)
+    method, _ = _method(pseudo="ensemble", pseudo_align="labels", align_decay=0.5)
+    got = _step_loss(method, batch)
+    priors = method.class_priors["net3d"]
+    with torch.no_grad():
+        partner = torch.softmax(method.models["net2d"].eval()(batch.image_u), 1)
+        own = torch.softmax(method.models["net3d"].eval()(batch.image_u), 1)
+        p = (partner + own) / 2
+        label_freq = torch.stack([(batch.label_l == c).float().mean() for c in range(2)])
+        assert torch.allclose(priors["labels"], label_freq)  # the first batch initialises the running means
+        assert torch.allclose(priors["pseudo"], p.mean(dim=(0, 2, 3, 4)), atol=1e-6)
+        q = p * (label_freq / p.mean(dim=(0, 2, 3, 4))).view(1, -1, 1, 1, 1)
+        q = q / q.sum(1, keepdim=True)
+        method.models["net3d"].train()
+        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
+        from mnseg.losses import supervised_loss
+
+        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], q)
+    assert got == pytest.approx(float(expected), rel=1e-4)
+    plain, _ = _method(pseudo="ensemble")
+    assert got != pytest.approx(_step_loss(plain, batch), rel=1e-4)
+    # a second batch moves the running means by (1 - decay); the state survives a checkpoint round trip
+    before = priors["labels"].clone()
+    other = _batch(2, 3)
+    other.label_l.fill_(1)
+    _step_loss(method, other)
+    assert torch.allclose(method.class_priors["net3d"]["labels"], 0.5 * before + 0.5 * torch.tensor([0.0, 1.0]))
+    restored, _ = _method(pseudo="ensemble", pseudo_align="labels", align_decay=0.5)
+    restored.load_extra_state(method.extra_state())
+    assert torch.allclose(restored.class_priors["net3d"]["pseudo"], method.class_priors["net3d"]["pseudo"])
+    for bad in ({"align_decay": 1.0}, {"align_max_ratio": 0.5}):
+        with pytest.raises(Exception, match=next(iter(bad))):
+            _method(pseudo_align="labels", **bad)

@@ -38,6 +38,10 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
 - ``generator: ema``: P from each model's exponential moving average (decay ``generator_decay``, from the start of
   co-training, updated after each of that model's steps), so pseudo-masks are averaged over many updates rather
   than taken from one noisy iterate; with ``pseudo: ensemble`` the self half is then the model's mean teacher;
+- ``pseudo_align: labels``: distribution alignment (Berthelot et al., ReMixMatch, ICLR 2020): P is rescaled per class
+  by the labelled crops' class frequency over the pseudo-masks' own, both running means (decay ``align_decay``),
+      P'_c = P_c * r_c / sum_k P_k * r_k,   r_c = clip(pi_c / pbar_c, 1 / align_max_ratio, align_max_ratio),
+  so a rare class the generator under-predicts is raised and one it over-predicts is lowered;
 - ``oracle_pseudo``: a diagnostic, the unlabelled imagesTr cases' true labels as P (the ceiling of any P).
 """
 
@@ -64,6 +68,7 @@ CHOICES = {
     "fg_refresh": ("net3d", "agree"),
     "cotrain_first": ("net3d", "net2d"),
     "generator": ("live", "ema"),
+    "pseudo_align": ("none", "labels"),
 }
 
 
@@ -116,6 +121,9 @@ class MNParams(Params):
     pre2d_epochs: int = 0  # epochs before stage 1 in which the 2D model alone trains on labels
     generator: str = "live"  # P from: live (the models as they train) | ema (their exponential moving averages)
     generator_decay: float = 0.99  # generator: ema: G <- decay G + (1 - decay) model after each of its steps
+    pseudo_align: str = "none"  # none | labels: P's class frequencies moved to the labelled crops' (ReMixMatch DA)
+    align_decay: float = 0.99  # pseudo_align: running means <- decay * mean + (1 - decay) * this batch's
+    align_max_ratio: float = 10.0  # pseudo_align: each class's factor clipped to [1 / max, max]
     oracle_pseudo: bool = False  # diagnostic: the unlabelled imagesTr cases' true labels as P
     cotrain_first: str = "net3d"  # the role the 1st, 3rd, ... co-training epoch trains (net2d: the authors' code)
 
@@ -165,6 +173,13 @@ class MN(Method):
             if len(by_class) != self.ctx.num_classes or not all(0.0 <= float(w) <= 1.0 for w in by_class):
                 raise ConfigError(f"method.params.partner_weight_by_class={list(by_class)} must hold one weight in "
                                   f"[0, 1] per class ({self.ctx.num_classes} classes)")
+        if self.choice["pseudo_align"] != "none":
+            if not 0.0 <= float(self.p.align_decay) < 1.0:
+                raise ConfigError(f"method.params.align_decay={self.p.align_decay} must lie in [0, 1)")
+            if not float(self.p.align_max_ratio) >= 1.0:
+                raise ConfigError(f"method.params.align_max_ratio={self.p.align_max_ratio} must be at least 1")
+        # pseudo_align: per trained role, running class frequencies {"labels": pi, "pseudo": pbar} (device tensors)
+        self.class_priors: dict[str, dict[str, Tensor]] = {}
         self.min_labeled = int(self.p.min_labeled)
         if not 0 <= self.min_labeled <= self.ctx.batch_size:
             raise ConfigError(f"method.params.min_labeled={self.min_labeled} must lie between 0 and "
@@ -333,9 +348,12 @@ class MN(Method):
         else:
             image_u = batch.image_u
         pseudo = weight = None
+        logs = {}
         if b_u:
             if oracle is None:
                 pseudo, weight = self._pseudo_masks(role, image_u)
+                if self.choice["pseudo_align"] == "labels":
+                    pseudo = self._align(role, pseudo, label if b_l else None, batch.reduce_sums, logs)
             else:
                 pseudo = self._one_hot(oracle)
             if weight is None:
@@ -344,7 +362,6 @@ class MN(Method):
                 image_u, pseudo, weight = self._depth_subset(role, image_u, pseudo, weight)
         image_l, label = self._depth_subset(role, image_l, label)
         logits = model(torch.cat([image_l, image_u]) if b_u else image_l)
-        logs = {}
         loss = logits.new_zeros(())
         if b_l:
             loss_l = self._labelled_loss(logits[:b_l], label, batch.reduce_sums)
@@ -396,6 +413,26 @@ class MN(Method):
             return torch.stack(probs).mean(0), weight
         return w * probs[0] + (1.0 - w) * probs[1], weight
 
+    def _align(self, role: str, pseudo: Tensor, label: Tensor | None, reduce_sums, logs: dict) -> Tensor:
+        """pseudo_align: labels: update the running class frequencies of the labelled crops (pi) and of P (pbar)
+        with this batch (pooled over processes by ``reduce_sums``), then return P aligned to pi."""
+        total = reduce_sums or (lambda t: t)
+        dims = [0, *range(2, pseudo.dim())]
+        batch_priors = {"pseudo": total(pseudo.sum(dim=dims)) / total(pseudo.new_tensor(pseudo[:, 0].numel()))}
+        if label is not None:
+            counts = torch.stack([(label == c).sum() for c in range(pseudo.shape[1])]).float()  # ignore left out
+            counts = total(counts)
+            batch_priors["labels"] = counts / counts.sum().clamp_min(1.0)
+        priors = self.class_priors.setdefault(role, {})
+        decay = float(self.p.align_decay)
+        for key, value in batch_priors.items():
+            priors[key] = value if key not in priors else decay * priors[key] + (1.0 - decay) * value
+        if "labels" not in priors:  # no labelled crop seen yet: nothing to align to
+            return pseudo
+        aligned, ratio = align_distribution(pseudo, priors["labels"], priors["pseudo"], float(self.p.align_max_ratio))
+        logs.update({f"align_ratio_{c}": ratio[c] for c in range(1, pseudo.shape[1])})
+        return aligned
+
     def _class_shares(self, prefix: str, labels: Tensor, num_classes: int) -> dict[str, Tensor]:
         """Share of each foreground class among the (annotated) voxels, ``<prefix>_share_<class>``. Side by side,
         pseudo_share and label_share show whether the generating model still predicts a rare class (a lesion)
@@ -418,6 +455,7 @@ class MN(Method):
             "generators": {r: m.state_dict() for r, m in self.generators.items()},
             "rng": self._rng.bit_generator.state,
             "unlabeled_fg": fg,
+            "class_priors": {r: {k: v.cpu() for k, v in d.items()} for r, d in self.class_priors.items()},
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -426,12 +464,23 @@ class MN(Method):
             self.generators = {r: copy.deepcopy(unwrap(self.models[r])).eval().requires_grad_(False) for r in gens}
             for r, sd in gens.items():
                 self.generators[r].load_state_dict(sd)
+        priors = state.get("class_priors", {})
+        self.class_priors = {r: {k: v.to(self.ctx.device) for k, v in d.items()} for r, d in priors.items()}
         if "rng" in state:
             self._rng.bit_generator.state = state["rng"]
         if state.get("unlabeled_fg"):
             self._unlabeled_fg = state["unlabeled_fg"]
             if getattr(self, "batcher", None) is not None:
                 self.batcher.set_unlabeled_foreground(self._unlabeled_fg)
+
+
+def align_distribution(probs: Tensor, target_prior: Tensor, current_prior: Tensor,
+                       max_ratio: float = 10.0) -> tuple[Tensor, Tensor]:
+    """Distribution alignment (ReMixMatch): P'_c = P_c r_c / sum_k P_k r_k, r_c = target_c / current_c clipped to
+    [1 / max_ratio, max_ratio] (so a class the generator never predicts cannot blow up). Returns (P', r)."""
+    ratio = (target_prior / current_prior.clamp_min(1e-12)).clamp(1.0 / max_ratio, max_ratio)
+    scaled = probs * ratio.view(1, -1, *([1] * (probs.dim() - 2)))
+    return scaled / scaled.sum(dim=1, keepdim=True).clamp_min(1e-12), ratio
 
 
 def agreed_labels(labels: list[np.ndarray]) -> np.ndarray:
