@@ -104,6 +104,10 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # what mn_self_ema against mn suggests: the lesion's target from the ensemble (the partner brings it), the other
     # classes' from the 3D model itself (the partner costs them white matter)
     "mn_lesion_partner": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]"], "mn"),
+    # mn_self_ema keeps white/grey matter, the partner brings the lesion: the self half from the 3D model's moving
+    # average and the partner only in the lesion (both generators moving averages)
+    "mn_lesion_partner_ema": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
+                                              "method.params.generator=ema"], "mn"),
     # the ensemble's class frequencies aligned to the labelled crops' (ReMixMatch distribution alignment): at 4
     # labelled the lesion share of the target starts at a tenth of the labels' and ends at five times it
     "mn_align": ("cpu_grid_mn", ["method.params.pseudo_align=labels"], "mn"),
