@@ -39,7 +39,7 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
   co-training, updated after each of that model's steps), so pseudo-masks are averaged over many updates rather
   than taken from one noisy iterate; with ``pseudo: ensemble`` the self half is then the model's mean teacher;
 - ``pseudo_align: labels``: distribution alignment (Berthelot et al., ReMixMatch, ICLR 2020): P is rescaled per class
-  by the labelled crops' class frequency over the pseudo-masks' own, both running means (decay ``align_decay``),
+  by the labelled crops' class frequency over the pseudo-masks' own (argmax shares), running means (``align_decay``),
       P'_c = P_c * r_c / sum_k P_k * r_k,   r_c = clip(pi_c / pbar_c, 1 / align_max_ratio, align_max_ratio),
   so a rare class the generator under-predicts is raised and one it over-predicts is lowered;
 - ``oracle_pseudo``: a diagnostic, the unlabelled imagesTr cases' true labels as P (the ceiling of any P).
@@ -417,8 +417,11 @@ class MN(Method):
         """pseudo_align: labels: update the running class frequencies of the labelled crops (pi) and of P (pbar)
         with this batch (pooled over processes by ``reduce_sums``), then return P aligned to pi."""
         total = reduce_sums or (lambda t: t)
-        dims = [0, *range(2, pseudo.dim())]
-        batch_priors = {"pseudo": total(pseudo.sum(dim=dims)) / total(pseudo.new_tensor(pseudo[:, 0].numel()))}
+        # hard frequencies on both sides: the share of voxels whose argmax is c, as the labels' (a soft mean would be
+        # dominated by the small probabilities every voxel gives a rare class, so it would lower the class)
+        hard = torch.nn.functional.one_hot(pseudo.argmax(dim=1), pseudo.shape[1])
+        hard = hard.sum(dim=tuple(range(pseudo.dim() - 1)))
+        batch_priors = {"pseudo": total(hard.float()) / total(pseudo.new_tensor(pseudo[:, 0].numel()))}
         if label is not None:
             counts = torch.stack([(label == c).sum() for c in range(pseudo.shape[1])]).float()  # ignore left out
             counts = total(counts)
