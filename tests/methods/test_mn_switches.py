@@ -404,15 +404,23 @@ def test_pseudo_align_labels_trains_on_the_aligned_ensemble_and_keeps_running_fr
     assert got == pytest.approx(float(expected), rel=1e-4)
     plain, _ = _method(pseudo="ensemble")
     assert got != pytest.approx(_step_loss(plain, batch), rel=1e-4)
-    # a second batch moves the running means by (1 - decay); the state survives a checkpoint round trip
+    # the second batch makes the plain mean of two (bias correction), the third moves it by (1 - decay) = 0.5 ...
     before = priors["labels"].clone()
     other = _batch(2, 3)
     other.label_l.fill_(1)
     _step_loss(method, other)
     assert torch.allclose(method.class_priors["net3d"]["labels"], 0.5 * before + 0.5 * torch.tensor([0.0, 1.0]))
+    _step_loss(method, other)
+    assert torch.allclose(method.class_priors["net3d"]["labels"], 0.25 * before + 0.75 * torch.tensor([0.0, 1.0]))
+    slow, _ = _method(pseudo="ensemble", pseudo_align="labels", align_decay=0.99)
+    for b in (batch, other, other):
+        _step_loss(slow, b)
+    assert torch.allclose(slow.class_priors["net3d"]["labels"], (before + 2 * torch.tensor([0.0, 1.0])) / 3)
+    # ... and the state survives a checkpoint round trip
     restored, _ = _method(pseudo="ensemble", pseudo_align="labels", align_decay=0.5)
     restored.load_extra_state(method.extra_state())
     assert torch.allclose(restored.class_priors["net3d"]["pseudo"], method.class_priors["net3d"]["pseudo"])
+    assert restored.align_batches == method.align_batches == {"net3d/labels": 3, "net3d/pseudo": 3}
     for bad in ({"align_decay": 1.0}, {"align_max_ratio": 0.5}):
         with pytest.raises(Exception, match=next(iter(bad))):
             _method(pseudo_align="labels", **bad)

@@ -39,7 +39,8 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
   co-training, updated after each of that model's steps), so pseudo-masks are averaged over many updates rather
   than taken from one noisy iterate; with ``pseudo: ensemble`` the self half is then the model's mean teacher;
 - ``pseudo_align: labels``: distribution alignment (Berthelot et al., ReMixMatch, ICLR 2020): P is rescaled per class
-  by the labelled crops' class frequency over the pseudo-masks' own (argmax shares), running means (``align_decay``),
+  by the labelled crops' class frequency over the pseudo-masks' own (argmax shares), running means (``align_decay``,
+  the plain mean over the first 1 / (1 - decay) batches),
       P'_c = P_c * r_c / sum_k P_k * r_k,   r_c = clip(pi_c / pbar_c, 1 / align_max_ratio, align_max_ratio),
   so a rare class the generator under-predicts is raised and one it over-predicts is lowered;
 - ``oracle_pseudo``: a diagnostic, the unlabelled imagesTr cases' true labels as P (the ceiling of any P).
@@ -180,6 +181,7 @@ class MN(Method):
                 raise ConfigError(f"method.params.align_max_ratio={self.p.align_max_ratio} must be at least 1")
         # pseudo_align: per trained role, running class frequencies {"labels": pi, "pseudo": pbar} (device tensors)
         self.class_priors: dict[str, dict[str, Tensor]] = {}
+        self.align_batches: dict[str, int] = {}  # "<role>/<labels|pseudo>": batches in that running mean so far
         self.min_labeled = int(self.p.min_labeled)
         if not 0 <= self.min_labeled <= self.ctx.batch_size:
             raise ConfigError(f"method.params.min_labeled={self.min_labeled} must lie between 0 and "
@@ -427,9 +429,13 @@ class MN(Method):
             counts = total(counts)
             batch_priors["labels"] = counts / counts.sum().clamp_min(1.0)
         priors = self.class_priors.setdefault(role, {})
-        decay = float(self.p.align_decay)
         for key, value in batch_priors.items():
-            priors[key] = value if key not in priors else decay * priors[key] + (1.0 - decay) * value
+            # bias-corrected: the plain mean of the first batches until there are 1 / (1 - decay) of them, so the
+            # first batch's crops do not stand for the class frequencies for a hundred steps
+            n = self.align_batches.get(f"{role}/{key}", 0)
+            decay = min(float(self.p.align_decay), n / (n + 1))
+            priors[key] = value if n == 0 else decay * priors[key] + (1.0 - decay) * value
+            self.align_batches[f"{role}/{key}"] = n + 1
         if "labels" not in priors:  # no labelled crop seen yet: nothing to align to
             return pseudo
         aligned, ratio = align_distribution(pseudo, priors["labels"], priors["pseudo"], float(self.p.align_max_ratio))
@@ -459,6 +465,7 @@ class MN(Method):
             "rng": self._rng.bit_generator.state,
             "unlabeled_fg": fg,
             "class_priors": {r: {k: v.cpu() for k, v in d.items()} for r, d in self.class_priors.items()},
+            "align_batches": dict(self.align_batches),
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -469,6 +476,7 @@ class MN(Method):
                 self.generators[r].load_state_dict(sd)
         priors = state.get("class_priors", {})
         self.class_priors = {r: {k: v.to(self.ctx.device) for k, v in d.items()} for r, d in priors.items()}
+        self.align_batches = dict(state.get("align_batches", {}))
         if "rng" in state:
             self._rng.bit_generator.state = state["rng"]
         if state.get("unlabeled_fg"):
