@@ -424,3 +424,18 @@ def test_pseudo_align_labels_trains_on_the_aligned_ensemble_and_keeps_running_fr
     for bad in ({"align_decay": 1.0}, {"align_max_ratio": 0.5}):
         with pytest.raises(Exception, match=next(iter(bad))):
             _method(pseudo_align="labels", **bad)
+
+
+def test_pseudo_align_leaves_ignored_voxels_out_and_refuses_several_processes(monkeypatch):
+    method, _ = _method(pseudo="ensemble", pseudo_align="labels")
+    pseudo = torch.softmax(torch.randn(3, 2, 4, 4, 4), dim=1)
+    label = torch.ones(2, 4, 4, 4, dtype=torch.long)
+    label[0] = 255  # one crop wholly ignore-labelled, the other all class 1
+    method._align("net3d", pseudo, label, None, {})
+    assert torch.allclose(method.class_priors["net3d"]["labels"], torch.tensor([0.0, 1.0]))
+    method._align("net3d", pseudo, torch.full_like(label, 255), None, logs := {})  # nothing annotated: kept
+    assert torch.allclose(method.class_priors["net3d"]["labels"], torch.tensor([0.0, 1.0]))
+    assert set(logs) == {"align_ratio_1"}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exception, match="one process"):
+        _method(pseudo_align="labels")

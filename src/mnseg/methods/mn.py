@@ -42,7 +42,8 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
   by the labelled crops' class frequency over the pseudo-masks' own (argmax shares), running means (``align_decay``,
   the plain mean over the first 1 / (1 - decay) batches),
       P'_c = P_c * r_c / sum_k P_k * r_k,   r_c = clip(pi_c / pbar_c, 1 / align_max_ratio, align_max_ratio),
-  so a rare class the generator under-predicts is raised and one it over-predicts is lowered;
+  so a rare class the generator under-predicts is raised and one it over-predicts is lowered (one process only;
+  voxels of the ignore label are left out of pi, the unlabelled crops' padding counts in pbar);
 - ``oracle_pseudo``: a diagnostic, the unlabelled imagesTr cases' true labels as P (the ceiling of any P).
 """
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,6 +181,9 @@ class MN(Method):
                 raise ConfigError(f"method.params.align_decay={self.p.align_decay} must lie in [0, 1)")
             if not float(self.p.align_max_ratio) >= 1.0:
                 raise ConfigError(f"method.params.align_max_ratio={self.p.align_max_ratio} must be at least 1")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # uneven shards carry no pooled sums, so each process would keep its own frequencies
+                raise ConfigError("method.params.pseudo_align=labels runs in one process only (not under torchrun)")
         # pseudo_align: per trained role, running class frequencies {"labels": pi, "pseudo": pbar} (device tensors)
         self.class_priors: dict[str, dict[str, Tensor]] = {}
         self.align_batches: dict[str, int] = {}  # "<role>/<labels|pseudo>": batches in that running mean so far
@@ -421,13 +426,15 @@ class MN(Method):
         total = reduce_sums or (lambda t: t)
         # hard frequencies on both sides: the share of voxels whose argmax is c, as the labels' (a soft mean would be
         # dominated by the small probabilities every voxel gives a rare class, so it would lower the class)
-        hard = torch.nn.functional.one_hot(pseudo.argmax(dim=1), pseudo.shape[1])
-        hard = hard.sum(dim=tuple(range(pseudo.dim() - 1)))
-        batch_priors = {"pseudo": total(hard.float()) / total(pseudo.new_tensor(pseudo[:, 0].numel()))}
+        hard = torch.bincount(pseudo.argmax(dim=1).flatten(), minlength=pseudo.shape[1]).float()
+        batch_priors = {"pseudo": total(hard) / total(pseudo.new_tensor(pseudo[:, 0].numel()))}
         if label is not None:
             counts = torch.stack([(label == c).sum() for c in range(pseudo.shape[1])]).float()  # ignore left out
             counts = total(counts)
             batch_priors["labels"] = counts / counts.sum().clamp_min(1.0)
+            if "labels" in self.class_priors.get(role, {}):  # crops wholly ignore-labelled leave the mean as it was
+                batch_priors["labels"] = torch.where(counts.sum() > 0, batch_priors["labels"],
+                                                     self.class_priors[role]["labels"])
         priors = self.class_priors.setdefault(role, {})
         for key, value in batch_priors.items():
             # bias-corrected: the plain mean of the first batches until there are 1 / (1 - decay) of them, so the
