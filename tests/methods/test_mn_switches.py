@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mnseg.losses import pseudo_label_loss, soft_dice_loss
-from mnseg.methods.mn import agreed_labels, align_distribution
+from mnseg.methods.alignment import align_distribution
+from mnseg.methods.mn import agreed_labels
 from mnseg.models import create_model
 from tests.methods.test_mn import EPOCHS, ITERS, SUP, B, _batch, _method
 

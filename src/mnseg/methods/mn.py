@@ -61,6 +61,7 @@ from torch import Tensor
 from mnseg.engine.contract import Segment, current_lr, unwrap
 from mnseg.errors import ConfigError
 from mnseg.losses import pseudo_label_loss, supervised_loss
+from mnseg.methods.alignment import align_distribution
 from mnseg.methods.base import Batch, Method, Params, StepOutput, ema_update_
 
 SAMPLING = ("lr", "epoch-linear", "uniform", "fixed")
@@ -424,8 +425,7 @@ class MN(Method):
         """pseudo_align: labels: update the running class frequencies of the labelled crops (pi) and of P (pbar)
         with this batch (pooled over processes by ``reduce_sums``), then return P aligned to pi."""
         total = reduce_sums or (lambda t: t)
-        # hard frequencies on both sides: the share of voxels whose argmax is c, as the labels' (a soft mean would be
-        # dominated by the small probabilities every voxel gives a rare class, so it would lower the class)
+        # argmax shares, as the labels' (a soft mean is dominated by the small P every voxel gives a rare class)
         hard = torch.bincount(pseudo.argmax(dim=1).flatten(), minlength=pseudo.shape[1]).float()
         batch_priors = {"pseudo": total(hard) / total(pseudo.new_tensor(pseudo[:, 0].numel()))}
         if label is not None:
@@ -437,8 +437,7 @@ class MN(Method):
                                                      self.class_priors[role]["labels"])
         priors = self.class_priors.setdefault(role, {})
         for key, value in batch_priors.items():
-            # bias-corrected: the plain mean of the first batches until there are 1 / (1 - decay) of them, so the
-            # first batch's crops do not stand for the class frequencies for a hundred steps
+            # bias-corrected: the plain mean of the first 1 / (1 - decay) batches, not the first batch's crops
             n = self.align_batches.get(f"{role}/{key}", 0)
             decay = min(float(self.p.align_decay), n / (n + 1))
             priors[key] = value if n == 0 else decay * priors[key] + (1.0 - decay) * value
@@ -490,15 +489,6 @@ class MN(Method):
             self._unlabeled_fg = state["unlabeled_fg"]
             if getattr(self, "batcher", None) is not None:
                 self.batcher.set_unlabeled_foreground(self._unlabeled_fg)
-
-
-def align_distribution(probs: Tensor, target_prior: Tensor, current_prior: Tensor,
-                       max_ratio: float = 10.0) -> tuple[Tensor, Tensor]:
-    """Distribution alignment (ReMixMatch): P'_c = P_c r_c / sum_k P_k r_k, r_c = target_c / current_c clipped to
-    [1 / max_ratio, max_ratio] (so a class the generator never predicts cannot blow up). Returns (P', r)."""
-    ratio = (target_prior / current_prior.clamp_min(1e-12)).clamp(1.0 / max_ratio, max_ratio)
-    scaled = probs * ratio.view(1, -1, *([1] * (probs.dim() - 2)))
-    return scaled / scaled.sum(dim=1, keepdim=True).clamp_min(1e-12), ratio
 
 
 def agreed_labels(labels: list[np.ndarray]) -> np.ndarray:

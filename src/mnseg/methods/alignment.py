@@ -1,0 +1,18 @@
+"""Distribution alignment (Berthelot et al., "ReMixMatch", ICLR 2020), used by M&N's ``pseudo_align: labels``.
+
+A generator that under-predicts a rare class keeps teaching its absence; rescaling its soft pseudo-mask by the
+ratio of the class frequencies the labels show to those it predicts moves the target's marginal to the labels'.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def align_distribution(probs: Tensor, target_prior: Tensor, current_prior: Tensor,
+                       max_ratio: float = 10.0) -> tuple[Tensor, Tensor]:
+    """Distribution alignment (ReMixMatch): P'_c = P_c r_c / sum_k P_k r_k, r_c = target_c / current_c clipped to
+    [1 / max_ratio, max_ratio] (so a class the generator never predicts cannot blow up). Returns (P', r)."""
+    ratio = (target_prior / current_prior.clamp_min(1e-12)).clamp(1.0 / max_ratio, max_ratio)
+    scaled = probs * ratio.view(1, -1, *([1] * (probs.dim() - 2)))
+    return scaled / scaled.sum(dim=1, keepdim=True).clamp_min(1e-12), ratio
