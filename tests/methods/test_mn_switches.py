@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mnseg.losses import pseudo_label_loss, soft_dice_loss
+from mnseg.losses import pseudo_label_loss, soft_dice_loss, supervised_loss
 from mnseg.methods.alignment import align_distribution
 from mnseg.methods.mn import agreed_labels
 from mnseg.models import create_model
@@ -78,9 +78,13 @@ def _step_loss(method, batch, role="net3d"):
     return float(method.training_step(batch, SUP, 0).loss.detach())
 
 
-def test_unlabelled_weight_zero_leaves_only_the_labelled_share():
-    from mnseg.losses import supervised_loss
+def _expected_3d_loss(method, batch, target):
+    """L_c by hand for the 3D model's step on _batch(2, 3): 2/5 L_l + 3/5 L_u against the pseudo-mask ``target``."""
+    logits = method.models["net3d"].train()(torch.cat([batch.image_l, batch.image_u]))
+    return 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], target)
 
+
+def test_unlabelled_weight_zero_leaves_only_the_labelled_share():
     batch = _batch(2, 3)
     starved, _ = _method(w_u=0.0)
     got = _step_loss(starved, batch)
@@ -98,8 +102,6 @@ def test_ensemble_and_confidence_pseudo_masks_by_hand():
         p = (torch.softmax(method.models["net2d"].eval()(batch.image_u), 1) + torch.softmax(own(batch.image_u), 1)) / 2
         method.models["net3d"].train()
         logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
-        from mnseg.losses import supervised_loss
-
         l_u = pseudo_label_loss(logits[2:], p, mask=p.amax(1), squared_dice=True)
         expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * l_u
     assert got == pytest.approx(float(expected), rel=1e-4)
@@ -120,8 +122,6 @@ def test_agreement_weights_keep_only_voxels_where_both_models_name_the_same_clas
         p = partner if pseudo == "partner" else (partner + own) / 2
         method.models["net3d"].train()
         logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
-        from mnseg.losses import supervised_loss
-
         expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(
             logits[2:], p, mask=agree)
     assert 0.0 < float(agree.mean()) < 1.0  # the untrained models disagree somewhere, so the mask matters
@@ -139,11 +139,7 @@ def test_partner_weight_sets_the_partners_share_in_the_ensemble_pseudo_mask():
         partner = torch.softmax(method.models["net2d"].eval()(batch.image_u), 1)
         own = torch.softmax(method.models["net3d"].eval()(batch.image_u), 1)
         p = 0.25 * partner + 0.75 * own
-        method.models["net3d"].train()
-        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
-        from mnseg.losses import supervised_loss
-
-        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], p)
+        expected = _expected_3d_loss(method, batch, p)
     assert got == pytest.approx(float(expected), rel=1e-4)
     for bad in (-0.1, 1.5):
         with pytest.raises(Exception, match="partner_weight"):
@@ -205,7 +201,6 @@ def test_effunet_auto_input_scale_reaches_the_side_it_is_asked_for():
 
 
 def test_oracle_pseudo_masks_are_the_one_hot_labels_of_the_unlabelled_items():
-    from mnseg.losses import supervised_loss
     from mnseg.methods.base import Batch
 
     base = _batch(2, 3)
@@ -325,10 +320,7 @@ def test_ema_generator_moves_each_copy_towards_its_model_and_makes_the_pseudo_ma
     with torch.no_grad():
         p = (torch.softmax(method.generators["net2d"](batch.image_u), 1)
              + torch.softmax(ema(batch.image_u), 1)) / 2  # both halves from the moving averages
-        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
-        from mnseg.losses import supervised_loss
-
-        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], p)
+        expected = _expected_3d_loss(method, batch, p)
     assert got == pytest.approx(float(expected), rel=1e-4)
     with pytest.raises(Exception, match="generator_decay"):
         _method(generator="ema", generator_decay=1.0)
@@ -345,11 +337,7 @@ def test_partner_weight_by_class_takes_each_class_from_its_own_mix_renormalised(
         own = torch.softmax(method.models["net3d"].eval()(batch.image_u), 1)
         mixed = torch.stack([own[:, 0], partner[:, 1]], dim=1)
         p = mixed / mixed.sum(1, keepdim=True)
-        method.models["net3d"].train()
-        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
-        from mnseg.losses import supervised_loss
-
-        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], p)
+        expected = _expected_3d_loss(method, batch, p)
     assert got == pytest.approx(float(expected), rel=1e-4)
     plain, _ = _method(pseudo="ensemble")
     assert got != pytest.approx(_step_loss(plain, batch), rel=1e-4)  # not the plain mean
@@ -397,11 +385,7 @@ def test_pseudo_align_labels_trains_on_the_aligned_ensemble_and_keeps_running_fr
         assert torch.allclose(priors["pseudo"], hard_freq, atol=1e-6)
         q = p * (label_freq / hard_freq).clamp(0.1, 10.0).view(1, -1, 1, 1, 1)
         q = q / q.sum(1, keepdim=True)
-        method.models["net3d"].train()
-        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_u]))
-        from mnseg.losses import supervised_loss
-
-        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], q)
+        expected = _expected_3d_loss(method, batch, q)
     assert got == pytest.approx(float(expected), rel=1e-4)
     plain, _ = _method(pseudo="ensemble")
     assert got != pytest.approx(_step_loss(plain, batch), rel=1e-4)
