@@ -1,4 +1,5 @@
-"""Distribution alignment (Berthelot et al., "ReMixMatch", ICLR 2020), used by M&N's ``pseudo_align: labels``.
+"""Class frequencies of label maps, and distribution alignment (Berthelot et al., "ReMixMatch", ICLR 2020), which
+M&N's ``pseudo_align: labels`` uses.
 
 A generator that under-predicts a rare class keeps teaching its absence; rescaling its soft pseudo-mask by the
 ratio of the class frequencies the labels show to those it predicts moves the target's marginal to the labels'.
@@ -6,7 +7,13 @@ ratio of the class frequencies the labels show to those it predicts moves the ta
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+
+def class_counts(labels: Tensor, num_classes: int) -> Tensor:
+    """Voxels of each class 0..num_classes-1 (float); the ignore label, outside that range, is left out."""
+    return torch.stack([(labels == c).sum() for c in range(num_classes)]).float()
 
 
 def align_distribution(probs: Tensor, target_prior: Tensor, current_prior: Tensor,

@@ -61,7 +61,7 @@ from torch import Tensor
 from mnseg.engine.contract import Segment, current_lr, unwrap
 from mnseg.errors import ConfigError
 from mnseg.losses import pseudo_label_loss, supervised_loss
-from mnseg.methods.alignment import align_distribution
+from mnseg.methods.alignment import align_distribution, class_counts
 from mnseg.methods.base import Batch, Method, Params, StepOutput, ema_update_
 
 SAMPLING = ("lr", "epoch-linear", "uniform", "fixed")
@@ -425,17 +425,15 @@ class MN(Method):
         """pseudo_align: labels: update the running class frequencies of the labelled crops (pi) and of P (pbar)
         with this batch (pooled over processes by ``reduce_sums``), then return P aligned to pi."""
         total = reduce_sums or (lambda t: t)
+        priors = self.class_priors.setdefault(role, {})
         # argmax shares, as the labels' (a soft mean is dominated by the small P every voxel gives a rare class)
-        hard = torch.bincount(pseudo.argmax(dim=1).flatten(), minlength=pseudo.shape[1]).float()
+        hard = class_counts(pseudo.argmax(dim=1), pseudo.shape[1])
         batch_priors = {"pseudo": total(hard) / total(pseudo.new_tensor(pseudo[:, 0].numel()))}
         if label is not None:
-            counts = torch.stack([(label == c).sum() for c in range(pseudo.shape[1])]).float()  # ignore left out
-            counts = total(counts)
+            counts = total(class_counts(label, pseudo.shape[1]))
             batch_priors["labels"] = counts / counts.sum().clamp_min(1.0)
-            if "labels" in self.class_priors.get(role, {}):  # crops wholly ignore-labelled leave the mean as it was
-                batch_priors["labels"] = torch.where(counts.sum() > 0, batch_priors["labels"],
-                                                     self.class_priors[role]["labels"])
-        priors = self.class_priors.setdefault(role, {})
+            if "labels" in priors:  # crops wholly ignore-labelled leave the mean as it was
+                batch_priors["labels"] = torch.where(counts.sum() > 0, batch_priors["labels"], priors["labels"])
         for key, value in batch_priors.items():
             # bias-corrected: the plain mean of the first 1 / (1 - decay) batches, not the first batch's crops
             n = self.align_batches.get(f"{role}/{key}", 0)
@@ -452,7 +450,7 @@ class MN(Method):
         """Share of each foreground class among the (annotated) voxels, ``<prefix>_share_<class>``. Side by side,
         pseudo_share and label_share show whether the generating model still predicts a rare class (a lesion)
         that the trained model then learns to miss. Device tensors: no host sync."""
-        counts = torch.stack([(labels == c).sum() for c in range(num_classes)]).float()  # ignore label left out
+        counts = class_counts(labels, num_classes)
         share = counts / counts.sum().clamp_min(1.0)
         return {f"{prefix}_share_{c}": share[c] for c in range(1, num_classes)}
 
