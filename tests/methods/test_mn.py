@@ -67,6 +67,27 @@ def test_lr_guided_sampling_follows_the_formula_over_a_whole_run():
     assert seen == sorted(seen)  # non-decreasing as the learning rate falls
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_single_schedule_does_not_restart_so_unlabelled_items_come_from_the_first_cotraining_step():
+    method, scheds = _method(schedule="single")
+    lrs, seen = [], []
+    for epoch in range(EPOCHS):
+        for it in range(ITERS):
+            lrs.append(method.optimizers["net3d"].param_groups[0]["lr"])
+            role = method.trained_role(epoch)
+            if role is not None:
+                lr_now = method.optimizers[role].param_groups[0]["lr"]
+                optim = method.cfg.models[role].optim
+                expected = math.floor((optim.lr - lr_now) / (optim.lr - optim.final_lr) * B + 1e-9)
+                assert method.batch_split(epoch, it) == (B - expected, expected)
+                seen.append(expected)
+            for s in scheds.values():
+                s.step()
+    after_warmup = lrs[ITERS:]
+    assert after_warmup == sorted(after_warmup, reverse=True)  # one cosine: the rate never rises again
+    assert seen[0] >= 1 and seen == sorted(seen)  # a third of the run has passed: b_u is already 1 at stage 2
+
+
 def test_epochs_alternate_in_the_papers_order():
     method, _ = _method()
     phases = [method.phase(e) for e in range(EPOCHS)]
