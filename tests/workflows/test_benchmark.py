@@ -316,6 +316,27 @@ def test_execution_only_settings_do_not_make_a_finished_run_another_benchmark(to
     assert _changed_cells(spec, [cell]) == [cell.name]
 
 
+def test_a_moved_copy_of_the_dataset_keeps_the_cells_another_dataset_does_not(toy_dataset, tmp_path):
+    """Kept cells (benchmarks/results) copied next to a fresh copy of the same dataset are the same benchmark; a
+    dataset of another name is another benchmark."""
+    import shutil
+
+    from mnseg.workflows.benchmark import _changed_cells
+
+    out, cell = tmp_path / "bench", Cell("supervised", 2, 0)
+    moved = tmp_path / "elsewhere" / toy_dataset.name
+    shutil.copytree(toy_dataset, moved)
+    cell.run_dir(out).mkdir(parents=True)
+    kept = cell_config(_spec(toy_dataset, out, overrides=["train.epochs=1"]), cell)
+    (cell.run_dir(out) / "config.yaml").write_text(kept.to_yaml())
+    spec = _spec(moved, out, methods=["supervised"], seeds=[0], upper_bound=False, overrides=["train.epochs=1"])
+    assert _changed_cells(spec, [cell]) == []
+    other = tmp_path / "Dataset999_Other"
+    shutil.copytree(toy_dataset, other)
+    spec = _spec(other, out, methods=["supervised"], seeds=[0], upper_bound=False, overrides=["train.epochs=1"])
+    assert _changed_cells(spec, [cell]) == [cell.name]
+
+
 @pytest.mark.slow
 def test_parallel_jobs_give_the_sequential_grid(toy_dataset, tmp_path):
     """--jobs 2 trains the cells in worker processes; the table matches the one-at-a-time grid."""

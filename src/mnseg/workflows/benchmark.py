@@ -203,6 +203,8 @@ def comparable_config(cfg) -> dict:
         for key in EXECUTION_ONLY_MODEL:
             model.pop(key)
         model["kwargs"].pop("input_range", None)  # filled in from the data by the trainer (resolve_input_ranges)
+    if d["data"].get("dataset"):  # the folder's name, not where it lies: kept cells still match a moved copy
+        d["data"]["dataset"] = Path(d["data"]["dataset"]).name
     return d
 
 
