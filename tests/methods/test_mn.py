@@ -44,6 +44,13 @@ def _method(n_unlabeled=6, **params):
     return method, scheds
 
 
+def _paper_b_u(method, role):
+    """b_u = floor((lr_init - lr_now) / (lr_init - lr_final) * B), lr_now read from the role's optimiser."""
+    lr_now = method.optimizers[role].param_groups[0]["lr"]
+    optim = method.cfg.models[role].optim
+    return math.floor((optim.lr - lr_now) / (optim.lr - optim.final_lr) * B + 1e-9)
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # a role idle in its stage, as the trainer
 def test_lr_guided_sampling_follows_the_formula_over_a_whole_run():
     method, scheds = _method()
@@ -55,9 +62,7 @@ def test_lr_guided_sampling_follows_the_formula_over_a_whole_run():
             if role is None:
                 assert (b_l, b_u) == (B, 0)
             else:
-                lr_now = method.optimizers[role].param_groups[0]["lr"]
-                optim = method.cfg.models[role].optim
-                expected = math.floor((optim.lr - lr_now) / (optim.lr - optim.final_lr) * B + 1e-9)
+                expected = _paper_b_u(method, role)
                 assert b_u == expected and b_l == B - b_u
                 seen.append(b_u)
             for s in scheds.values():
@@ -76,9 +81,7 @@ def test_single_schedule_does_not_restart_so_unlabelled_items_come_from_the_firs
             lrs.append(method.optimizers["net3d"].param_groups[0]["lr"])
             role = method.trained_role(epoch)
             if role is not None:
-                lr_now = method.optimizers[role].param_groups[0]["lr"]
-                optim = method.cfg.models[role].optim
-                expected = math.floor((optim.lr - lr_now) / (optim.lr - optim.final_lr) * B + 1e-9)
+                expected = _paper_b_u(method, role)
                 assert method.batch_split(epoch, it) == (B - expected, expected)
                 seen.append(expected)
             for s in scheds.values():
