@@ -44,6 +44,15 @@ def _method(n_unlabeled=6, **params):
     return method, scheds
 
 
+def _steps(scheds):
+    """(epoch, iteration) over the whole run, every scheduler stepped after each, as the trainer does."""
+    for epoch in range(EPOCHS):
+        for it in range(ITERS):
+            yield epoch, it
+            for s in scheds.values():
+                s.step()
+
+
 def _paper_b_u(method, role):
     """b_u = floor((lr_init - lr_now) / (lr_init - lr_final) * B), lr_now read from the role's optimiser."""
     lr_now = method.optimizers[role].param_groups[0]["lr"]
@@ -55,18 +64,15 @@ def _paper_b_u(method, role):
 def test_lr_guided_sampling_follows_the_formula_over_a_whole_run():
     method, scheds = _method()
     seen = []
-    for epoch in range(EPOCHS):
-        for it in range(ITERS):
-            b_l, b_u = method.batch_split(epoch, it)
-            role = method.trained_role(epoch)
-            if role is None:
-                assert (b_l, b_u) == (B, 0)
-            else:
-                expected = _paper_b_u(method, role)
-                assert b_u == expected and b_l == B - b_u
-                seen.append(b_u)
-            for s in scheds.values():
-                s.step()
+    for epoch, it in _steps(scheds):
+        b_l, b_u = method.batch_split(epoch, it)
+        role = method.trained_role(epoch)
+        if role is None:
+            assert (b_l, b_u) == (B, 0)
+        else:
+            expected = _paper_b_u(method, role)
+            assert b_u == expected and b_l == B - b_u
+            seen.append(b_u)
     assert seen[0] == 0  # start of stage 2
     assert seen[-1] == B  # lr_final reached at the last step
     assert seen == sorted(seen)  # non-decreasing as the learning rate falls
@@ -76,16 +82,13 @@ def test_lr_guided_sampling_follows_the_formula_over_a_whole_run():
 def test_single_schedule_does_not_restart_so_unlabelled_items_come_from_the_first_cotraining_step():
     method, scheds = _method(schedule="single")
     lrs, seen = [], []
-    for epoch in range(EPOCHS):
-        for it in range(ITERS):
-            lrs.append(method.optimizers["net3d"].param_groups[0]["lr"])
-            role = method.trained_role(epoch)
-            if role is not None:
-                expected = _paper_b_u(method, role)
-                assert method.batch_split(epoch, it) == (B - expected, expected)
-                seen.append(expected)
-            for s in scheds.values():
-                s.step()
+    for epoch, it in _steps(scheds):
+        lrs.append(method.optimizers["net3d"].param_groups[0]["lr"])
+        role = method.trained_role(epoch)
+        if role is not None:
+            expected = _paper_b_u(method, role)
+            assert method.batch_split(epoch, it) == (B - expected, expected)
+            seen.append(expected)
     after_warmup = lrs[ITERS:]
     assert after_warmup == sorted(after_warmup, reverse=True)  # one cosine: the rate never rises again
     assert seen[0] >= 1 and seen == sorted(seen)  # a third of the run has passed: b_u is already 1 at stage 2

@@ -324,17 +324,17 @@ def test_a_moved_copy_of_the_dataset_keeps_the_cells_another_dataset_does_not(to
     from mnseg.workflows.benchmark import _changed_cells
 
     out, cell = tmp_path / "bench", Cell("supervised", 2, 0)
-    moved = tmp_path / "elsewhere" / toy_dataset.name
-    shutil.copytree(toy_dataset, moved)
+
+    def spec_on(folder):
+        return _spec(folder, out, methods=["supervised"], seeds=[0], upper_bound=False, overrides=["train.epochs=1"])
+
     cell.run_dir(out).mkdir(parents=True)
-    kept = cell_config(_spec(toy_dataset, out, overrides=["train.epochs=1"]), cell)
-    (cell.run_dir(out) / "config.yaml").write_text(kept.to_yaml())
-    spec = _spec(moved, out, methods=["supervised"], seeds=[0], upper_bound=False, overrides=["train.epochs=1"])
-    assert _changed_cells(spec, [cell]) == []
-    other = tmp_path / "Dataset999_Other"
-    shutil.copytree(toy_dataset, other)
-    spec = _spec(other, out, methods=["supervised"], seeds=[0], upper_bound=False, overrides=["train.epochs=1"])
-    assert _changed_cells(spec, [cell]) == [cell.name]
+    (cell.run_dir(out) / "config.yaml").write_text(cell_config(spec_on(toy_dataset), cell).to_yaml())
+    moved, other = tmp_path / "elsewhere" / toy_dataset.name, tmp_path / "Dataset999_Other"
+    for copy in (moved, other):
+        shutil.copytree(toy_dataset, copy)
+    assert _changed_cells(spec_on(moved), [cell]) == []
+    assert _changed_cells(spec_on(other), [cell]) == [cell.name]
 
 
 @pytest.mark.slow
