@@ -106,6 +106,11 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     "mn_lesion_partner": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]"], "mn"),
     # mn_self_ema keeps white/grey matter, the partner brings the lesion: the self half from the 3D model's moving
     # average and the partner only in the lesion (both generators moving averages)
+    # mn_lesion_partner without the renormalisation that shrinks the lesion where only the partner says lesion
+    # (partner 0.8, self 0.2: 0.38 instead of the plain mean's 0.5, so white matter wins): the lesion keeps the plain
+    # mean's mass, the other classes share the rest in the 3D model's own proportions
+    "mn_lesion_rest": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
+                                       "method.params.by_class_mix=remainder"], "mn"),
     "mn_lesion_partner_ema": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
                                               "method.params.generator=ema"], "mn"),
     # the ensemble's class frequencies aligned to the labelled crops' (ReMixMatch distribution alignment): at 4

@@ -424,3 +424,36 @@ def test_pseudo_align_leaves_ignored_voxels_out_and_refuses_several_processes(mo
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(Exception, match="one process"):
         _method(pseudo_align="labels")
+
+
+def test_remainder_mix_keeps_the_mixed_class_mass_and_the_own_proportions_of_the_rest():
+    from mnseg.methods.mn import mix_with_remainder
+
+    partner = torch.tensor([0.1, 0.05, 0.05, 0.8]).view(1, 4, 1, 1, 1)
+    own = torch.tensor([0.1, 0.6, 0.1, 0.2]).view(1, 4, 1, 1, 1)
+    w = torch.tensor([0.0, 0.0, 0.0, 0.5]).view(1, 4, 1, 1, 1)
+    mixed = w * partner + (1 - w) * own
+    got = mix_with_remainder(mixed, own, w > 0).flatten()
+    assert float(got[3]) == pytest.approx(0.5)  # the plain mean's lesion mass, not renormalised away
+    assert float(got.sum()) == pytest.approx(1.0)
+    assert got[:3].tolist() == pytest.approx((0.5 * own.flatten()[:3] / 0.8).tolist())  # the rest as own's ratios
+    assert int(got.argmax()) == 3  # the lesion wins here; renormalised it loses to white matter
+    renormalised = (mixed / mixed.sum(1, keepdim=True)).flatten()
+    assert int(renormalised.argmax()) == 1 and float(renormalised[3]) < 0.4
+    over = mix_with_remainder(torch.tensor([0.7, 0.6]).view(1, 2), torch.tensor([0.5, 0.5]).view(1, 2),
+                              torch.tensor([True, True]).view(1, 2))
+    assert over.sum().item() == pytest.approx(1.0)  # mixes summing past 1 are scaled back
+
+
+def test_remainder_mix_in_the_step_and_its_guard():
+    batch = _batch(2, 3)
+    method, _ = _method(pseudo="ensemble", partner_weight_by_class=[0.0, 0.5], by_class_mix="remainder")
+    got = _step_loss(method, batch)
+    with torch.no_grad():
+        partner = torch.softmax(method.models["net2d"].eval()(batch.image_u), 1)
+        own = torch.softmax(method.models["net3d"].eval()(batch.image_u), 1)
+        lesion = 0.5 * partner[:, 1] + 0.5 * own[:, 1]  # two classes: the rest is all background
+        expected = _expected_3d_loss(method, batch, torch.stack([1 - lesion, lesion], dim=1))
+    assert got == pytest.approx(float(expected), rel=1e-4)
+    with pytest.raises(Exception, match="by_class_mix"):
+        _method(pseudo="ensemble", by_class_mix="remainder")

@@ -30,6 +30,10 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
 - ``partner_weight_by_class: [w_0, ..., w_C-1]`` (with ``pseudo: ensemble``): the partner's share per class,
   P_c = w_c P_partner,c + (1 - w_c) P_self,c renormalised over c, so a class can be taken from the partner (a rare
   class it brings) while the others stay the trained model's own;
+- ``by_class_mix: remainder`` (with ``partner_weight_by_class``): no renormalisation; the classes S with w_c > 0
+  keep their mix M_c = w_c P_partner,c + (1 - w_c) P_self,c, the others share what is left in the trained model's
+  own proportions, P_c = (1 - sum_S M) P_self,c / sum_{k not in S} P_self,k, so where the partner says lesion and
+  the trained model white matter, the lesion keeps the plain mean's mass (renormalising shrinks it);
 - ``pseudo_weight: confidence``: each voxel's L_u weighted by max_c P;
 - ``pseudo_weight: agree``: L_u only on voxels where both models' argmax name the same class, so the trained model
   is never pulled towards a class that it and its partner dispute (where they agree, P is the pseudo-mask as set);
@@ -73,6 +77,7 @@ CHOICES = {
     "cotrain_first": ("net3d", "net2d"),
     "generator": ("live", "ema"),
     "pseudo_align": ("none", "labels"),
+    "by_class_mix": ("renormalise", "remainder"),
 }
 
 
@@ -98,6 +103,16 @@ def uniform_unlabeled_count(n_labeled: int, n_unlabeled: int, batch_size: int, r
     return int(rng.binomial(batch_size, n_unlabeled / total)) if total else 0
 
 
+def mix_with_remainder(mixed: Tensor, own: Tensor, from_mix: Tensor) -> Tensor:
+    """``by_class_mix: remainder``: the classes ``from_mix`` (a boolean per class, broadcast like ``mixed``) keep
+    their mixed mass M_c, the others share 1 - sum M in the proportions of ``own`` (the trained model's softmax)."""
+    taken = (mixed * from_mix).sum(dim=1, keepdim=True)
+    scale = taken.clamp_min(1.0)  # classes of S whose mixes sum past 1 are scaled to 1, the others get nothing
+    rest_own = (own * ~from_mix).sum(dim=1, keepdim=True).clamp_min(1e-8)
+    rest = (1.0 - taken).clamp_min(0.0) * own / rest_own
+    return torch.where(from_mix, mixed / scale, rest)
+
+
 @dataclass
 class MNParams(Params):
     """M&N's parameters (the paper's, then the choices it leaves open, then the switches beyond it)."""
@@ -121,6 +136,7 @@ class MNParams(Params):
     pseudo_weight: str = "none"  # each voxel's L_u weighted by: none | confidence (max_c P) | agree (same argmax)
     partner_weight: float = 0.5  # pseudo: ensemble: P = w P_partner + (1 - w) P_self
     partner_weight_by_class: list[float] | None = None  # pseudo: ensemble: one w per class (renormalised)
+    by_class_mix: str = "renormalise"  # partner_weight_by_class: renormalise | remainder (the others share the rest)
     fg_refresh: str = "net3d"  # unlabelled crop centres from: net3d | agree (both models name the same class)
     pre2d_epochs: int = 0  # epochs before stage 1 in which the 2D model alone trains on labels
     generator: str = "live"  # P from: live (the models as they train) | ema (their exponential moving averages)
@@ -177,6 +193,8 @@ class MN(Method):
             if len(by_class) != self.ctx.num_classes or not all(0.0 <= float(w) <= 1.0 for w in by_class):
                 raise ConfigError(f"method.params.partner_weight_by_class={list(by_class)} must hold one weight in "
                                   f"[0, 1] per class ({self.ctx.num_classes} classes)")
+        elif self.choice["by_class_mix"] != "renormalise":
+            raise ConfigError("method.params.by_class_mix needs partner_weight_by_class (it says how to apply it)")
         if self.choice["pseudo_align"] != "none":
             if not 0.0 <= float(self.p.align_decay) < 1.0:
                 raise ConfigError(f"method.params.align_decay={self.p.align_decay} must lie in [0, 1)")
@@ -415,6 +433,8 @@ class MN(Method):
             w = torch.tensor([float(x) for x in self.p.partner_weight_by_class], device=probs[0].device)
             w = w.view(1, -1, *([1] * (probs[0].dim() - 2)))
             mixed = w * probs[0] + (1.0 - w) * probs[1]
+            if self.choice["by_class_mix"] == "remainder":
+                return mix_with_remainder(mixed, probs[1], w > 0), weight
             return mixed / mixed.sum(dim=1, keepdim=True).clamp_min(1e-8), weight
         w = float(self.p.partner_weight)
         if w == 0.5:  # the plain mean (bit for bit as before the weight existed)
