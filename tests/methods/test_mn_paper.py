@@ -104,8 +104,8 @@ BASELINE = {
 # The keys added since, each with the default that keeps today's behaviour.
 NEW_MODEL_KEYS = {"lora_train_bias_norm": False, "init": None, "init_role": None}
 NEW_PARAMS = {"cotrain_first": "net3d", "partner_weight": 0.5, "generator": "live", "generator_decay": 0.99,
-              "partner_weight_by_class": None, "by_class_mix": "renormalise", "pseudo_align": "none", "align_decay": 0.99,
-              "align_max_ratio": 10.0}
+              "partner_weight_by_class": None, "by_class_mix": "renormalise", "pseudo_align": "none",
+              "align_decay": 0.99, "align_max_ratio": 10.0}
 NEW_OPTIM_KEYS = {"schedule": "cosine", "momentum": 0.99, "nesterov": True, "step_size": 0, "step_gamma": 0.1,
                   "restart_epochs": []}
 NEW_SECTIONS = ("domain",)  # whole config sections added since, at their defaults (adaptation off)
