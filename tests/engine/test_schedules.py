@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mnseg.engine.schedules import Segment, current_lr, lr_at, make_scheduler
-from mnseg.methods.mn import epoch_linear_unlabeled_count, lr_guided_unlabeled_count
+from mnseg.methods.mn_sampling import epoch_linear_unlabeled_count, lr_guided_unlabeled_count
 
 
 def test_segment_warmup_then_cosine_reaches_final_at_last_step():

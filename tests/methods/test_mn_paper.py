@@ -15,7 +15,8 @@ from mnseg.config.schema import Config, ModelConfig, load_config
 from mnseg.engine.build import build_model
 from mnseg.errors import ConfigError
 from mnseg.methods.base import MethodContext
-from mnseg.methods.mn import MN, epoch_linear_unlabeled_count
+from mnseg.methods.mn import MN
+from mnseg.methods.mn_sampling import epoch_linear_unlabeled_count
 from mnseg.models import apply_finetuning, create_model
 from mnseg.models.finetune import bias_and_layernorm_names
 from mnseg.workflows.benchmark import resolved_params

@@ -8,7 +8,7 @@ import torch
 
 from mnseg.losses import pseudo_label_loss, soft_dice_loss, supervised_loss
 from mnseg.methods.alignment import align_distribution
-from mnseg.methods.mn import agreed_labels
+from mnseg.methods.ensemble import agreed_labels
 from mnseg.models import create_model
 from tests.methods.test_mn import EPOCHS, ITERS, SUP, B, _batch, _method
 
@@ -427,7 +427,7 @@ def test_pseudo_align_leaves_ignored_voxels_out_and_refuses_several_processes(mo
 
 
 def test_remainder_mix_keeps_the_mixed_class_mass_and_the_own_proportions_of_the_rest():
-    from mnseg.methods.mn import mix_with_remainder
+    from mnseg.methods.ensemble import mix_with_remainder
 
     partner = torch.tensor([0.1, 0.05, 0.05, 0.8]).view(1, 4, 1, 1, 1)
     own = torch.tensor([0.1, 0.6, 0.1, 0.2]).view(1, 4, 1, 1, 1)

@@ -54,7 +54,6 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
 from __future__ import annotations
 
 import copy
-import math
 import os
 from dataclasses import dataclass
 
@@ -67,8 +66,14 @@ from mnseg.errors import ConfigError
 from mnseg.losses import pseudo_label_loss, supervised_loss
 from mnseg.methods.alignment import align_distribution, class_counts
 from mnseg.methods.base import Batch, Method, Params, StepOutput, ema_update_
+from mnseg.methods.ensemble import agreed_labels, mix_with_remainder
+from mnseg.methods.mn_sampling import (
+    SAMPLING,
+    epoch_linear_unlabeled_count,
+    lr_guided_unlabeled_count,
+    uniform_unlabeled_count,
+)
 
-SAMPLING = ("lr", "epoch-linear", "uniform", "fixed")
 CHOICES = {
     "soft_dice": ("linear", "squared"),
     "pseudo": ("partner", "ensemble"),
@@ -79,38 +84,6 @@ CHOICES = {
     "pseudo_align": ("none", "labels"),
     "by_class_mix": ("renormalise", "remainder"),
 }
-
-
-def lr_guided_unlabeled_count(lr_now: float, lr_init: float, lr_final: float, batch_size: int) -> int:
-    """M&N's LR-guided sampling: b_u = floor((lr_init - lr_now) / (lr_init - lr_final) * B), clipped to [0, B]."""
-    if lr_init == lr_final:
-        return 0
-    share = (lr_init - lr_now) / (lr_init - lr_final)
-    return int(min(max(math.floor(share * batch_size + 1e-9), 0), batch_size))
-
-
-def epoch_linear_unlabeled_count(epoch_in_stage: int, stage_epochs: int, batch_size: int) -> int:
-    """The published M&N code's b_u (train.py, create_loaders): floor(e / N * B), e the model's own co-training
-    epochs before this one (0 .. N-1), N its co-training epochs; the same float expression, so it peaks at B - 1."""
-    if stage_epochs <= 0:
-        return 0
-    return int(min(max(math.floor(epoch_in_stage / stage_epochs * batch_size), 0), batch_size))
-
-
-def uniform_unlabeled_count(n_labeled: int, n_unlabeled: int, batch_size: int, rng: np.random.Generator) -> int:
-    """Ablation: every batch item drawn uniformly from the pooled labelled and unlabelled cases."""
-    total = n_labeled + n_unlabeled
-    return int(rng.binomial(batch_size, n_unlabeled / total)) if total else 0
-
-
-def mix_with_remainder(mixed: Tensor, own: Tensor, from_mix: Tensor) -> Tensor:
-    """``by_class_mix: remainder``: the classes ``from_mix`` (a boolean per class, broadcast like ``mixed``) keep
-    their mixed mass M_c, the others share 1 - sum M in the proportions of ``own`` (the trained model's softmax)."""
-    taken = (mixed * from_mix).sum(dim=1, keepdim=True)
-    scale = taken.clamp_min(1.0)  # classes of S whose mixes sum past 1 are scaled to 1, the others get nothing
-    rest_own = (own * ~from_mix).sum(dim=1, keepdim=True).clamp_min(1e-8)
-    rest = (1.0 - taken).clamp_min(0.0) * own / rest_own
-    return torch.where(from_mix, mixed / scale, rest)
 
 
 @dataclass
@@ -507,11 +480,3 @@ class MN(Method):
             self._unlabeled_fg = state["unlabeled_fg"]
             if getattr(self, "batcher", None) is not None:
                 self.batcher.set_unlabeled_foreground(self._unlabeled_fg)
-
-
-def agreed_labels(labels: list[np.ndarray]) -> np.ndarray:
-    """The first label map where every map names the same class, 0 (background) elsewhere."""
-    agreed = labels[0].copy()
-    for other in labels[1:]:
-        agreed[other != labels[0]] = 0
-    return agreed
