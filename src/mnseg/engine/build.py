@@ -10,6 +10,7 @@ from torch import nn
 
 from mnseg.config.schema import ModelConfig, OptimConfig, TrainConfig
 from mnseg.errors import ConfigError
+from mnseg.utils.precision import uses_bf16
 
 FROZEN_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -82,8 +83,9 @@ def frozen_dtype(mcfg: ModelConfig) -> torch.dtype | None:
 
 
 def uses_bf16_autocast(tcfg: TrainConfig, device: torch.device) -> bool:
-    """Whether the trainer runs forwards under bf16 autocast (CUDA with ``train.amp``)."""
-    return device.type == "cuda" and tcfg.amp
+    """Whether the trainer runs forwards under bf16 autocast (``mnseg.utils.precision``: CUDA with ``train.amp``,
+    a CPU with native bf16 with ``train.cpu_amp`` too)."""
+    return uses_bf16(device, tcfg.amp, tcfg.cpu_amp)
 
 
 def to_channels_last(obj):

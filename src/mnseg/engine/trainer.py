@@ -13,7 +13,6 @@ teachers never are); rank 0 alone prepares the cache, writes the run directory, 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -45,6 +44,7 @@ from mnseg.engine.weights import save_weights
 from mnseg.errors import MnsegError
 from mnseg.methods.base import Batch
 from mnseg.models.compiled import compile_forward
+from mnseg.utils.precision import bf16_autocast
 
 
 class NonFiniteLossError(MnsegError):
@@ -254,9 +254,7 @@ class Trainer:
         return self.history[-1] if self.history else {}
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.train.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return bf16_autocast(self.device, self.cfg.train.amp, self.cfg.train.cpu_amp)
 
     def _train_epoch(self, epoch: int) -> None:
         from mnseg.utils.progress import progress_bar

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from mnseg.errors import ConfigError
 from mnseg.inference.window import WindowSettings, pad_to_at_least, window_slices
 from mnseg.losses import entropy_loss
+from mnseg.utils.precision import bf16_autocast
 
 MODES = ("none", "norm", "entropy")
 DEFAULT_STEPS = 10
@@ -113,8 +114,7 @@ class Tiles:
         self.jobs = [(b, w) for b in range(self.volume.shape[0])
                      for w in window_slices(self.volume.shape[2:], patch, overlap=0.0)]
         self.batch_size, self.channels_last = window.sw_batch_size, window.channels_last
-        amp = window.amp and device.type == "cuda"
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        self.autocast = lambda: bf16_autocast(device, window.amp, window.cpu_amp)
 
     def __iter__(self) -> Iterator[tuple[Tensor, float]]:
         """(window batch, its share of all windows), the share weighting each batch's mean into the scan's."""

@@ -42,7 +42,8 @@ def predict_probabilities(
             blend=window.blend,
             mirror_tta=window.mirror_tta if mirror_axes is None else False,
             sw_batch_size=window.sw_batch_size,
-            amp=window.amp and device.type == "cuda",
+            amp=window.amp,
+            cpu_amp=window.cpu_amp,
             device=device,
             channels_last=window.channels_last,
         )

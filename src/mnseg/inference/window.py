@@ -15,7 +15,6 @@ return ``(b, K, *patch)`` logits.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mnseg.errors import ConfigError
+from mnseg.utils.precision import bf16_autocast
 
 BLEND_MODES = ("constant", "gaussian")
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by window batch rank (2D / 3D patches)
@@ -39,8 +39,9 @@ class WindowSettings:
     blend: str  # infer.blend
     mirror_tta: bool  # infer.mirror_tta: mirror over every spatial axis
     sw_batch_size: int  # infer.sw_batch_size
-    amp: bool  # train.amp (used on CUDA only)
+    amp: bool  # train.amp (bf16 autocast on CUDA)
     channels_last: bool  # train.channels_last
+    cpu_amp: bool = False  # train.cpu_amp (bf16 also on a CPU with native bf16)
 
     @classmethod
     def from_config(cls, cfg) -> WindowSettings:
@@ -52,6 +53,7 @@ class WindowSettings:
             mirror_tta=cfg.infer.mirror_tta,
             sw_batch_size=cfg.infer.sw_batch_size,
             amp=cfg.train.amp,
+            cpu_amp=cfg.train.cpu_amp,
             channels_last=cfg.train.channels_last,
         )
 
@@ -66,6 +68,7 @@ def sliding_window_probabilities(
     mirror_tta: bool = False,
     sw_batch_size: int = 4,
     amp: bool = False,
+    cpu_amp: bool = False,
     device: torch.device | str | None = None,
     num_classes: int | None = None,
     channels_last: bool = False,
@@ -75,7 +78,8 @@ def sliding_window_probabilities(
     ``image`` is ``(C, *spatial)`` or ``(B, C, *spatial)``; the result is ``(K, *spatial)`` or
     ``(B, K, *spatial)`` float32 on ``device``. Volumes smaller than the patch are zero-padded and the
     result cropped back. ``mirror_tta`` also averages over flips of every subset of spatial axes
-    (8 passes for 3D). ``amp`` runs the model under bf16 autocast on CUDA (ignored on CPU).
+    (8 passes for 3D). ``amp`` runs the model under bf16 autocast on CUDA, on a CPU only
+    with ``cpu_amp`` and native bf16 (``mnseg.utils.precision``).
     ``device`` defaults to the model's device (the image's if the model has no parameters).
     The model is put in eval mode for the call and restored afterwards. ``channels_last`` hands the model its
     window batches in channels-last(-3d) memory format (for a model whose weights are, see
@@ -110,7 +114,7 @@ def sliding_window_probabilities(
             inputs = torch.stack([volume[(b, slice(None)) + window] for b, window in chunk])
             if channels_last and inputs.ndim in _CHANNELS_LAST:
                 inputs = inputs.contiguous(memory_format=_CHANNELS_LAST[inputs.ndim])
-            probabilities = _window_probabilities(model, inputs, mirror_tta, amp, device)
+            probabilities = _window_probabilities(model, inputs, mirror_tta, amp, cpu_amp, device)
             _check_output(probabilities, inputs, num_classes)
             if accumulator is None:
                 accumulator = torch.zeros(
@@ -226,7 +230,7 @@ def _importance_map(patch: tuple[int, ...], blend: str, device: torch.device) ->
 
 
 def _window_probabilities(
-    model: nn.Module, inputs: Tensor, mirror_tta: bool, amp: bool, device: torch.device
+    model: nn.Module, inputs: Tensor, mirror_tta: bool, amp: bool, cpu_amp: bool, device: torch.device
 ) -> Tensor:
     """Softmax of the model's logits for a window batch, averaged over mirrored inputs if asked."""
     spatial_dims = tuple(range(2, inputs.ndim))
@@ -235,11 +239,7 @@ def _window_probabilities(
         flips += [
             dims for r in range(1, len(spatial_dims) + 1) for dims in itertools.combinations(spatial_dims, r)
         ]
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if amp and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    autocast = bf16_autocast(device, amp, cpu_amp)
     total = None
     for dims in flips:
         with autocast:
