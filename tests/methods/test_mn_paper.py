@@ -109,6 +109,7 @@ NEW_PARAMS = {"cotrain_first": "net3d", "partner_weight": 0.5, "generator": "liv
               "align_decay": 0.99, "align_max_ratio": 10.0}
 NEW_OPTIM_KEYS = {"schedule": "cosine", "momentum": 0.99, "nesterov": True, "step_size": 0, "step_gamma": 0.1,
                   "restart_epochs": []}
+NEW_TRAIN_KEYS = {"cpu_amp": False}
 NEW_SECTIONS = ("domain",)  # whole config sections added since, at their defaults (adaptation off)
 
 
@@ -121,6 +122,7 @@ def test_benchmarked_presets_resolve_exactly_as_before(preset):
     for model in expected["models"].values():
         model.update(NEW_MODEL_KEYS)
         model["optim"].update(NEW_OPTIM_KEYS)
+    expected["train"].update(NEW_TRAIN_KEYS)
     defaults = Config().to_dict()
     expected.update({section: defaults[section] for section in NEW_SECTIONS})
     assert json.loads(json.dumps(d)) == expected
