@@ -111,6 +111,12 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # mean's mass, the other classes share the rest in the 3D model's own proportions
     "mn_lesion_rest": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
                                        "method.params.by_class_mix=remainder"], "mn"),
+    # mn_lesion_rest with a cap on the lesion's pseudo-mask share: the last checkpoints of mn_lesion_rest predict
+    # 3x (4 labelled) and 24x (2 labelled) the true lesion volume in the unlabelled subjects, grown from their own
+    # targets; alignment on the lesion only and only downwards lowers it where the target over-predicts it
+    "mn_lesion_cap": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
+                                      "method.params.by_class_mix=remainder", "method.params.pseudo_align=labels",
+                                      "method.params.align_classes=[3]", "method.params.align_down_only=true"], "mn"),
     "mn_lesion_partner_ema": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
                                               "method.params.generator=ema"], "mn"),
     # the ensemble's class frequencies aligned to the labelled crops' (ReMixMatch distribution alignment): at 4

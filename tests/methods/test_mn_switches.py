@@ -370,6 +370,47 @@ def test_distribution_alignment_moves_the_class_frequencies_towards_the_target()
     assert torch.allclose(clipped, torch.tensor([1.0, 0.1, 10.0]))
 
 
+def test_alignment_limited_to_chosen_classes_and_downwards_caps_a_runaway_class_only():
+    g = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(2, 3, 4, 4, 4, generator=g), dim=1)
+    current = torch.tensor([0.5, 0.2, 0.3])  # class 2 over-predicted (target 0.03), class 1 under (target 0.47)
+    target = torch.tensor([0.5, 0.47, 0.03])
+    _, both = align_distribution(probs, target, current, max_ratio=100.0)
+    assert float(both[1]) > 1.0 and float(both[2]) < 1.0
+    _, down = align_distribution(probs, target, current, max_ratio=100.0, down_only=True)
+    assert torch.allclose(down, torch.tensor([1.0, 1.0, 0.1]))  # nothing raised, the runaway class lowered
+    _, only2 = align_distribution(probs, target, current, max_ratio=100.0, classes=[2])
+    assert torch.allclose(only2, torch.tensor([1.0, 1.0, 0.1]))
+    capped, r = align_distribution(probs, target, current, max_ratio=5.0, classes=[2], down_only=True)
+    assert torch.allclose(r, torch.tensor([1.0, 1.0, 0.2]))  # still clipped by max_ratio
+    q = probs * r.view(1, -1, 1, 1, 1)
+    assert torch.allclose(capped, q / q.sum(1, keepdim=True))
+    # a class predicted less than the labels show is left as it is under down_only
+    same, r = align_distribution(probs, torch.tensor([0.2, 0.3, 0.5]), current, classes=[2], down_only=True)
+    assert torch.allclose(r, torch.ones(3)) and torch.allclose(same, probs, atol=1e-6)
+
+
+def test_pseudo_align_classes_and_down_only_reach_the_step_and_bad_classes_are_refused():
+    batch = _batch(2, 3)
+    method, _ = _method(pseudo="ensemble", pseudo_align="labels", align_classes=[1], align_down_only=True)
+    got = _step_loss(method, batch)
+    with torch.no_grad():
+        partner = torch.softmax(method.models["net2d"].eval()(batch.image_u), 1)
+        own = torch.softmax(method.models["net3d"].eval()(batch.image_u), 1)
+        p = (partner + own) / 2
+        label_freq = torch.stack([(batch.label_l == c).float().mean() for c in range(2)])
+        hard_freq = torch.stack([(p.argmax(1) == c).float().mean() for c in range(2)])
+        r = (label_freq / hard_freq).clamp(0.1, 10.0).clamp_max(1.0)
+        r[0] = 1.0
+        q = p * r.view(1, -1, 1, 1, 1)
+        expected = _expected_3d_loss(method, batch, q / q.sum(1, keepdim=True))
+    assert got == pytest.approx(float(expected), rel=1e-4)
+    full, _ = _method(pseudo="ensemble", pseudo_align="labels")
+    assert got != pytest.approx(_step_loss(full, batch), rel=1e-4)  # the switches changed the target
+    with pytest.raises(Exception, match="align_classes"):
+        _method(pseudo_align="labels", align_classes=[2])  # two classes here: 0 and 1
+
+
 def test_pseudo_align_labels_trains_on_the_aligned_ensemble_and_keeps_running_frequencies():
     batch = _batch(2, 3)
     method, _ = _method(pseudo="ensemble", pseudo_align="labels", align_decay=0.5)

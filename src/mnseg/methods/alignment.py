@@ -16,10 +16,20 @@ def class_counts(labels: Tensor, num_classes: int) -> Tensor:
     return torch.stack([(labels == c).sum() for c in range(num_classes)]).float()
 
 
-def align_distribution(probs: Tensor, target_prior: Tensor, current_prior: Tensor,
-                       max_ratio: float = 10.0) -> tuple[Tensor, Tensor]:
+def align_distribution(probs: Tensor, target_prior: Tensor, current_prior: Tensor, max_ratio: float = 10.0,
+                       classes: list[int] | None = None, down_only: bool = False) -> tuple[Tensor, Tensor]:
     """Distribution alignment (ReMixMatch): P'_c = P_c r_c / sum_k P_k r_k, r_c = target_c / current_c clipped to
-    [1 / max_ratio, max_ratio] (so a class the generator never predicts cannot blow up). Returns (P', r)."""
+    [1 / max_ratio, max_ratio] (so a class the generator never predicts cannot blow up). Returns (P', r).
+
+    ``classes``: only these classes are rescaled, the others keep r_c = 1; ``down_only``: r_c <= 1, so a class the
+    generator over-predicts is lowered and none is raised (a cap on a rare class whose false positives feed on
+    themselves, without touching the common classes, whose shares differ between crops sampled differently)."""
     ratio = (target_prior / current_prior.clamp_min(1e-12)).clamp(1.0 / max_ratio, max_ratio)
+    if down_only:
+        ratio = ratio.clamp_max(1.0)
+    if classes is not None:
+        chosen = torch.zeros_like(ratio, dtype=torch.bool)
+        chosen[[int(c) for c in classes]] = True
+        ratio = torch.where(chosen, ratio, torch.ones_like(ratio))
     scaled = probs * ratio.view(1, -1, *([1] * (probs.dim() - 2)))
     return scaled / scaled.sum(dim=1, keepdim=True).clamp_min(1e-12), ratio

@@ -47,7 +47,8 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
   the plain mean over the first 1 / (1 - decay) batches),
       P'_c = P_c * r_c / sum_k P_k * r_k,   r_c = clip(pi_c / pbar_c, 1 / align_max_ratio, align_max_ratio),
   so a rare class the generator under-predicts is raised and one it over-predicts is lowered (one process only;
-  voxels of the ignore label are left out of pi, the unlabelled crops' padding counts in pbar);
+  voxels of the ignore label are left out of pi, the unlabelled crops' padding counts in pbar); ``align_classes``
+  limits it to some classes (r_c = 1 for the others), ``align_down_only`` to r_c <= 1 (a cap on runaway classes);
 - ``oracle_pseudo``: a diagnostic, the unlabelled imagesTr cases' true labels as P (the ceiling of any P).
 """
 
@@ -117,6 +118,8 @@ class MNParams(Params):
     pseudo_align: str = "none"  # none | labels: P's class frequencies moved to the labelled crops' (ReMixMatch DA)
     align_decay: float = 0.99  # pseudo_align: running means <- decay * mean + (1 - decay) * this batch's
     align_max_ratio: float = 10.0  # pseudo_align: each class's factor clipped to [1 / max, max]
+    align_classes: list[int] | None = None  # pseudo_align: the classes rescaled (default all; others r_c = 1)
+    align_down_only: bool = False  # pseudo_align: r_c <= 1, only lowering classes P over-predicts
     oracle_pseudo: bool = False  # diagnostic: the unlabelled imagesTr cases' true labels as P
     cotrain_first: str = "net3d"  # the role the 1st, 3rd, ... co-training epoch trains (net2d: the authors' code)
 
@@ -173,6 +176,9 @@ class MN(Method):
                 raise ConfigError(f"method.params.align_decay={self.p.align_decay} must lie in [0, 1)")
             if not float(self.p.align_max_ratio) >= 1.0:
                 raise ConfigError(f"method.params.align_max_ratio={self.p.align_max_ratio} must be at least 1")
+            if not all(0 <= int(c) < self.ctx.num_classes for c in self.p.align_classes or []):
+                raise ConfigError(f"method.params.align_classes={list(self.p.align_classes)} must name classes 0 to "
+                                  f"{self.ctx.num_classes - 1}")
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 # uneven shards carry no pooled sums, so each process would keep its own frequencies
                 raise ConfigError("method.params.pseudo_align=labels runs in one process only (not under torchrun)")
@@ -435,7 +441,8 @@ class MN(Method):
             self.align_batches[f"{role}/{key}"] = n + 1
         if "labels" not in priors:  # no labelled crop seen yet: nothing to align to
             return pseudo
-        aligned, ratio = align_distribution(pseudo, priors["labels"], priors["pseudo"], float(self.p.align_max_ratio))
+        aligned, ratio = align_distribution(pseudo, priors["labels"], priors["pseudo"], float(self.p.align_max_ratio),
+                                            self.p.align_classes, bool(self.p.align_down_only))
         logs.update({f"align_ratio_{c}": ratio[c] for c in range(1, pseudo.shape[1])})
         return aligned
 
