@@ -84,6 +84,17 @@ def _expected_3d_loss(method, batch, target):
     return 2 / 5 * supervised_loss(logits[:2], batch.label_l) + 3 / 5 * pseudo_label_loss(logits[2:], target)
 
 
+def _ensemble_and_first_shares(method, batch):
+    """By hand for the 3D model's first aligned step on ``batch``: the ensemble pseudo-mask P (eval-mode softmax
+    of both models), the labelled crops' class frequencies and P's argmax shares (what the running means start at)."""
+    partner = torch.softmax(method.models["net2d"].eval()(batch.image_u), 1)
+    own = torch.softmax(method.models["net3d"].eval()(batch.image_u), 1)
+    p = (partner + own) / 2
+    label_freq = torch.stack([(batch.label_l == c).float().mean() for c in range(2)])
+    hard_freq = torch.stack([(p.argmax(1) == c).float().mean() for c in range(2)])
+    return p, label_freq, hard_freq
+
+
 def test_unlabelled_weight_zero_leaves_only_the_labelled_share():
     batch = _batch(2, 3)
     starved, _ = _method(w_u=0.0)
@@ -395,11 +406,7 @@ def test_pseudo_align_classes_and_down_only_reach_the_step_and_bad_classes_are_r
     method, _ = _method(pseudo="ensemble", pseudo_align="labels", align_classes=[1], align_down_only=True)
     got = _step_loss(method, batch)
     with torch.no_grad():
-        partner = torch.softmax(method.models["net2d"].eval()(batch.image_u), 1)
-        own = torch.softmax(method.models["net3d"].eval()(batch.image_u), 1)
-        p = (partner + own) / 2
-        label_freq = torch.stack([(batch.label_l == c).float().mean() for c in range(2)])
-        hard_freq = torch.stack([(p.argmax(1) == c).float().mean() for c in range(2)])
+        p, label_freq, hard_freq = _ensemble_and_first_shares(method, batch)
         r = (label_freq / hard_freq).clamp(0.1, 10.0).clamp_max(1.0)
         r[0] = 1.0
         q = p * r.view(1, -1, 1, 1, 1)
@@ -417,12 +424,8 @@ def test_pseudo_align_labels_trains_on_the_aligned_ensemble_and_keeps_running_fr
     got = _step_loss(method, batch)
     priors = method.class_priors["net3d"]
     with torch.no_grad():
-        partner = torch.softmax(method.models["net2d"].eval()(batch.image_u), 1)
-        own = torch.softmax(method.models["net3d"].eval()(batch.image_u), 1)
-        p = (partner + own) / 2
-        label_freq = torch.stack([(batch.label_l == c).float().mean() for c in range(2)])
+        p, label_freq, hard_freq = _ensemble_and_first_shares(method, batch)  # argmax shares, as labels
         assert torch.allclose(priors["labels"], label_freq)  # the first batch initialises the running means
-        hard_freq = torch.stack([(p.argmax(1) == c).float().mean() for c in range(2)])  # argmax shares, as labels
         assert torch.allclose(priors["pseudo"], hard_freq, atol=1e-6)
         q = p * (label_freq / hard_freq).clamp(0.1, 10.0).view(1, -1, 1, 1, 1)
         q = q / q.sum(1, keepdim=True)
