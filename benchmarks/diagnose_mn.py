@@ -7,6 +7,7 @@ with one thing changed, next to the supervised baseline with the same labels and
     python benchmarks/diagnose_mn.py --out /tmp/diag --variants sup,full,mn,bu0   # seed 0
     python benchmarks/diagnose_mn.py --out /tmp/diag --variants sup,mn_paper,mn --seeds 0,1,2 --jobs 2
     python benchmarks/diagnose_mn.py --out /tmp/diag_short --budget short     # the first diagnosis: 500 updates
+    python benchmarks/diagnose_mn.py --out /tmp/diag_late --budget late --variants mn_lesion_rest --num-labeled 4
 
 Variants that change only co-training start from their base run's model at the end of the supervised stage, so
 stage 1 is trained once per base; a base that is not asked for itself trains no further than that (OUT/runs/
@@ -45,6 +46,11 @@ BUDGETS = {
     "short": {"sup_epochs": 10, "mn_epochs": 40, "mn": ["train.epochs=40", "method.params.sup_epochs=10",
                                                         "train.val_every=5"],
               "other": ["train.epochs=25", "train.val_every=5"]},
+    # "long" with co-training started at epoch 45 instead of 30 (the 3D model still gets 45 + 60 / 2 = 75 epochs,
+    # 1,500 updates): at epoch 30 neither model predicts a lesion voxel in the unlabelled subjects at 4 labelled,
+    # and supervised training shows the lesion on validation from epoch 45 (seeds 1 and 2)
+    "late": {"sup_epochs": 45, "mn_epochs": 105, "mn": ["train.epochs=105", "method.params.sup_epochs=45"],
+             "other": []},
 }
 # name -> (preset, overrides, base): a variant with a base starts from the base run's model at the end of the
 # supervised stage (checkpoints/epoch10.pt; the changed switch acts in co-training only), so the diagnosis trains

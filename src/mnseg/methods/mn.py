@@ -86,6 +86,8 @@ CHOICES = {
     "by_class_mix": ("renormalise", "remainder"),
 }
 
+ALIGN_KEYS = ("align_decay", "align_max_ratio", "align_classes", "align_down_only")  # what pseudo_align reads
+
 
 @dataclass
 class MNParams(Params):
@@ -182,6 +184,10 @@ class MN(Method):
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 # uneven shards carry no pooled sums, so each process would keep its own frequencies
                 raise ConfigError("method.params.pseudo_align=labels runs in one process only (not under torchrun)")
+        else:
+            unused = [k for k in ALIGN_KEYS if getattr(self.p, k) != MNParams.__dataclass_fields__[k].default]
+            if unused:  # as by_class_mix without partner_weight_by_class: a setting that would do nothing
+                raise ConfigError(f"method.params.{', '.join(unused)} need pseudo_align=labels (they tune it)")
         # pseudo_align: per trained role, running class frequencies {"labels": pi, "pseudo": pbar} (device tensors)
         self.class_priors: dict[str, dict[str, Tensor]] = {}
         self.align_batches: dict[str, int] = {}  # "<role>/<labels|pseudo>": batches in that running mean so far
