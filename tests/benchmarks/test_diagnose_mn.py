@@ -52,3 +52,18 @@ def test_threads_reach_the_training_jobs(tmp_path, monkeypatch):
     monkeypatch.setitem(diagnose_mn.THREADS, "n", 2)
     assert diagnose_mn._train(["x"], tmp_path / "log.txt") == 0
     assert seen == ["2"]
+
+
+def test_a_second_call_sharing_out_keeps_the_first_calls_rows(tmp_path):
+    from diagnose_mn import write_tables
+
+    def row(variant, n, seed, val):
+        return {"variant": variant, "n": n, "seed": seed, "val_dice": val, "best_val": val, "best_epoch": 15,
+                "test_white_matter": 0.7, "test_grey_matter": 0.8, "test_lesion": 0.2, "test_fg_mean": 0.5,
+                "pseudo_share_3": float("nan"), "label_share_3": float("nan"), "b_u": float("nan")}
+
+    write_tables(tmp_path, [row("mn", 4, 0, 0.51), row("sup", 4, 0, 0.52)])
+    write_tables(tmp_path, [row("mn", 4, 0, 0.55), row("mn", 2, 0, 0.53)])  # mn n4 seed 0 again: replaced
+    table = (tmp_path / "diagnosis.md").read_text().splitlines()[2:]
+    assert [line.split(" | ")[:4] for line in table] == [["| sup", "4", "0", "0.5200"], ["| mn", "4", "0", "0.5500"],
+                                                        ["| mn", "2", "0", "0.5300"]]
