@@ -12,11 +12,11 @@ with one thing changed, next to the supervised baseline with the same labels and
 Variants that change only co-training start from their base run's model at the end of the supervised stage, so
 stage 1 is trained once per base; a base that is not asked for itself trains no further than that (OUT/runs/
 <base>_stage1/), so `--variants mn_wu0 --num-labeled 4 --seeds 0,1` costs two stage 1s and two co-trainings.
-Runs go to OUT/runs/<variant>/n<N>_seed<S> (finished runs are kept, so a rerun
-continues); OUT/diagnosis.csv and
-OUT/diagnosis.md hold (with the rows of earlier calls on the same OUT), per run: validation Dice (2 held-out labelled subjects: what a recipe is chosen on), test
-Dice per class (10 test subjects: reported, never chosen on), and for M&N the lesion's share in the pseudo-masks
-against its share in the labels over the 3D model's co-training epochs. Test Dice is that of the checkpoint with the
+Runs go to OUT/runs/<variant>/n<N>_seed<S> (finished runs are kept, so a rerun continues); OUT/diagnosis.csv and
+OUT/diagnosis.md hold (with the rows of earlier calls on the same OUT), per run: validation Dice (2 held-out
+labelled subjects: what a recipe is chosen on), test Dice per class (10 test subjects: reported, never chosen on),
+and for M&N the lesion's share in the pseudo-masks against its share in the labels over the 3D model's co-training
+epochs. Test Dice is that of the checkpoint with the
 best validation Dice (as `mnseg train --test` and the benchmark predict), so a variant whose co-training only lowers
 validation Dice is scored at an epoch before it (the best-epoch column says which). Each job runs with one thread
 (OMP_NUM_THREADS=1, or --threads), so --jobs 2 uses both cores of a 2-core machine.

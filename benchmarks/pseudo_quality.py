@@ -35,7 +35,8 @@ def score(run_dir: Path, dataset: Path, checkpoint: str, predictors=tuple(PREDIC
           tta: bool = False) -> dict[str, dict[str, dict]]:
     """{predictor: {class name: {"dice": mean Dice, "volume_ratio": predicted / true voxels}}} over the run's
     unlabelled imagesTr subjects; ``tta``: each predictor mirrored over its training flips (a candidate target that
-    may be better than the model itself), keyed ``<predictor>+tta``."""
+    may be better than the model itself), keyed ``<predictor>+tta``, left out where no model of the predictor was
+    trained with flips (unmirrored, it would score exactly as the predictor itself)."""
     split = json.loads((run_dir / "split.json").read_text())
     cases = split["unlabeled"]["imagesTr"]
     labels = {int(v): k for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()}
@@ -43,8 +44,9 @@ def score(run_dir: Path, dataset: Path, checkpoint: str, predictors=tuple(PREDIC
     out = {}
     for which in predictors:
         run = load_run(run_dir, checkpoint, device="cpu", model=which)
-        if tta:
-            configure_tta(run)
+        if tta and not any(configure_tta(run)):
+            print(f"{which}+tta: left out, its models were trained without flips (it would score as '{which}')")
+            continue
         per_class = {name: [] for name in classes.values()}
         volumes = {name: [0, 0] for name in classes.values()}
         for case in cases:

@@ -42,4 +42,9 @@ def test_scores_are_medpy_dice_on_the_unlabelled_subjects(toy_dataset, tmp_path)
     name = next(iter(last["3d"]))
     assert abs(last["3d"][name]["dice"] - float(np.mean(expected))) < 1e-9
     assert abs(last["3d"][name]["volume_ratio"] - volumes[0] / volumes[1]) < 1e-9
-    assert set(score(run, toy_dataset, "last", ["3d"], tta=True)) == {"3d+tta"}
+    # trained without flips: mirrored it would be predicted unmirrored, the same row again, so it is left out
+    assert score(run, toy_dataset, "last", ["3d"], tta=True) == {}
+    flipped = tmp_path / "flipped"
+    assert main(["train", str(toy_dataset), *TINY_MN, "--epochs", "3", "--run-dir", str(flipped),
+                 "models.net3d.augment.overrides={flip_axes: [0, 1, 2]}", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    assert set(score(flipped, toy_dataset, "last", ["3d"], tta=True)) == {"3d+tta"}
