@@ -7,9 +7,16 @@
 #     benchmarks/methods_cpu.sh (cpu_grid_supervised, 25 epochs of 20 updates), beside the same run from scratch;
 #  3. M&N (cpu_grid_mn at 10 + 30 epochs, the diagnosis's short budget) from scratch and with its 3D UNet started
 #     from the task whose supervised run had the best validation Dice (chosen on validation, never on test).
-# One run at a time with one thread; each run's test Dice is in RUN/test_predictions/summary.json.
+# One run at a time with one thread; each run's test Dice is in RUN/test_predictions/summary.json. SEEDS (default 0)
+# repeats steps 2 and 3 on other splits (runs/<name> for seed 0, runs/<name>_seed<S> for the others), each
+# starting from the same pretrained encoders (pretraining reads no label and no split); the pretext task for M&N is
+# chosen on each seed's own validation Dice.
 #
 #   bash benchmarks/pretrain_cpu.sh [OUT]          # default OUT=pretrain_cpu; run again to continue
+#   SEEDS="1 2" bash benchmarks/pretrain_cpu.sh OUT   # the same rows on seeds 1 and 2
+# The paired table over seeds (from the kept runs, no training):
+#   python benchmarks/compare_runs.py --baseline "sup=OUT/runs/supervised_scratch*" \
+#     --run "sup+rec=OUT/runs/supervised_reconstruction*" --run "mn=OUT/runs/mn_scratch*" ...
 set -eu
 OUT=${1:-pretrain_cpu}
 . "$(dirname "$0")/grid_data.sh"
@@ -17,15 +24,12 @@ NET=(models.net.name=unet3d "models.net.kwargs={depth: 4, base_filters: 16}" mod
      models.net.optim.warmup_epochs=1)
 TASKS=(rotation contrastive reconstruction clustering)
 PRE_EPOCHS=25
-SPLIT=(--num-labeled 2 --num-val 2 --seed 0 --test --no-progress)
 train() {  # RUN ARGS...: train (or resume) one run unless it is finished
   local run=$1; shift
   [ -f "$run/test_predictions/summary.json" ] && return 0
   if [ -f "$run/checkpoints/last.pt" ]; then mnseg train --resume "$run" --test --no-progress
   else mnseg train "$DATA" --run-dir "$run" --overwrite "$@"; fi
 }
-SUP=(--config cpu_grid_supervised "${SPLIT[@]}" train.epochs=25 train.val_every=5)
-train "$OUT/runs/supervised_scratch" "${SUP[@]}"
 for task in "${TASKS[@]}"; do
   pre=$OUT/pretrain/$task
   if [ "$(cat "$pre/history.csv" 2>/dev/null | wc -l)" -le "$PRE_EPOCHS" ]; then  # not all its epochs yet
@@ -33,18 +37,26 @@ for task in "${TASKS[@]}"; do
     else mnseg pretrain "$DATA" --task "$task" -o "$pre" --overwrite --epochs "$PRE_EPOCHS" --iters-per-epoch 20 \
       --patch-size 32,32,32 --no-progress "${NET[@]}"; fi
   fi
-  train "$OUT/runs/supervised_$task" "${SUP[@]}" "models.net.init=$pre/checkpoints/last.pt"
 done
-best=$(python - "$OUT/runs" "${TASKS[@]}" <<'PY'
+for seed in ${SEEDS:-0}; do
+  tag=$([ "$seed" = 0 ] && echo "" || echo "_seed$seed")
+  SPLIT=(--num-labeled 2 --num-val 2 --seed "$seed" --test --no-progress)
+  SUP=(--config cpu_grid_supervised "${SPLIT[@]}" train.epochs=25 train.val_every=5)
+  train "$OUT/runs/supervised_scratch$tag" "${SUP[@]}"
+  for task in "${TASKS[@]}"; do
+    train "$OUT/runs/supervised_$task$tag" "${SUP[@]}" "models.net.init=$OUT/pretrain/$task/checkpoints/last.pt"
+  done
+  best=$(python - "$OUT/runs" "$tag" "${TASKS[@]}" <<'PY'
 import csv, sys
 from pathlib import Path
 def best_val(run):
     rows = [r for r in csv.DictReader(open(Path(run) / "history.csv")) if r.get("val_dice")]
     return max(float(r["val_dice"]) for r in rows)
-print(max(sys.argv[2:], key=lambda t: best_val(Path(sys.argv[1]) / f"supervised_{t}")))
+print(max(sys.argv[3:], key=lambda t: best_val(Path(sys.argv[1]) / f"supervised_{t}{sys.argv[2]}")))
 PY
 )
-echo "pretext task with the best validation Dice: $best"
-MN=(--config cpu_grid_mn "${SPLIT[@]}" train.epochs=40 method.params.sup_epochs=10 train.val_every=5)
-train "$OUT/runs/mn_scratch" "${MN[@]}"
-train "$OUT/runs/mn_$best" "${MN[@]}" "models.net3d.init=$OUT/pretrain/$best/checkpoints/last.pt"
+  echo "seed $seed: pretext task with the best validation Dice: $best"
+  MN=(--config cpu_grid_mn "${SPLIT[@]}" train.epochs=40 method.params.sup_epochs=10 train.val_every=5)
+  train "$OUT/runs/mn_scratch$tag" "${MN[@]}"
+  train "$OUT/runs/mn_$best$tag" "${MN[@]}" "models.net3d.init=$OUT/pretrain/$best/checkpoints/last.pt"
+done
