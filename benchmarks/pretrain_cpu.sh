@@ -14,6 +14,8 @@
 #
 #   bash benchmarks/pretrain_cpu.sh [OUT]          # default OUT=pretrain_cpu; run again to continue
 #   SEEDS="1 2" bash benchmarks/pretrain_cpu.sh OUT   # the same rows on seeds 1 and 2
+#   SCRATCH_ONLY=1 SEEDS="1 2" bash benchmarks/pretrain_cpu.sh OUT   # only the runs from scratch (no pretraining
+#       needed): on the second core while another call pretrains; a later call skips them
 # The paired table over seeds (from the kept runs, no training):
 #   python benchmarks/compare_runs.py --baseline "sup=OUT/runs/supervised_scratch*" \
 #     --run "sup+rec=OUT/runs/supervised_reconstruction*" --run "mn=OUT/runs/mn_scratch*" ...
@@ -30,6 +32,17 @@ train() {  # RUN ARGS...: train (or resume) one run unless it is finished
   if [ -f "$run/checkpoints/last.pt" ]; then mnseg train --resume "$run" --test --no-progress
   else mnseg train "$DATA" --run-dir "$run" --overwrite "$@"; fi
 }
+scratch() {  # SEED TAG: the runs that start from scratch
+  local split=(--num-labeled 2 --num-val 2 --seed "$1" --test --no-progress)
+  train "$OUT/runs/supervised_scratch$2" --config cpu_grid_supervised "${split[@]}" train.epochs=25 train.val_every=5
+  train "$OUT/runs/mn_scratch$2" --config cpu_grid_mn "${split[@]}" train.epochs=40 method.params.sup_epochs=10 \
+    train.val_every=5
+}
+tag_of() { [ "$1" = 0 ] && echo "" || echo "_seed$1"; }
+if [ -n "${SCRATCH_ONLY:-}" ]; then
+  for seed in ${SEEDS:-0}; do scratch "$seed" "$(tag_of "$seed")"; done
+  exit 0
+fi
 for task in "${TASKS[@]}"; do
   pre=$OUT/pretrain/$task
   if [ "$(cat "$pre/history.csv" 2>/dev/null | wc -l)" -le "$PRE_EPOCHS" ]; then  # not all its epochs yet
@@ -39,10 +52,10 @@ for task in "${TASKS[@]}"; do
   fi
 done
 for seed in ${SEEDS:-0}; do
-  tag=$([ "$seed" = 0 ] && echo "" || echo "_seed$seed")
+  tag=$(tag_of "$seed")
+  scratch "$seed" "$tag"
   SPLIT=(--num-labeled 2 --num-val 2 --seed "$seed" --test --no-progress)
   SUP=(--config cpu_grid_supervised "${SPLIT[@]}" train.epochs=25 train.val_every=5)
-  train "$OUT/runs/supervised_scratch$tag" "${SUP[@]}"
   for task in "${TASKS[@]}"; do
     train "$OUT/runs/supervised_$task$tag" "${SUP[@]}" "models.net.init=$OUT/pretrain/$task/checkpoints/last.pt"
   done
@@ -57,6 +70,5 @@ PY
 )
   echo "seed $seed: pretext task with the best validation Dice: $best"
   MN=(--config cpu_grid_mn "${SPLIT[@]}" train.epochs=40 method.params.sup_epochs=10 train.val_every=5)
-  train "$OUT/runs/mn_scratch$tag" "${MN[@]}"
   train "$OUT/runs/mn_$best$tag" "${MN[@]}" "models.net3d.init=$OUT/pretrain/$best/checkpoints/last.pt"
 done
