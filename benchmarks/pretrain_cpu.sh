@@ -16,6 +16,8 @@
 #   SEEDS="1 2" bash benchmarks/pretrain_cpu.sh OUT   # the same rows on seeds 1 and 2
 #   SCRATCH_ONLY=1 SEEDS="1 2" bash benchmarks/pretrain_cpu.sh OUT   # only the runs from scratch (no pretraining
 #       needed): on the second core while another call pretrains; a later call skips them
+#   TASKS=reconstruction SEEDS="1 2" bash benchmarks/pretrain_cpu.sh OUT   # seed 0's choice only (what the table
+#       over seeds measures: supervised and M&N, each from scratch and from reconstruction)
 # The paired table over seeds (from the kept runs, no training):
 #   python benchmarks/compare_runs.py --baseline "sup=OUT/runs/supervised_scratch*" \
 #     --run "sup+rec=OUT/runs/supervised_reconstruction*" --run "mn=OUT/runs/mn_scratch*" ...
@@ -24,7 +26,7 @@ OUT=${1:-pretrain_cpu}
 . "$(dirname "$0")/grid_data.sh"
 NET=(models.net.name=unet3d "models.net.kwargs={depth: 4, base_filters: 16}" models.net.optim.lr=2.0e-3
      models.net.optim.warmup_epochs=1)
-TASKS=(rotation contrastive reconstruction clustering)
+read -ra TASKS <<< "${TASKS:-rotation contrastive reconstruction clustering}"  # TASKS="reconstruction": that one only
 PRE_EPOCHS=25
 train() {  # RUN ARGS...: train (or resume) one run unless it is finished
   local run=$1; shift
