@@ -16,9 +16,9 @@ Runs go to OUT/runs/<variant>/n<N>_seed<S> (finished runs are kept, so a rerun c
 OUT/diagnosis.md hold (with the rows of earlier calls on the same OUT), per run: validation Dice (2 held-out
 labelled subjects: what a recipe is chosen on), test Dice per class (10 test subjects: reported, never chosen on),
 and for M&N the lesion's share in the pseudo-masks against its share in the labels over the 3D model's co-training
-epochs. Test Dice is that of the checkpoint with the
-best validation Dice (as `mnseg train --test` and the benchmark predict), so a variant whose co-training only lowers
-validation Dice is scored at an epoch before it (the best-epoch column says which). Each job runs with one thread
+epochs. Test Dice is that of the checkpoint with the best validation Dice (as `mnseg train --test` and the benchmark
+predict), so a variant whose co-training only lowers validation Dice is scored at an epoch before it (the best-epoch
+column says which). Each job runs with one thread
 (OMP_NUM_THREADS=1, or --threads), so --jobs 2 uses both cores of a 2-core machine.
 """
 
@@ -286,15 +286,19 @@ def read_run(run_dir: Path) -> dict:
 def merged_rows(out: Path, results: list[dict]) -> list[dict]:
     """The rows already in OUT/diagnosis.csv (another call's, e.g. a second process sharing OUT) with this call's
     results in place of those of the same (variant, n, seed), so no call drops another's rows."""
-    key = lambda r: (str(r["variant"]), str(r["n"]), str(r["seed"]))  # noqa: E731
-    new = {key(r): r for r in results}
+    def key(row):
+        return str(row["variant"]), str(row["n"]), str(row["seed"])
+
+    def typed(row):  # the CSV's strings back to the numbers read_run gives
+        return {k: v if k == "variant" else int(v) if k in ("n", "seed", "best_epoch") else float(v)
+                for k, v in row.items()}
+
+    new = {key(r) for r in results}
     old = []
     if (out / "diagnosis.csv").exists():
         with open(out / "diagnosis.csv", newline="") as fh:
-            old = [r for r in csv.DictReader(fh) if key(r) not in new and set(r) == set(results[0])]
-    ints = {"n", "seed", "best_epoch"}
-    typed = lambda r: {k: v if k == "variant" else int(v) if k in ints else float(v) for k, v in r.items()}  # noqa: E731
-    return [typed(r) for r in old] + results
+            old = [typed(r) for r in csv.DictReader(fh) if key(r) not in new and set(r) == set(results[0])]
+    return old + results
 
 
 def write_tables(out: Path, results: list[dict]) -> None:
