@@ -34,15 +34,18 @@ train() {  # RUN ARGS...: train (or resume) one run unless it is finished
   if [ -f "$run/checkpoints/last.pt" ]; then mnseg train --resume "$run" --test --no-progress
   else mnseg train "$DATA" --run-dir "$run" --overwrite "$@"; fi
 }
-scratch() {  # SEED TAG: the runs that start from scratch
+for_seed() {  # SEED: its run-name suffix (TAG) and the supervised and M&N settings on its split (SUP, MN)
+  TAG=$([ "$1" = 0 ] && echo "" || echo "_seed$1")
   local split=(--num-labeled 2 --num-val 2 --seed "$1" --test --no-progress)
-  train "$OUT/runs/supervised_scratch$2" --config cpu_grid_supervised "${split[@]}" train.epochs=25 train.val_every=5
-  train "$OUT/runs/mn_scratch$2" --config cpu_grid_mn "${split[@]}" train.epochs=40 method.params.sup_epochs=10 \
-    train.val_every=5
+  SUP=(--config cpu_grid_supervised "${split[@]}" train.epochs=25 train.val_every=5)
+  MN=(--config cpu_grid_mn "${split[@]}" train.epochs=40 method.params.sup_epochs=10 train.val_every=5)
 }
-tag_of() { [ "$1" = 0 ] && echo "" || echo "_seed$1"; }
+scratch() {  # the runs that start from scratch, for the seed for_seed last set
+  train "$OUT/runs/supervised_scratch$TAG" "${SUP[@]}"
+  train "$OUT/runs/mn_scratch$TAG" "${MN[@]}"
+}
 if [ -n "${SCRATCH_ONLY:-}" ]; then
-  for seed in ${SEEDS:-0}; do scratch "$seed" "$(tag_of "$seed")"; done
+  for seed in ${SEEDS:-0}; do for_seed "$seed"; scratch; done
   exit 0
 fi
 for task in "${TASKS[@]}"; do
@@ -54,14 +57,12 @@ for task in "${TASKS[@]}"; do
   fi
 done
 for seed in ${SEEDS:-0}; do
-  tag=$(tag_of "$seed")
-  scratch "$seed" "$tag"
-  SPLIT=(--num-labeled 2 --num-val 2 --seed "$seed" --test --no-progress)
-  SUP=(--config cpu_grid_supervised "${SPLIT[@]}" train.epochs=25 train.val_every=5)
+  for_seed "$seed"
+  scratch
   for task in "${TASKS[@]}"; do
-    train "$OUT/runs/supervised_$task$tag" "${SUP[@]}" "models.net.init=$OUT/pretrain/$task/checkpoints/last.pt"
+    train "$OUT/runs/supervised_$task$TAG" "${SUP[@]}" "models.net.init=$OUT/pretrain/$task/checkpoints/last.pt"
   done
-  best=$(python - "$OUT/runs" "$tag" "${TASKS[@]}" <<'PY'
+  best=$(python - "$OUT/runs" "$TAG" "${TASKS[@]}" <<'PY'
 import csv, sys
 from pathlib import Path
 def best_val(run):
@@ -71,6 +72,5 @@ print(max(sys.argv[3:], key=lambda t: best_val(Path(sys.argv[1]) / f"supervised_
 PY
 )
   echo "seed $seed: pretext task with the best validation Dice: $best"
-  MN=(--config cpu_grid_mn "${SPLIT[@]}" train.epochs=40 method.params.sup_epochs=10 train.val_every=5)
-  train "$OUT/runs/mn_$best$tag" "${MN[@]}" "models.net3d.init=$OUT/pretrain/$best/checkpoints/last.pt"
+  train "$OUT/runs/mn_$best$TAG" "${MN[@]}" "models.net3d.init=$OUT/pretrain/$best/checkpoints/last.pt"
 done
