@@ -133,6 +133,12 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # the ceiling of the grid's recipe: the unlabelled subjects' true labels as P, the same batches and schedule.
     # What it gains over supervised at 4 labelled is all any pseudo-mask could give there
     "mn_oracle": ("cpu_grid_mn", ["method.params.oracle_pseudo=true"], "mn"),
+    # true lesions in every target: a cube of a labelled crop pasted into each unlabelled item, its labels the target
+    # there (BCP's inward copy-paste), with the grid's ensemble target and with mn_lesion_rest's
+    "mn_paste": ("cpu_grid_mn", ["method.params.copy_paste=labels"], "mn"),
+    "mn_lesion_rest_paste": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
+                                             "method.params.by_class_mix=remainder",
+                                             "method.params.copy_paste=labels"], "mn"),
     # one warm-up + cosine over the whole run instead of a restart at co-training: the restart alone costs supervised
     # training the lesion (sup_restart, 3 seeds at 2 labelled), and every 4-labelled variant with it lost seed 0's
     # lesion; stage 1 differs (its learning rate does not fall to lr_final), so no base

@@ -107,7 +107,7 @@ NEW_MODEL_KEYS = {"lora_train_bias_norm": False, "init": None, "init_role": None
 NEW_PARAMS = {"cotrain_first": "net3d", "partner_weight": 0.5, "generator": "live", "generator_decay": 0.99,
               "partner_weight_by_class": None, "by_class_mix": "renormalise", "pseudo_align": "none",
               "align_decay": 0.99, "align_max_ratio": 10.0, "align_classes": None,
-              "align_down_only": False}
+              "align_down_only": False, "copy_paste": "none", "paste_ratio": 2 / 3}
 NEW_OPTIM_KEYS = {"schedule": "cosine", "momentum": 0.99, "nesterov": True, "step_size": 0, "step_gamma": 0.1,
                   "restart_epochs": []}
 NEW_TRAIN_KEYS = {"cpu_amp": False}

@@ -33,3 +33,15 @@ def align_distribution(probs: Tensor, target_prior: Tensor, current_prior: Tenso
         ratio = torch.where(chosen, ratio, torch.ones_like(ratio))
     scaled = probs * ratio.view(1, -1, *([1] * (probs.dim() - 2)))
     return scaled / scaled.sum(dim=1, keepdim=True).clamp_min(1e-12), ratio
+
+
+def update_running_means(means: dict[str, Tensor], batches: dict[str, int], prefix: str, values: dict[str, Tensor],
+                         decay: float) -> None:
+    """means[k] <- d means[k] + (1 - d) values[k] in place, d = min(decay, n / (n + 1)) after n batches (counted in
+    ``batches`` under "<prefix>/<k>"): bias-corrected, the plain mean of the first 1 / (1 - decay) batches rather
+    than the first batch's crops."""
+    for key, value in values.items():
+        n = batches.get(f"{prefix}/{key}", 0)
+        d = min(decay, n / (n + 1))
+        means[key] = value if n == 0 else d * means[key] + (1.0 - d) * value
+        batches[f"{prefix}/{key}"] = n + 1

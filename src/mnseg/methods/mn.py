@@ -49,13 +49,14 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
   so a rare class the generator under-predicts is raised and one it over-predicts is lowered (one process only;
   voxels of the ignore label are left out of pi, the unlabelled crops' padding counts in pbar); ``align_classes``
   limits it to some classes (r_c = 1 for the others), ``align_down_only`` to r_c <= 1 (a cap on runaway classes);
+- ``copy_paste: labels``: each unlabelled item gets a cube (``paste_ratio`` of each side) of a labelled crop pasted
+  in, its true labels the target there (BCP, Bai et al. CVPR 2023; ``copy_paste.py``), so targets hold a rare class;
 - ``oracle_pseudo``: a diagnostic, the unlabelled imagesTr cases' true labels as P (the ceiling of any P).
 """
 
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,9 +66,11 @@ from torch import Tensor
 from mnseg.engine.contract import Segment, current_lr, unwrap
 from mnseg.errors import ConfigError
 from mnseg.losses import pseudo_label_loss, supervised_loss
-from mnseg.methods.alignment import align_distribution, class_counts
+from mnseg.methods.alignment import align_distribution, class_counts, update_running_means
 from mnseg.methods.base import Batch, Method, Params, StepOutput, ema_update_
+from mnseg.methods.copy_paste import paste_labelled
 from mnseg.methods.ensemble import agreed_labels, mix_with_remainder
+from mnseg.methods.mn_checks import check_switches
 from mnseg.methods.mn_sampling import (
     SAMPLING,
     epoch_linear_unlabeled_count,
@@ -84,9 +87,8 @@ CHOICES = {
     "generator": ("live", "ema"),
     "pseudo_align": ("none", "labels"),
     "by_class_mix": ("renormalise", "remainder"),
+    "copy_paste": ("none", "labels"),
 }
-
-ALIGN_KEYS = ("align_decay", "align_max_ratio", "align_classes", "align_down_only")  # what pseudo_align reads
 
 
 @dataclass
@@ -122,6 +124,8 @@ class MNParams(Params):
     align_max_ratio: float = 10.0  # pseudo_align: each class's factor clipped to [1 / max, max]
     align_classes: list[int] | None = None  # pseudo_align: the classes rescaled (default all; others r_c = 1)
     align_down_only: bool = False  # pseudo_align: r_c <= 1, only lowering classes P over-predicts
+    copy_paste: str = "none"  # none | labels: a labelled cube pasted into each unlabelled item (its labels as target)
+    paste_ratio: float = 2 / 3  # copy_paste: the cube's side as a share of the crop's
     oracle_pseudo: bool = False  # diagnostic: the unlabelled imagesTr cases' true labels as P
     cotrain_first: str = "net3d"  # the role the 1st, 3rd, ... co-training epoch trains (net2d: the authors' code)
 
@@ -153,41 +157,8 @@ class MN(Method):
         self.weights = {k: float(getattr(self.p, k)) for k in ("w_ce", "w_dice", "w_kl", "w_u")}
         self.fixed_pseudo = bool(self.p.fixed_pseudo)
         self.choice = {k: getattr(self.p, k) for k in CHOICES}
-        for key, value in self.choice.items():
-            if value not in CHOICES[key]:
-                raise ConfigError(f"method.params.{key}='{value}' unknown; choose one of {', '.join(CHOICES[key])}")
-        if not 0.0 <= float(self.p.partner_weight) <= 1.0:
-            raise ConfigError(f"method.params.partner_weight={self.p.partner_weight} must lie between 0 and 1")
-        if self.choice["generator"] == "ema":
-            if self.fixed_pseudo:
-                raise ConfigError("method.params.generator=ema and fixed_pseudo=true exclude each other: "
-                                  "fixed pseudo-masks come from frozen models, not moving averages")
-            if not 0.0 <= float(self.p.generator_decay) < 1.0:
-                raise ConfigError(f"method.params.generator_decay={self.p.generator_decay} must lie in [0, 1)")
-        by_class = self.p.partner_weight_by_class
-        if by_class is not None:
-            if self.choice["pseudo"] != "ensemble":
-                raise ConfigError("method.params.partner_weight_by_class needs pseudo=ensemble (it mixes both models)")
-            if len(by_class) != self.ctx.num_classes or not all(0.0 <= float(w) <= 1.0 for w in by_class):
-                raise ConfigError(f"method.params.partner_weight_by_class={list(by_class)} must hold one weight in "
-                                  f"[0, 1] per class ({self.ctx.num_classes} classes)")
-        elif self.choice["by_class_mix"] != "renormalise":
-            raise ConfigError("method.params.by_class_mix needs partner_weight_by_class (it says how to apply it)")
-        if self.choice["pseudo_align"] != "none":
-            if not 0.0 <= float(self.p.align_decay) < 1.0:
-                raise ConfigError(f"method.params.align_decay={self.p.align_decay} must lie in [0, 1)")
-            if not float(self.p.align_max_ratio) >= 1.0:
-                raise ConfigError(f"method.params.align_max_ratio={self.p.align_max_ratio} must be at least 1")
-            if not all(0 <= int(c) < self.ctx.num_classes for c in self.p.align_classes or []):
-                raise ConfigError(f"method.params.align_classes={list(self.p.align_classes)} must name classes 0 to "
-                                  f"{self.ctx.num_classes - 1}")
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                # uneven shards carry no pooled sums, so each process would keep its own frequencies
-                raise ConfigError("method.params.pseudo_align=labels runs in one process only (not under torchrun)")
-        else:
-            unused = [k for k in ALIGN_KEYS if getattr(self.p, k) != MNParams.__dataclass_fields__[k].default]
-            if unused:  # as by_class_mix without partner_weight_by_class: a setting that would do nothing
-                raise ConfigError(f"method.params.{', '.join(unused)} need pseudo_align=labels (they tune it)")
+        defaults = {k: f.default for k, f in MNParams.__dataclass_fields__.items()}
+        check_switches(self.p, CHOICES, defaults, self.ctx.num_classes)
         # pseudo_align: per trained role, running class frequencies {"labels": pi, "pseudo": pbar} (device tensors)
         self.class_priors: dict[str, dict[str, Tensor]] = {}
         self.align_batches: dict[str, int] = {}  # "<role>/<labels|pseudo>": batches in that running mean so far
@@ -367,6 +338,10 @@ class MN(Method):
                     pseudo = self._align(role, pseudo, label if b_l else None, batch.reduce_sums, logs)
             else:
                 pseudo = self._one_hot(oracle)
+            if self.choice["copy_paste"] == "labels" and b_l:
+                image_u, pseudo, weight = paste_labelled(image_u, pseudo, image_l, label, weight=weight, rng=self._rng,
+                                                         ratio=float(self.p.paste_ratio),
+                                                         ignore_index=self.ctx.ignore_index)
             if weight is None:
                 image_u, pseudo = self._depth_subset(role, image_u, pseudo)
             else:
@@ -439,12 +414,7 @@ class MN(Method):
             batch_priors["labels"] = counts / counts.sum().clamp_min(1.0)
             if "labels" in priors:  # crops wholly ignore-labelled leave the mean as it was
                 batch_priors["labels"] = torch.where(counts.sum() > 0, batch_priors["labels"], priors["labels"])
-        for key, value in batch_priors.items():
-            # bias-corrected: the plain mean of the first 1 / (1 - decay) batches, not the first batch's crops
-            n = self.align_batches.get(f"{role}/{key}", 0)
-            decay = min(float(self.p.align_decay), n / (n + 1))
-            priors[key] = value if n == 0 else decay * priors[key] + (1.0 - decay) * value
-            self.align_batches[f"{role}/{key}"] = n + 1
+        update_running_means(priors, self.align_batches, role, batch_priors, float(self.p.align_decay))
         if "labels" not in priors:  # no labelled crop seen yet: nothing to align to
             return pseudo
         aligned, ratio = align_distribution(pseudo, priors["labels"], priors["pseudo"], float(self.p.align_max_ratio),
