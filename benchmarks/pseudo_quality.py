@@ -44,9 +44,13 @@ def score(run_dir: Path, dataset: Path, checkpoint: str, predictors=tuple(PREDIC
     out = {}
     for which in predictors:
         run = load_run(run_dir, checkpoint, device="cpu", model=which)
-        if tta and not any(configure_tta(run)):
-            print(f"{which}+tta: left out, its models were trained without flips (it would score as '{which}')")
-            continue
+        if tta:
+            warnings: list[str] = []  # configure_tta's, printed only where some model of the predictor is mirrored
+            if not any(configure_tta(run, log=warnings.append)):
+                print(f"{which}+tta: left out, its models were trained without flips (it would score as '{which}')")
+                continue
+            for line in warnings:
+                print(line)
         per_class = {name: [] for name in classes.values()}
         volumes = {name: [0, 0] for name in classes.values()}
         for case in cases:

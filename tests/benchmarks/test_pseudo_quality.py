@@ -14,7 +14,7 @@ from pseudo_quality import score, table  # noqa: E402
 from tests.benchmarks.test_diagnose_mn import TINY_MN  # noqa: E402
 
 
-def test_scores_are_medpy_dice_on_the_unlabelled_subjects(toy_dataset, tmp_path):
+def test_scores_are_medpy_dice_on_the_unlabelled_subjects(toy_dataset, tmp_path, capsys):
     import nibabel as nib
     from medpy.metric.binary import dc
 
@@ -43,7 +43,10 @@ def test_scores_are_medpy_dice_on_the_unlabelled_subjects(toy_dataset, tmp_path)
     assert abs(last["3d"][name]["dice"] - float(np.mean(expected))) < 1e-9
     assert abs(last["3d"][name]["volume_ratio"] - volumes[0] / volumes[1]) < 1e-9
     # trained without flips: mirrored it would be predicted unmirrored, the same row again, so it is left out
+    capsys.readouterr()
     assert score(run, toy_dataset, "last", ["3d"], tta=True) == {}
+    said = capsys.readouterr().out
+    assert "3d+tta: left out" in said and "warning: TTA" not in said  # one message for one fact
     flipped = tmp_path / "flipped"
     assert main(["train", str(toy_dataset), *TINY_MN, "--epochs", "3", "--run-dir", str(flipped),
                  "models.net3d.augment.overrides={flip_axes: [0, 1, 2]}", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
