@@ -1,9 +1,12 @@
 """M&N's ``copy_paste: labels``: a labelled cube pasted into each unlabelled item, its true labels the target there."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from mnseg.errors import ConfigError
 from mnseg.losses import pseudo_label_loss, supervised_loss
 from mnseg.methods.copy_paste import cube_masks, paste_labelled
 from tests.methods.test_mn import SUP, _batch, _method
@@ -73,11 +76,33 @@ def test_the_step_trains_on_the_pasted_items_and_the_switch_is_checked():
     for r, m in plain.models.items():
         m.train(r == "net3d")
     assert float(plain.training_step(batch, SUP, 0).loss.detach()) != pytest.approx(got, rel=1e-3)
-    for bad in ({"copy_paste": "both"}, {"copy_paste": "labels", "paste_ratio": 0.0}):
-        with pytest.raises(Exception, match=next(iter(bad)) if len(bad) == 1 else "paste_ratio"):
+    for bad, match in (({"copy_paste": "both"}, "copy_paste"), ({"copy_paste": "labels", "paste_ratio": 0.0},
+                                                                  "paste_ratio")):
+        with pytest.raises(ConfigError, match=match):
             _method(**bad)
 
 
+def test_pasted_ignored_voxels_stay_out_of_a_confidence_weighted_loss():
+    batch = _batch(2, 3)
+    batch.label_l[:, :, :, :8] = 255  # half of each labelled crop unannotated
+    method, _ = _method(copy_paste="labels", paste_ratio=1.0, pseudo_weight="confidence")
+    method.ctx = dataclasses.replace(method.ctx, ignore_index=255)
+    for r, m in method.models.items():
+        m.train(r == "net3d")
+    out = method.training_step(batch, SUP, 0)
+    src = torch.arange(3) % 2
+    label_u = batch.label_l[src]
+    valid = label_u != 255
+    with torch.no_grad():
+        logits = method.models["net3d"](torch.cat([batch.image_l, batch.image_l[src]]))
+        one_hot = torch.nn.functional.one_hot(torch.where(valid, label_u, 0), 2).movedim(-1, 1).float()
+        expected = (2 / 5 * supervised_loss(logits[:2], batch.label_l, ignore_index=255)
+                    + 3 / 5 * pseudo_label_loss(logits[2:], one_hot, mask=valid.float()))
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-4)
+    # the logged pseudo-mask shares are the generator's, not the pasted labels'
+    assert float(out.logs["pseudo_share_1"]) != pytest.approx(float((label_u == 1).float().mean()), abs=1e-3)
+
+
 def test_a_paste_ratio_without_copy_paste_is_refused():
-    with pytest.raises(Exception, match="paste_ratio need copy_paste=labels"):
+    with pytest.raises(ConfigError, match="paste_ratio need copy_paste=labels"):
         _method(paste_ratio=0.5)

@@ -43,8 +43,8 @@ def paste_labelled(
     weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Unlabelled item i gets a cube of labelled item i mod b_l: returns the mixed images, targets (P outside the
-    cube, the one-hot label inside) and voxel weights (``weight`` outside, 1 inside but 0 on ignored voxels; None
-    when neither exists)."""
+    cube, the one-hot label inside) and voxel weights (``weight`` or 1 outside, 1 inside but 0 on ignored voxels;
+    None when there is neither a weight nor an ignore label). M&N pastes only into batches with a labelled item."""
     n, num_classes = image_u.shape[0], pseudo.shape[1]
     source = torch.arange(n, device=image_l.device) % image_l.shape[0]
     src_image, src_label = image_l[source], label_l[source].long()
@@ -53,8 +53,7 @@ def paste_labelled(
     one_hot = torch.nn.functional.one_hot(torch.where(valid, src_label, 0), num_classes).movedim(-1, 1)
     image = torch.where(cube, src_image, image_u)
     target = torch.where(cube, one_hot.to(pseudo.dtype), pseudo)
-    cube_v = cube[:, 0]
-    if weight is None and bool(valid.all()):
+    if weight is None and ignore_index is None:  # nothing to weigh (no host sync to find out)
         return image, target, None
     outside = torch.ones_like(valid, dtype=pseudo.dtype) if weight is None else weight
-    return image, target, torch.where(cube_v, valid.to(pseudo.dtype), outside)
+    return image, target, torch.where(cube[:, 0], valid.to(pseudo.dtype), outside)

@@ -338,6 +338,10 @@ class MN(Method):
                     pseudo = self._align(role, pseudo, label if b_l else None, batch.reduce_sums, logs)
             else:
                 pseudo = self._one_hot(oracle)
+            # what the generator made, before any pasted labels: whether it still predicts a rare class
+            logs.update(self._class_shares("pseudo", pseudo.argmax(dim=1), pseudo.shape[1]))
+            if self.choice["pseudo_weight"] == "agree":
+                logs["agree_share"] = weight.mean().detach()
             if self.choice["copy_paste"] == "labels" and b_l:
                 image_u, pseudo, weight = paste_labelled(image_u, pseudo, image_l, label, weight=weight, rng=self._rng,
                                                          ratio=float(self.p.paste_ratio),
@@ -354,16 +358,13 @@ class MN(Method):
             loss = loss + b_l / (b_l + b_u) * loss_l
             logs["loss_l"] = loss_l.detach()
         if b_u:
-            if self.choice["pseudo_weight"] == "confidence":
-                weight = pseudo.amax(dim=1)
+            if self.choice["pseudo_weight"] == "confidence":  # times the pasted cube's weights (0 where ignored)
+                weight = pseudo.amax(dim=1) if weight is None else weight * pseudo.amax(dim=1)
             loss_u = pseudo_label_loss(logits[b_l:], pseudo, w_kl=self.weights["w_kl"], w_dice=self.weights["w_dice"],
                                        mask=weight, squared_dice=self.choice["soft_dice"] == "squared",
                                        reduce_sums=batch.reduce_sums)
-            if self.choice["pseudo_weight"] == "agree":
-                logs["agree_share"] = weight.mean().detach()
             loss = loss + self.weights["w_u"] * b_u / (b_l + b_u) * loss_u
             logs["loss_u"] = loss_u.detach()
-            logs.update(self._class_shares("pseudo", pseudo.argmax(dim=1), pseudo.shape[1]))
             if b_l:
                 logs.update(self._class_shares("label", label, pseudo.shape[1]))
         return StepOutput(loss, logs)
