@@ -71,8 +71,9 @@ def _masked_mean(per_voxel: Tensor, weight: Tensor | None) -> Tensor:
     return (per_voxel * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def _label_targets(logits: Tensor, labels: Tensor, ignore_index: int | None) -> tuple[Tensor, Tensor | None]:
-    """One-hot (B, K, *S) float targets and a (B, *S) validity weight (None when nothing is ignored)."""
+def label_targets(logits: Tensor, labels: Tensor, ignore_index: int | None) -> tuple[Tensor, Tensor | None]:
+    """One-hot (B, K, *S) float targets and a (B, *S) validity weight (None when nothing is ignored); shaped like
+    ``logits`` (or any (B, K, *S) tensor). The losses and M&N's copy-paste share it."""
     expected = (logits.shape[0], *logits.shape[2:])
     if tuple(labels.shape) != expected:
         raise ValueError(f"label target must have shape {expected} (B, *spatial), got {tuple(labels.shape)}")
@@ -124,7 +125,7 @@ def soft_dice_loss(
     """
     _check_logits(logits)
     if target.dim() == logits.dim() - 1:
-        target_probs, valid = _label_targets(logits, target, ignore_index)
+        target_probs, valid = label_targets(logits, target, ignore_index)
     else:
         target_probs, valid = _prob_targets(logits, target), None
     weight = _combine(valid, _voxel_weight(mask, logits))

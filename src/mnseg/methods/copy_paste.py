@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mnseg.losses import label_targets
+
 
 def cube_masks(n: int, spatial: tuple[int, ...], ratio: float, rng: np.random.Generator, device=None) -> Tensor:
     """(n, 1, *spatial) booleans: per item one cube of round(ratio * side) voxels a side, placed uniformly."""
@@ -45,15 +47,14 @@ def paste_labelled(
     """Unlabelled item i gets a cube of labelled item i mod b_l: returns the mixed images, targets (P outside the
     cube, the one-hot label inside) and voxel weights (``weight`` or 1 outside, 1 inside but 0 on ignored voxels;
     None when there is neither a weight nor an ignore label). M&N pastes only into batches with a labelled item."""
-    n, num_classes = image_u.shape[0], pseudo.shape[1]
+    n = image_u.shape[0]
     source = torch.arange(n, device=image_l.device) % image_l.shape[0]
-    src_image, src_label = image_l[source], label_l[source].long()
+    one_hot, valid = label_targets(pseudo, label_l[source], ignore_index)  # valid: None without an ignore label
     cube = cube_masks(n, tuple(image_u.shape[2:]), ratio, rng, image_u.device)
-    valid = torch.ones_like(src_label, dtype=torch.bool) if ignore_index is None else src_label != ignore_index
-    one_hot = torch.nn.functional.one_hot(torch.where(valid, src_label, 0), num_classes).movedim(-1, 1)
-    image = torch.where(cube, src_image, image_u)
+    image = torch.where(cube, image_l[source], image_u)
     target = torch.where(cube, one_hot.to(pseudo.dtype), pseudo)
-    if weight is None and ignore_index is None:  # nothing to weigh (no host sync to find out)
+    if weight is None and valid is None:  # nothing to weigh
         return image, target, None
-    outside = torch.ones_like(valid, dtype=pseudo.dtype) if weight is None else weight
-    return image, target, torch.where(cube[:, 0], valid.to(pseudo.dtype), outside)
+    inside = torch.ones_like(pseudo[:, 0]) if valid is None else valid.to(pseudo.dtype)
+    outside = torch.ones_like(pseudo[:, 0]) if weight is None else weight
+    return image, target, torch.where(cube[:, 0], inside, outside)

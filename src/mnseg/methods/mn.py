@@ -157,8 +157,7 @@ class MN(Method):
         self.weights = {k: float(getattr(self.p, k)) for k in ("w_ce", "w_dice", "w_kl", "w_u")}
         self.fixed_pseudo = bool(self.p.fixed_pseudo)
         self.choice = {k: getattr(self.p, k) for k in CHOICES}
-        defaults = {k: f.default for k, f in MNParams.__dataclass_fields__.items()}
-        check_switches(self.p, CHOICES, defaults, self.ctx.num_classes)
+        check_switches(self.p, CHOICES, self.ctx.num_classes)
         # pseudo_align: per trained role, running class frequencies {"labels": pi, "pseudo": pbar} (device tensors)
         self.class_priors: dict[str, dict[str, Tensor]] = {}
         self.align_batches: dict[str, int] = {}  # "<role>/<labels|pseudo>": batches in that running mean so far

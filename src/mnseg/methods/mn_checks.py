@@ -4,6 +4,7 @@ with the key's name."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from mnseg.errors import ConfigError
@@ -16,8 +17,9 @@ TUNING = {
 }
 
 
-def check_switches(p, choices: dict[str, tuple[str, ...]], defaults: dict, num_classes: int) -> None:
-    """``p``: M&N's parameters; ``choices``: each switch's allowed values; ``defaults``: each parameter's default."""
+def check_switches(p, choices: dict[str, tuple[str, ...]], num_classes: int) -> None:
+    """``p``: M&N's parameters (a dataclass, whose defaults say what is set); ``choices``: each switch's values."""
+    defaults = {f.name: f.default for f in dataclasses.fields(p)}
     for key, allowed in choices.items():
         if getattr(p, key) not in allowed:
             raise ConfigError(f"method.params.{key}='{getattr(p, key)}' unknown; choose one of {', '.join(allowed)}")
