@@ -104,5 +104,5 @@ def test_pasted_ignored_voxels_stay_out_of_a_confidence_weighted_loss():
 
 
 def test_a_paste_ratio_without_copy_paste_is_refused():
-    with pytest.raises(ConfigError, match="paste_ratio need copy_paste=labels"):
+    with pytest.raises(ConfigError, match="paste_ratio only tunes copy_paste=labels"):
         _method(paste_ratio=0.5)

@@ -417,7 +417,7 @@ def test_pseudo_align_classes_and_down_only_reach_the_step_and_bad_classes_are_r
     with pytest.raises(Exception, match="align_classes"):
         _method(pseudo_align="labels", align_classes=[2])  # two classes here: 0 and 1
     for unused in ({"align_classes": [1]}, {"align_down_only": True}, {"align_max_ratio": 5.0}):
-        with pytest.raises(Exception, match="need pseudo_align=labels"):
+        with pytest.raises(Exception, match="only tunes pseudo_align=labels: set"):
             _method(pseudo="ensemble", **unused)  # set without the alignment they tune: refused, not ignored
 
 

@@ -26,7 +26,9 @@ def check_switches(p, choices: dict[str, tuple[str, ...]], num_classes: int) -> 
     for switch, (off, on, keys) in TUNING.items():
         unused = [k for k in keys if getattr(p, switch) == off and getattr(p, k) != defaults[k]]
         if unused:
-            raise ConfigError(f"method.params.{', '.join(unused)} need {switch}={on} (they tune it)")
+            keys_set = ", ".join(f"method.params.{k}" for k in unused)
+            raise ConfigError(f"{keys_set} only {'tunes' if len(unused) == 1 else 'tune'} {switch}={on}: set "
+                              f"method.params.{switch}={on}, or leave {'it' if len(unused) == 1 else 'them'} out")
     if not 0.0 < float(p.paste_ratio) <= 1.0:
         raise ConfigError(f"method.params.paste_ratio={p.paste_ratio} must lie in (0, 1]")
     if not 0.0 <= float(p.partner_weight) <= 1.0:
