@@ -227,6 +227,17 @@ def test_oracle_pseudo_masks_are_the_one_hot_labels_of_the_unlabelled_items():
     plain, _ = _method()
     assert _step_loss(plain, batch) != pytest.approx(got)  # without the switch the labels are never used
 
+    # sparse labels: the unlabelled items' ignored voxels (label 2 here) weigh 0 in the oracle's loss
+    sparse_u = label_u.clone()
+    sparse_u[:, :8] = 2
+    method.ctx.ignore_index = 2
+    got = _step_loss(method, Batch(base.image_l, base.label_l, base.image_u, sparse_u))
+    with torch.no_grad():
+        valid = (sparse_u != 2).float()
+        expected = 2 / 5 * supervised_loss(logits[:2], batch.label_l, ignore_index=2) + 3 / 5 * pseudo_label_loss(
+            logits[2:], one_hot * valid[:, None], mask=valid)
+    assert got == pytest.approx(float(expected), rel=1e-5)
+
 
 def test_batcher_gives_unlabelled_labels_only_when_every_unlabelled_case_has_one():
     from mnseg.data.loader import MemoryCase, PatchBatcher

@@ -65,7 +65,7 @@ from torch import Tensor
 
 from mnseg.engine.contract import Segment, current_lr, unwrap
 from mnseg.errors import ConfigError
-from mnseg.losses import pseudo_label_loss, supervised_loss
+from mnseg.losses import label_targets, pseudo_label_loss, supervised_loss
 from mnseg.methods.alignment import align_distribution, class_counts, update_running_means
 from mnseg.methods.base import Batch, Method, Params, StepOutput, ema_update_
 from mnseg.methods.copy_paste import paste_labelled
@@ -335,8 +335,9 @@ class MN(Method):
                 pseudo, weight = self._pseudo_masks(role, image_u)
                 if self.choice["pseudo_align"] == "labels":
                     pseudo = self._align(role, pseudo, label if b_l else None, batch.reduce_sums, logs)
-            else:
-                pseudo = self._one_hot(oracle)
+            else:  # one-hot labels; voxels of the ignore label weigh 0
+                shape = (oracle.shape[0], self.ctx.num_classes, *oracle.shape[1:])
+                pseudo, weight = label_targets(image_u.new_empty(shape), oracle, self.ctx.ignore_index)
             # what the generator made, before any pasted labels: whether it still predicts a rare class
             logs.update(self._class_shares("pseudo", pseudo.argmax(dim=1), pseudo.shape[1]))
             if self.choice["pseudo_weight"] == "agree":
@@ -367,9 +368,6 @@ class MN(Method):
             if b_l:
                 logs.update(self._class_shares("label", label, pseudo.shape[1]))
         return StepOutput(loss, logs)
-
-    def _one_hot(self, labels: Tensor) -> Tensor:
-        return torch.nn.functional.one_hot(labels.long(), self.ctx.num_classes).movedim(-1, 1).float()
 
     @torch.no_grad()
     def _pseudo_masks(self, role: str, image_u: Tensor) -> tuple[Tensor, Tensor | None]:
