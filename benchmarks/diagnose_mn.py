@@ -107,6 +107,10 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # the partner out of the 3D model's target: P is its own moving average only (partner_weight 0), the same loss
     # and batches. If white matter still falls, fitting any pseudo-mask costs it; if not, the partner does
     "mn_self_ema": ("cpu_grid_mn", ["method.params.generator=ema", "method.params.partner_weight=0"], "mn"),
+    # the partner out of the target with live (not averaged) generators: P is the 3D model's own eval-mode softmax.
+    # The partner never predicts a lesion voxel in the unlabelled subjects (pseudo_quality.py, every checkpoint and
+    # seed at 4 labelled), so the lesion any target holds is the 3D model's own; mn_self_ema's average delayed it
+    "mn_self": ("cpu_grid_mn", ["method.params.partner_weight=0"], "mn"),
     # what mn_self_ema against mn suggests: the lesion's target from the ensemble (the partner brings it), the other
     # classes' from the 3D model itself (the partner costs them white matter)
     "mn_lesion_partner": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]"], "mn"),
