@@ -5,7 +5,7 @@ DESCRIPTION = """Build demo data from the real MNI152 template shipped in nilear
 artefacts and lesions), train the supervised 3D UNet and M&N with the same few labelled subjects,
 predict the test subjects, score them and write a report (markdown + HTML, table, curves, overlays).
 
-  mnseg demo --out mnseg_demo                 # CPU preset, about 10 minutes on 2 cores (9.8 measured)
+  mnseg demo --out mnseg_demo                 # CPU preset, about 11 minutes on 2 cores (11.0 measured)
   mnseg demo --out mnseg_demo --long          # the CPU grid's recipe at 2 labelled: M&N beats supervised
   mnseg demo --out mnseg_demo --device cuda   # longer GPU preset
 
