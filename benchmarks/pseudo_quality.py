@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from mnseg.data.io import load_nifti
+from mnseg.errors import MnsegError
 from mnseg.evaluation.metrics import dice
 from mnseg.inference.predict import configure_tta, load_run, predict_case
 
@@ -110,9 +112,13 @@ def main(argv=None) -> int:
                         help="also score each class's k most probable voxels per subject, k its true volume")
     args = parser.parse_args(argv)
     predictors = args.predictors.split(",")
-    scores = score(args.run, args.dataset, args.checkpoint, predictors, ranked=args.ranked)
-    if args.tta:
-        scores.update(score(args.run, args.dataset, args.checkpoint, predictors, tta=True, ranked=args.ranked))
+    try:
+        scores = score(args.run, args.dataset, args.checkpoint, predictors, ranked=args.ranked)
+        if args.tta:
+            scores.update(score(args.run, args.dataset, args.checkpoint, predictors, tta=True, ranked=args.ranked))
+    except MnsegError as err:  # a missing checkpoint or file: its message, not a traceback
+        print(f"pseudo_quality: {err}", file=sys.stderr)
+        return 1
     print(table(scores))
     return 0
 

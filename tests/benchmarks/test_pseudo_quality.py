@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from pseudo_quality import main as pseudo_quality_main  # noqa: E402
 from pseudo_quality import ranked_dice, score, table  # noqa: E402
 
 from tests.benchmarks.test_diagnose_mn import TINY_MN  # noqa: E402
@@ -64,3 +65,14 @@ def test_ranked_dice_finds_a_class_below_the_argmax():
     shifted = np.roll(probs, 4, axis=0)  # the same blob, elsewhere
     assert ranked_dice(shifted, ref) == 0.0
     assert np.isnan(ranked_dice(probs, np.zeros_like(ref)))
+
+
+def test_a_missing_checkpoint_is_one_message_not_a_traceback(toy_dataset, tmp_path, capsys):
+    from mnseg.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(toy_dataset), *TINY_MN, "--epochs", "3", "--run-dir", str(run),
+                 f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    assert pseudo_quality_main(["--run", str(run), "--dataset", str(toy_dataset), "--checkpoint", "epoch30"]) == 1
+    said = capsys.readouterr().err
+    assert "epoch30" in said and "Traceback" not in said
