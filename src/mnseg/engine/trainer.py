@@ -244,12 +244,16 @@ class Trainer:
     def fit(self) -> dict:
         if not hasattr(self, "method"):
             self.setup()
+        completed = False
         try:
             self._call("before_train")
             for epoch in range(self.start_epoch, self.cfg.train.epochs):
                 self._train_epoch(epoch)
+            completed = True
         finally:
             self._call("after_train")
+            if completed:  # every rank done before any tears the group down (gloo's threads abort on a closed peer)
+                distributed.barrier(self.dist)
             distributed.shutdown(self.dist)
         return self.history[-1] if self.history else {}
 
