@@ -39,6 +39,10 @@ def test_scores_are_medpy_dice_on_the_unlabelled_subjects(toy_dataset, tmp_path,
         ref = np.asarray(nib.load(next((toy_dataset / "labelsTr").glob(f"{case}.nii*"))).dataobj)
         expected.append(dc(pred == 1, ref == 1) if (pred == 1).any() or (ref == 1).any() else 1.0)
         volumes += [(pred == 1).sum(), (ref == 1).sum()]
+    capsys.readouterr()  # a missing checkpoint: one message and exit 1, not a traceback
+    assert pseudo_quality_main(["--run", str(run), "--dataset", str(toy_dataset), "--checkpoint", "epoch30"]) == 1
+    said = capsys.readouterr().err
+    assert "epoch30" in said and "Traceback" not in said
     last = score(run, toy_dataset, "last", ["3d"], ranked=True)
     name = next(iter(last["3d"]))
     assert 0.0 <= last["3d"][name]["ranked_dice"] <= 1.0 and "[ranked Dice]" in table(last)
@@ -66,13 +70,3 @@ def test_ranked_dice_finds_a_class_below_the_argmax():
     assert ranked_dice(shifted, ref) == 0.0
     assert np.isnan(ranked_dice(probs, np.zeros_like(ref)))
 
-
-def test_a_missing_checkpoint_is_one_message_not_a_traceback(toy_dataset, tmp_path, capsys):
-    from mnseg.cli import main
-
-    run = tmp_path / "run"
-    assert main(["train", str(toy_dataset), *TINY_MN, "--epochs", "3", "--run-dir", str(run),
-                 f"data.cache_dir={tmp_path / 'cache'}"]) == 0
-    assert pseudo_quality_main(["--run", str(run), "--dataset", str(toy_dataset), "--checkpoint", "epoch30"]) == 1
-    said = capsys.readouterr().err
-    assert "epoch30" in said and "Traceback" not in said
