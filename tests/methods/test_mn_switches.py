@@ -350,6 +350,12 @@ def test_ema_generator_moves_each_copy_towards_its_model_and_makes_the_pseudo_ma
         _method(generator="ema", fixed_pseudo=True)
 
 
+def test_oracle_targets_refuse_agreement_weights():
+    # the oracle's targets are labels: no two predictions to agree (the step would read a weight that is None)
+    with pytest.raises(Exception, match="oracle_pseudo=true and pseudo_weight=agree"):
+        _method(oracle_pseudo=True, pseudo_weight="agree")
+
+
 def test_partner_weight_by_class_takes_each_class_from_its_own_mix_renormalised():
     batch = _batch(2, 3)
     method, _ = _method(pseudo="ensemble", partner_weight_by_class=[0.0, 1.0])  # class 1 from the partner only

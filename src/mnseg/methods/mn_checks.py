@@ -39,6 +39,10 @@ def check_switches(p, choices: dict[str, tuple[str, ...]], num_classes: int) -> 
                               "fixed pseudo-masks come from frozen models, not moving averages")
         if not 0.0 <= float(p.generator_decay) < 1.0:
             raise ConfigError(f"method.params.generator_decay={p.generator_decay} must lie in [0, 1)")
+    if p.oracle_pseudo and p.pseudo_weight == "agree":
+        # the oracle's targets come from labels, not from two models whose argmax could agree
+        raise ConfigError("method.params.oracle_pseudo=true and pseudo_weight=agree exclude each other: the oracle's "
+                          "pseudo-masks are labels, there are no two models' predictions to agree")
     by_class = p.partner_weight_by_class
     if by_class is not None:
         if p.pseudo != "ensemble":
