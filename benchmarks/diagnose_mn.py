@@ -155,7 +155,8 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # a 2D partner that fits these crops: a 2D UNet from scratch (4 levels of 16-128 filters, a 4 x 4 bottleneck on
     # 32 px slices) instead of EfficientNet-Lite0, whose stride 32 leaves 1 x 1 and which stays 0.08-0.11
     # white-matter Dice below the 3D UNet trained alone. Stage 1 differs, so no base
-    "mn_unet2d": ("cpu_grid_mn", [KEEP, "models.net2d.name=unet2d", "models.net2d.kwargs={{depth: 4, base_filters: 16}}",
+    "mn_unet2d": ("cpu_grid_mn", [KEEP, "models.net2d.name=unet2d",
+                                  "models.net2d.kwargs={{depth: 4, base_filters: 16}}",
                                   "models.net2d.finetune="], None),
     "mt": ("cpu_grid_mean_teacher", [], None),
 }
