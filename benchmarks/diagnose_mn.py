@@ -38,6 +38,8 @@ import numpy as np
 
 PAPER = "cpu_grid_mn_paper"
 KEEP = "train.keep_epochs=[{sup_epochs}]"
+# the target mn_lesion_rest names: the lesion from both models' mean, the other classes the 3D model's own
+LESION_REST = ["method.params.partner_weight_by_class=[0,0,0,0.5]", "method.params.by_class_mix=remainder"]
 # The budget: "long" is the cpu_grid presets' own (1,500 updates of the 3D network; M&N 30 supervised + 90
 # co-training epochs); "short" is the first diagnosis (2026-12-01): 500 updates, M&N 10 + 30 epochs, in which
 # even every label gains only +0.025 (docs/results.md).
@@ -119,20 +121,17 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # mn_lesion_partner without the renormalisation that shrinks the lesion where only the partner says lesion
     # (partner 0.8, self 0.2: 0.38 instead of the plain mean's 0.5, so white matter wins): the lesion keeps the plain
     # mean's mass, the other classes share the rest in the 3D model's own proportions
-    "mn_lesion_rest": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
-                                       "method.params.by_class_mix=remainder"], "mn"),
+    "mn_lesion_rest": ("cpu_grid_mn", LESION_REST, "mn"),
     # mn_lesion_rest with a cap on the lesion's pseudo-mask share: the last checkpoints of mn_lesion_rest predict
     # 3x (4 labelled) and 24x (2 labelled) the true lesion volume in the unlabelled subjects, grown from their own
     # targets; alignment on the lesion only and only downwards lowers it where the target over-predicts it
-    "mn_lesion_cap": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
-                                      "method.params.by_class_mix=remainder", "method.params.pseudo_align=labels",
+    "mn_lesion_cap": ("cpu_grid_mn", [*LESION_REST, "method.params.pseudo_align=labels",
                                       "method.params.align_classes=[3]", "method.params.align_down_only=true"], "mn"),
     # the lesion by its prior rather than its argmax: mn_lesion_rest with the target's lesion share aligned (up and
     # down) to the labelled crops'. Where the 3D model ranks the lesion but its argmax holds a tenth of the true
     # volume (late start, seed 2: ranked Dice 0.32, pseudo_quality.py --ranked), the scaled lesion takes the voxels it
     # ranks highest
-    "mn_lesion_align": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
-                                        "method.params.by_class_mix=remainder", "method.params.pseudo_align=labels",
+    "mn_lesion_align": ("cpu_grid_mn", [*LESION_REST, "method.params.pseudo_align=labels",
                                         "method.params.align_classes=[3]"], "mn"),
     "mn_lesion_partner_ema": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
                                               "method.params.generator=ema"], "mn"),
@@ -147,9 +146,7 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # true lesions in every target: a cube of a labelled crop pasted into each unlabelled item, its labels the target
     # there (BCP's inward copy-paste), with the grid's ensemble target and with mn_lesion_rest's
     "mn_paste": ("cpu_grid_mn", ["method.params.copy_paste=labels"], "mn"),
-    "mn_lesion_rest_paste": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
-                                             "method.params.by_class_mix=remainder",
-                                             "method.params.copy_paste=labels"], "mn"),
+    "mn_lesion_rest_paste": ("cpu_grid_mn", [*LESION_REST, "method.params.copy_paste=labels"], "mn"),
     # one warm-up + cosine over the whole run instead of a restart at co-training: the restart alone costs supervised
     # training the lesion (sup_restart, 3 seeds at 2 labelled), and every 4-labelled variant with it lost seed 0's
     # lesion; stage 1 differs (its learning rate does not fall to lr_final), so no base
@@ -168,8 +165,7 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # mn_unet2d's partner with mn_lesion_rest's target: with the 2D UNet the lesion grows on seed 0 at 4 labelled
     # (test lesion +0.026 against supervised, where every EfficientNet-partnered run lost it) but white matter falls
     # (-0.035); mn_lesion_rest keeps white and grey matter the 3D model's own
-    "mn_unet2d_lesion_rest": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
-                                              "method.params.by_class_mix=remainder"], "mn_unet2d"),
+    "mn_unet2d_lesion_rest": ("cpu_grid_mn", LESION_REST, "mn_unet2d"),
     "mt": ("cpu_grid_mean_teacher", [], None),
 }
 

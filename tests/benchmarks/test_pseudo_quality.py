@@ -69,4 +69,3 @@ def test_ranked_dice_finds_a_class_below_the_argmax():
     shifted = np.roll(probs, 4, axis=0)  # the same blob, elsewhere
     assert ranked_dice(shifted, ref) == 0.0
     assert np.isnan(ranked_dice(probs, np.zeros_like(ref)))
-
