@@ -12,6 +12,8 @@ from mnseg.losses import (
     entropy_loss,
     hard_pseudo_label_ce,
     kl_loss,
+    label_targets,
+    one_hot_targets,
     pseudo_label_loss,
     soft_dice_loss,
     softmax_mse_loss,
@@ -228,3 +230,14 @@ def test_shape_mismatches_are_reported():
         kl_loss(logits, torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError, match="mask"):
         entropy_loss(logits, mask=torch.ones(1, 4, 3, dtype=torch.bool))
+
+
+def test_one_hot_targets_match_label_targets_and_zero_the_ignore_label():
+    labels = torch.tensor([[[0, 2], [1, 3]]])  # (1, 2, 2); 3 is the ignore label
+    one_hot, valid = one_hot_targets(labels, 3, ignore_index=3)
+    assert one_hot.shape == (1, 3, 2, 2)
+    assert valid.tolist() == [[[1.0, 1.0], [1.0, 0.0]]]
+    assert one_hot[0, :, 0, 1].tolist() == [0.0, 0.0, 1.0]
+    assert one_hot[0, :, 1, 1].tolist() == [1.0, 0.0, 0.0]  # ignored voxels become background, weight 0
+    same, same_valid = label_targets(torch.zeros(1, 3, 2, 2), labels, ignore_index=3)
+    assert torch.equal(one_hot, same) and torch.equal(valid, same_valid)

@@ -77,13 +77,18 @@ def label_targets(logits: Tensor, labels: Tensor, ignore_index: int | None) -> t
     expected = (logits.shape[0], *logits.shape[2:])
     if tuple(labels.shape) != expected:
         raise ValueError(f"label target must have shape {expected} (B, *spatial), got {tuple(labels.shape)}")
+    return one_hot_targets(labels, logits.shape[1], ignore_index)
+
+
+def one_hot_targets(labels: Tensor, num_classes: int, ignore_index: int | None) -> tuple[Tensor, Tensor | None]:
+    """``label_targets`` for callers that have a class count but no logits to shape against (M&N's oracle)."""
     labels = labels.long()
     valid = None
     if ignore_index is not None:
         is_valid = labels != ignore_index
         labels = torch.where(is_valid, labels, torch.zeros_like(labels))
         valid = is_valid.to(torch.float32)
-    one_hot = F.one_hot(labels, num_classes=logits.shape[1])  # (B, *S, K)
+    one_hot = F.one_hot(labels, num_classes=num_classes)  # (B, *S, K)
     one_hot = one_hot.movedim(-1, 1).to(torch.float32)
     return one_hot, valid
 

@@ -65,7 +65,7 @@ from torch import Tensor
 
 from mnseg.engine.contract import Segment, current_lr, unwrap
 from mnseg.errors import ConfigError
-from mnseg.losses import label_targets, pseudo_label_loss, supervised_loss
+from mnseg.losses import one_hot_targets, pseudo_label_loss, supervised_loss
 from mnseg.methods.alignment import align_distribution, class_counts, update_running_means
 from mnseg.methods.base import Batch, Method, Params, StepOutput, ema_update_
 from mnseg.methods.copy_paste import paste_labelled
@@ -336,8 +336,7 @@ class MN(Method):
                 if self.choice["pseudo_align"] == "labels":
                     pseudo = self._align(role, pseudo, label if b_l else None, batch.reduce_sums, logs)
             else:  # one-hot labels; voxels of the ignore label weigh 0
-                shape = (oracle.shape[0], self.ctx.num_classes, *oracle.shape[1:])
-                pseudo, weight = label_targets(image_u.new_empty(shape), oracle, self.ctx.ignore_index)
+                pseudo, weight = one_hot_targets(oracle, self.ctx.num_classes, self.ctx.ignore_index)
             # what the generator made, before any pasted labels: whether it still predicts a rare class
             logs.update(self._class_shares("pseudo", pseudo.argmax(dim=1), pseudo.shape[1]))
             if self.choice["pseudo_weight"] == "agree":
