@@ -9,11 +9,11 @@ import os
 
 from mnseg.errors import ConfigError
 
-# switch -> (its off value, its on value, the settings that only tune it): setting those with the switch off does
-# nothing, so it is refused (as by_class_mix without partner_weight_by_class)
+# switch -> the settings that only tune it: setting those while the switch is off (its first choice) does nothing,
+# so it is refused (as by_class_mix without partner_weight_by_class)
 TUNING = {
-    "pseudo_align": ("none", "labels", ("align_decay", "align_max_ratio", "align_classes", "align_down_only")),
-    "copy_paste": ("none", "labels", ("paste_ratio",)),
+    "pseudo_align": ("align_decay", "align_max_ratio", "align_classes", "align_down_only"),
+    "copy_paste": ("paste_ratio",),
 }
 
 
@@ -23,7 +23,8 @@ def check_switches(p, choices: dict[str, tuple[str, ...]], num_classes: int) -> 
     for key, allowed in choices.items():
         if getattr(p, key) not in allowed:
             raise ConfigError(f"method.params.{key}='{getattr(p, key)}' unknown; choose one of {', '.join(allowed)}")
-    for switch, (off, on, keys) in TUNING.items():
+    for switch, keys in TUNING.items():
+        off, on = choices[switch][:2]
         unused = [k for k in keys if getattr(p, switch) == off and getattr(p, k) != defaults[k]]
         if unused:
             keys_set = ", ".join(f"method.params.{k}" for k in unused)
