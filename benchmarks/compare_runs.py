@@ -21,7 +21,7 @@ import numpy as np
 from mnseg.reporting.benchmark_stats import aggregate, class_deltas, paired_comparisons, read_run_result
 
 
-def _runs(spec: str):
+def read_runs(spec: str):
     label, _, pattern = spec.partition("=")
     paths = sorted(p for p in glob.glob(pattern) if Path(p).is_dir())  # not the runs' log files beside them
     if not paths:
@@ -29,28 +29,32 @@ def _runs(spec: str):
     return [read_run_result(p, label) for p in paths]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", required=True, help="LABEL=GLOB of the baseline's runs")
-    p.add_argument("--run", action="append", required=True, help="LABEL=GLOB (repeat)")
-    args = p.parse_args()
-    base = _runs(args.baseline)
-    runs = base + [r for spec in args.run for r in _runs(spec)]
+def table(base: list, others: list, score: str = "test fg Dice") -> str:
+    """A markdown table of ``others`` against ``base`` (RunResults of one label): foreground-mean Dice over seeds,
+    the paired difference over (seed, case) pairs, its Wilcoxon p and the per-class differences."""
+    runs = base + others
     label = base[0].label
     fg = {(a["method"], a["num_labeled"]): a for a in aggregate(runs) if a["class"] == "foreground mean"}
     comps = {(c["method"], c["num_labeled"]): c for c in paired_comparisons(runs, baseline=label)}
     deltas = class_deltas(runs, baseline=label)
     classes = sorted({cls for (_, _, cls) in deltas})
-    print(f"| run | labelled | seeds | test fg Dice | Δ vs {label} | pairs | Wilcoxon p | "
-          + " | ".join(f"{c} Δ" for c in classes) + " |")
-    print("|" + "---|" * (7 + len(classes)))
+    header = ["run", "labelled", "seeds", score, f"Δ vs {label}", "pairs", "Wilcoxon p", *(f"{c} Δ" for c in classes)]
+    rows = [header, ["---"] * len(header)]
     for (method, n), a in fg.items():
         c = comps.get((method, n))
-        delta = "" if c is None else f"{c['mean_diff']:+.4f} | {c['n_pairs']} | {c['p_value']:.2g}"
-        per = " | ".join(f"{deltas[(method, n, cls)]:+.4f}" if (method, n, cls) in deltas else "" for cls in classes)
+        paired = ["", "", ""] if c is None else [f"{c['mean_diff']:+.4f}", str(c["n_pairs"]), f"{c['p_value']:.2g}"]
+        per = [f"{deltas[(method, n, cls)]:+.4f}" if (method, n, cls) in deltas else "" for cls in classes]
         std = "" if a["n_seeds"] < 2 or not np.isfinite(a["dice_std"]) else f" ± {a['dice_std']:.4f}"
-        print(f"| {method} | {n} | {a['n_seeds']} | {a['dice_mean']:.4f}{std} | {delta or ' | | '} | {per} |")
+        rows.append([method, str(n), str(a["n_seeds"]), f"{a['dice_mean']:.4f}{std}", *paired, *per])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", required=True, help="LABEL=GLOB of the baseline's runs")
+    p.add_argument("--run", action="append", required=True, help="LABEL=GLOB (repeat)")
+    args = p.parse_args()
+    print(table(read_runs(args.baseline), [r for spec in args.run for r in read_runs(spec)]))
 
 if __name__ == "__main__":
     main()
