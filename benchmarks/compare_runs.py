@@ -56,5 +56,6 @@ def main() -> None:
     args = p.parse_args()
     print(table(read_runs(args.baseline), [r for spec in args.run for r in read_runs(spec)]))
 
+
 if __name__ == "__main__":
     main()

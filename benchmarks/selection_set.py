@@ -19,12 +19,13 @@ summary.json; a run already scored is not predicted again) and OUT/selection.md 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-import yaml
 from compare_runs import read_runs, table
 
+from mnseg.engine.run_dir import RunDir
 from mnseg.reporting.benchmark_stats import RunResult
 
 SETTINGS = ("spacing", "sparse_every", "thick_slice_fraction", "variation")
@@ -32,8 +33,7 @@ SETTINGS = ("spacing", "sparse_every", "thick_slice_fraction", "variation")
 
 def dataset_of(run_dir: str) -> Path:
     """The dataset folder a run trained on (its config.yaml's ``data.dataset``)."""
-    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    return Path(config["data"]["dataset"])
+    return Path(RunDir(run_dir).read_config()["data"]["dataset"])
 
 
 def make_selection_set(dataset: Path, out: Path, subjects: int, seed: int) -> Path:
@@ -72,9 +72,7 @@ def score_run(run: RunResult, selection: Path, out: Path) -> RunResult:
                       str(selection / "dataset.json")]):
             if mnseg(argv) != 0:
                 raise SystemExit(f"mnseg {' '.join(argv)} failed")
-    return RunResult(label=run.label, num_labeled=run.num_labeled, seed=run.seed,
-                     summary=json.loads(summary.read_text()), timing={}, transductive=run.transductive,
-                     run_dir=run.run_dir)
+    return dataclasses.replace(run, summary=json.loads(summary.read_text()), timing={})
 
 
 def main(argv: list[str] | None = None) -> str:
