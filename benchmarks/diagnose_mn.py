@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 PAPER = "cpu_grid_mn_paper"
+# the grid's M&N until 2026-12-08 (paper + both models' mean as pseudo-mask), the base of the variants below
+ENSEMBLE = str(Path(__file__).parent / "presets" / "cpu_grid_mn_ensemble.yaml")
 KEEP = "train.keep_epochs=[{sup_epochs}]"
 # the target mn_lesion_rest names: the lesion from both models' mean, the other classes the 3D model's own
 LESION_REST = ["method.params.partner_weight_by_class=[0,0,0,0.5]", "method.params.by_class_mix=remainder"]
@@ -76,81 +78,83 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     "on_top": (PAPER, ["method.params.unlabeled_on_top=true"], "mn_paper"),
     "ensemble": (PAPER, ["method.params.pseudo=ensemble"], "mn_paper"),
     "confidence": (PAPER, ["method.params.pseudo_weight=confidence"], "mn_paper"),
-    "mn": ("cpu_grid_mn", [KEEP], None),  # the default recipe (what the grid runs)
+    "mn": (ENSEMBLE, [KEEP], None),  # the grid's recipe until 2026-12-08 (the rows below change one thing of it)
+    # the grid's recipe since (preset cpu_grid_mn): mn_unet2d_lesion_rest in one run, rare classes from the labels
+    "grid_mn": ("cpu_grid_mn", [KEEP], None),
     # the same controls for the default recipe: the schedule alone, and a labelled batch that never shrinks with
     # crops aimed only where both models agree
-    "mn_bu0": ("cpu_grid_mn", ["method.params.lrg=fixed", "method.params.fixed_ratio=0"], "mn"),
-    "mn_top_agree": ("cpu_grid_mn", ["method.params.unlabeled_on_top=true", "method.params.fg_refresh=agree"], "mn"),
+    "mn_bu0": (ENSEMBLE, ["method.params.lrg=fixed", "method.params.fixed_ratio=0"], "mn"),
+    "mn_top_agree": (ENSEMBLE, ["method.params.unlabeled_on_top=true", "method.params.fg_refresh=agree"], "mn"),
     # two answers to the default recipe's white/grey-matter loss (-0.01 against supervised, 2026-12-02), which
     # mn_bu0 does not have (so the pseudo-masks cause it): at least 2 labelled items in every batch, and each
     # voxel's unlabelled loss weighted by the pseudo-mask's confidence
-    "mn_floor2": ("cpu_grid_mn", ["method.params.min_labeled=2"], "mn"),
-    "mn_conf": ("cpu_grid_mn", ["method.params.pseudo_weight=confidence"], "mn"),
+    "mn_floor2": (ENSEMBLE, ["method.params.min_labeled=2"], "mn"),
+    "mn_conf": (ENSEMBLE, ["method.params.pseudo_weight=confidence"], "mn"),
     # the 2D partner is the weaker model on white/grey matter (validation Dice 0.65/0.77 against the 3D model's
     # 0.70/0.80 at mn's best checkpoint): its share in the ensemble pseudo-mask lowered to a quarter
-    "mn_w25": ("cpu_grid_mn", ["method.params.partner_weight=0.25"], "mn"),
+    "mn_w25": (ENSEMBLE, ["method.params.partner_weight=0.25"], "mn"),
     # no foreground refresh: at 1,500 updates the 3D model predicts lesions, and the refresh aims a third of the
     # unlabelled crops at them, where the ensemble pseudo-mask halves the lesion (cause 2; at 500 updates no run
     # predicted a lesion, so no_refresh could not show it)
-    "mn_no_refresh": ("cpu_grid_mn", ["method.params.fg_refresh_every=0"], "mn"),
+    "mn_no_refresh": (ENSEMBLE, ["method.params.fg_refresh_every=0"], "mn"),
     # L_u only where both models' argmax agree: the trained model is never pulled towards a class its partner
     # disputes (the white/grey-matter loss at 4 labelled starts with the first unlabelled items, 2026-12-02)
-    "mn_agree": ("cpu_grid_mn", ["method.params.pseudo_weight=agree"], "mn"),
+    "mn_agree": (ENSEMBLE, ["method.params.pseudo_weight=agree"], "mn"),
     # at 4 labelled: the starvation control for the default recipe (unlabelled items take batch places and teach
     # nothing), and the Dice form for probability targets (cause 1) where the 3D model's white matter falls
-    "mn_wu0": ("cpu_grid_mn", ["method.params.w_u=0"], "mn"),
-    "mn_sq": ("cpu_grid_mn", ["method.params.soft_dice=squared"], "mn"),
+    "mn_wu0": (ENSEMBLE, ["method.params.w_u=0"], "mn"),
+    "mn_sq": (ENSEMBLE, ["method.params.soft_dice=squared"], "mn"),
     # the labelled loss at full weight and a full labelled batch (b_l = B), the unlabelled items on top: whether the
     # late white-matter fall is the labelled loss losing weight while the learning rate is low
-    "mn_top": ("cpu_grid_mn", ["method.params.unlabeled_on_top=true"], "mn"),
+    "mn_top": (ENSEMBLE, ["method.params.unlabeled_on_top=true"], "mn"),
     # a target better than the model it teaches: at 4 labelled the ensemble pseudo-mask is 0.020 white-matter Dice
     # below the 3D model (pseudo_quality.py); both halves from moving averages (the self half a mean teacher)
-    "mn_ema": ("cpu_grid_mn", ["method.params.generator=ema"], "mn"),
+    "mn_ema": (ENSEMBLE, ["method.params.generator=ema"], "mn"),
     # the partner out of the 3D model's target: P is its own moving average only (partner_weight 0), the same loss
     # and batches. If white matter still falls, fitting any pseudo-mask costs it; if not, the partner does
-    "mn_self_ema": ("cpu_grid_mn", ["method.params.generator=ema", "method.params.partner_weight=0"], "mn"),
+    "mn_self_ema": (ENSEMBLE, ["method.params.generator=ema", "method.params.partner_weight=0"], "mn"),
     # the partner out of the target with live (not averaged) generators: P is the 3D model's own eval-mode softmax.
     # The partner never predicts a lesion voxel in the unlabelled subjects (pseudo_quality.py, every checkpoint and
     # seed at 4 labelled), so the lesion any target holds is the 3D model's own; mn_self_ema's average delayed it
-    "mn_self": ("cpu_grid_mn", ["method.params.partner_weight=0"], "mn"),
+    "mn_self": (ENSEMBLE, ["method.params.partner_weight=0"], "mn"),
     # what mn_self_ema against mn suggests: the lesion's target from the ensemble (the partner brings it), the other
     # classes' from the 3D model itself (the partner costs them white matter)
-    "mn_lesion_partner": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]"], "mn"),
+    "mn_lesion_partner": (ENSEMBLE, ["method.params.partner_weight_by_class=[0,0,0,0.5]"], "mn"),
     # mn_self_ema keeps white/grey matter, the partner brings the lesion: the self half from the 3D model's moving
     # average and the partner only in the lesion (both generators moving averages)
     # mn_lesion_partner without the renormalisation that shrinks the lesion where only the partner says lesion
     # (partner 0.8, self 0.2: 0.38 instead of the plain mean's 0.5, so white matter wins): the lesion keeps the plain
     # mean's mass, the other classes share the rest in the 3D model's own proportions
-    "mn_lesion_rest": ("cpu_grid_mn", LESION_REST, "mn"),
+    "mn_lesion_rest": (ENSEMBLE, LESION_REST, "mn"),
     # mn_lesion_rest with a cap on the lesion's pseudo-mask share: the last checkpoints of mn_lesion_rest predict
     # 3x (4 labelled) and 24x (2 labelled) the true lesion volume in the unlabelled subjects, grown from their own
     # targets; alignment on the lesion only and only downwards lowers it where the target over-predicts it
-    "mn_lesion_cap": ("cpu_grid_mn", [*LESION_REST, "method.params.pseudo_align=labels",
+    "mn_lesion_cap": (ENSEMBLE, [*LESION_REST, "method.params.pseudo_align=labels",
                                       "method.params.align_classes=[3]", "method.params.align_down_only=true"], "mn"),
     # the lesion by its prior rather than its argmax: mn_lesion_rest with the target's lesion share aligned (up and
     # down) to the labelled crops'. Where the 3D model ranks the lesion but its argmax holds a tenth of the true
     # volume (late start, seed 2: ranked Dice 0.32, pseudo_quality.py --ranked), the scaled lesion takes the voxels it
     # ranks highest
-    "mn_lesion_align": ("cpu_grid_mn", [*LESION_REST, "method.params.pseudo_align=labels",
+    "mn_lesion_align": (ENSEMBLE, [*LESION_REST, "method.params.pseudo_align=labels",
                                         "method.params.align_classes=[3]"], "mn"),
-    "mn_lesion_partner_ema": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
+    "mn_lesion_partner_ema": (ENSEMBLE, ["method.params.partner_weight_by_class=[0,0,0,0.5]",
                                               "method.params.generator=ema"], "mn"),
     # the ensemble's class frequencies aligned to the labelled crops' (ReMixMatch distribution alignment): at 4
     # labelled the lesion share of the target starts at a tenth of the labels' and ends at five times it
-    "mn_align": ("cpu_grid_mn", ["method.params.pseudo_align=labels"], "mn"),
-    "mn_lesion_partner_align": ("cpu_grid_mn", ["method.params.partner_weight_by_class=[0,0,0,0.5]",
+    "mn_align": (ENSEMBLE, ["method.params.pseudo_align=labels"], "mn"),
+    "mn_lesion_partner_align": (ENSEMBLE, ["method.params.partner_weight_by_class=[0,0,0,0.5]",
                                                 "method.params.pseudo_align=labels"], "mn"),
     # the ceiling of the grid's recipe: the unlabelled subjects' true labels as P, the same batches and schedule.
     # What it gains over supervised at 4 labelled is all any pseudo-mask could give there
-    "mn_oracle": ("cpu_grid_mn", ["method.params.oracle_pseudo=true"], "mn"),
+    "mn_oracle": (ENSEMBLE, ["method.params.oracle_pseudo=true"], "mn"),
     # true lesions in every target: a cube of a labelled crop pasted into each unlabelled item, its labels the target
     # there (BCP's inward copy-paste), with the grid's ensemble target and with mn_lesion_rest's
-    "mn_paste": ("cpu_grid_mn", ["method.params.copy_paste=labels"], "mn"),
-    "mn_lesion_rest_paste": ("cpu_grid_mn", [*LESION_REST, "method.params.copy_paste=labels"], "mn"),
+    "mn_paste": (ENSEMBLE, ["method.params.copy_paste=labels"], "mn"),
+    "mn_lesion_rest_paste": (ENSEMBLE, [*LESION_REST, "method.params.copy_paste=labels"], "mn"),
     # one warm-up + cosine over the whole run instead of a restart at co-training: the restart alone costs supervised
     # training the lesion (sup_restart, 3 seeds at 2 labelled), and every 4-labelled variant with it lost seed 0's
     # lesion; stage 1 differs (its learning rate does not fall to lr_final), so no base
-    "mn_single": ("cpu_grid_mn", [KEEP, "method.params.schedule=single"], None),
+    "mn_single": (ENSEMBLE, [KEEP, "method.params.schedule=single"], None),
     # the 2D partner on slices enlarged to 64 px (2x) without stochastic depth: stage 1 differs, so no base
     "scale2d": (PAPER, [KEEP, "models.net2d.kwargs.input_scale=auto", "models.net2d.kwargs.auto_side=64",
                         "models.net2d.kwargs.drop_connect_rate=0.0"], None),
@@ -159,13 +163,13 @@ VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
     # a 2D partner that fits these crops: a 2D UNet from scratch (4 levels of 16-128 filters, a 4 x 4 bottleneck on
     # 32 px slices) instead of EfficientNet-Lite0, whose stride 32 leaves 1 x 1 and which stays 0.08-0.11
     # white-matter Dice below the 3D UNet trained alone. Stage 1 differs, so no base
-    "mn_unet2d": ("cpu_grid_mn", [KEEP, "models.net2d.name=unet2d",
+    "mn_unet2d": (ENSEMBLE, [KEEP, "models.net2d.name=unet2d",
                                   "models.net2d.kwargs={{depth: 4, base_filters: 16}}",
                                   "models.net2d.finetune="], None),
     # mn_unet2d's partner with mn_lesion_rest's target: with the 2D UNet the lesion grows on seed 0 at 4 labelled
     # (test lesion +0.026 against supervised, where every EfficientNet-partnered run lost it) but white matter falls
     # (-0.035); mn_lesion_rest keeps white and grey matter the 3D model's own
-    "mn_unet2d_lesion_rest": ("cpu_grid_mn", LESION_REST, "mn_unet2d"),
+    "mn_unet2d_lesion_rest": (ENSEMBLE, LESION_REST, "mn_unet2d"),
     "mt": ("cpu_grid_mean_teacher", [], None),
 }
 
@@ -249,7 +253,7 @@ def own_overrides(variant: str, budget: dict, extra=(), branch: bool = False) ->
     overrides = [o.format(**fields) for o in overrides]
     if branch:
         return overrides
-    return [*budget["mn" if preset.startswith("cpu_grid_mn") else "other"], *overrides, *extra]
+    return [*budget["mn" if "cpu_grid_mn" in Path(preset).stem else "other"], *overrides, *extra]
 
 
 def run_one(dataset: Path, out: Path, variant: str, n: int, seed: int, cache: Path, log, budget: dict,

@@ -5,7 +5,7 @@
 #     on the imagesTr images (no label read), 500 updates of 4 crops of 32^3;
 #  2. supervised training at 2 labelled (seed 0's split, 2 validation subjects) starts from each, at the budget of
 #     benchmarks/methods_cpu.sh (cpu_grid_supervised, 25 epochs of 20 updates), beside the same run from scratch;
-#  3. M&N (cpu_grid_mn at 10 + 30 epochs, the diagnosis's short budget) from scratch and with its 3D UNet started
+#  3. M&N (presets/cpu_grid_mn_ensemble.yaml, the grid's M&N when this ran, at 10 + 30 epochs, the diagnosis's short budget) from scratch and with its 3D UNet started
 #     from the task whose supervised run had the best validation Dice (chosen on validation, never on test).
 # One run at a time with one thread; each run's test Dice is in RUN/test_predictions/summary.json. SEEDS (default 0)
 # repeats steps 2 and 3 on other splits (runs/<name> for seed 0, runs/<name>_seed<S> for the others), each
@@ -38,7 +38,7 @@ for_seed() {  # SEED: its run-name suffix (TAG) and the supervised and M&N setti
   TAG=$([ "$1" = 0 ] && echo "" || echo "_seed$1")
   local split=(--num-labeled 2 --num-val 2 --seed "$1" --test --no-progress)
   SUP=(--config cpu_grid_supervised "${split[@]}" train.epochs=25 train.val_every=5)
-  MN=(--config cpu_grid_mn "${split[@]}" train.epochs=40 method.params.sup_epochs=10 train.val_every=5)
+  MN=(--config "$(dirname "$0")/presets/cpu_grid_mn_ensemble.yaml" "${split[@]}" train.epochs=40 method.params.sup_epochs=10 train.val_every=5)
 }
 scratch() {  # the runs that start from scratch, for the seed for_seed last set
   train "$OUT/runs/supervised_scratch$TAG" "${SUP[@]}"

@@ -105,3 +105,16 @@ def test_the_domain_section_is_typed_and_checked():
     for text in ("domain.dann_weight must be >= 0", "domain.grl_schedule must be one of dann, constant",
                  "domain.target_batch_size must be at least 1"):
         assert text in str(err.value)
+
+
+def test_a_preset_naming_another_model_starts_its_kwargs_afresh(tmp_path):
+    from mnseg.config.schema import read_yaml
+
+    (tmp_path / "base.yaml").write_text("models:\n  net2d: {name: effunet, kwargs: {variant: lite0}, finetune: lora}\n"
+                                        "  net3d: {name: unet3d, kwargs: {depth: 4}}\n")
+    (tmp_path / "child.yaml").write_text(f"base: {tmp_path / 'base.yaml'}\nmodels:\n"
+                                         "  net2d: {name: unet2d, kwargs: {depth: 3}}\n"
+                                         "  net3d: {kwargs: {base_filters: 8}}\n")
+    models = read_yaml(tmp_path / "child.yaml")["models"]
+    assert models["net2d"] == {"name": "unet2d", "kwargs": {"depth": 3}, "finetune": "lora"}  # no EfficientNet variant
+    assert models["net3d"]["kwargs"] == {"depth": 4, "base_filters": 8}  # the same model: merged as before

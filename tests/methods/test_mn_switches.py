@@ -521,3 +521,58 @@ def test_remainder_mix_in_the_step_and_its_guard():
     assert got == pytest.approx(float(expected), rel=1e-4)
     with pytest.raises(Exception, match="by_class_mix"):
         _method(pseudo="ensemble", by_class_mix="remainder")
+
+
+def test_rare_class_weights_give_the_partner_only_the_rare_foreground_classes():
+    from mnseg.methods.mn import rare_class_weights
+
+    # background 66 %, white matter 12 %, grey matter 22 %, lesion 0.04 % (the strong synthetic data)
+    assert rare_class_weights([0.66, 0.12, 0.2196, 0.0004], 0.01, 0.5) == [0.0, 0.0, 0.0, 0.5]
+    assert rare_class_weights([0.005, 0.995], 0.01, 0.5) == [0.5, 0.5]  # a rare background is not picked
+    assert rare_class_weights([0.7, 0.3], 0.01, 0.4) == [0.4, 0.4]  # no rare class: the plain mix
+
+
+def test_partner_rare_share_mixes_as_the_weights_it_works_out_and_needs_the_labels():
+    batch = _batch(2, 3)
+    method, _ = _method(pseudo="ensemble", partner_rare_share=0.01, by_class_mix="remainder")
+    method.ctx.class_shares = (0.995, 0.005)  # class 1 rare: as partner_weight_by_class [0, 0.5]
+    by_hand, _ = _method(pseudo="ensemble", partner_weight_by_class=[0.0, 0.5], by_class_mix="remainder")
+    assert method.partner_weights_by_class() == [0.0, 0.5]
+    assert _step_loss(method, batch) == pytest.approx(_step_loss(by_hand, batch), rel=1e-6)
+    common, _ = _method(pseudo="ensemble", partner_rare_share=0.01)
+    common.ctx.class_shares = (0.6, 0.4)  # nothing rare: the plain mean
+    plain, _ = _method(pseudo="ensemble")
+    assert _step_loss(common, batch) == pytest.approx(_step_loss(plain, batch), rel=1e-6)
+    unknown, _ = _method(pseudo="ensemble", partner_rare_share=0.01)
+    with pytest.raises(Exception, match="class shares"):
+        unknown.partner_weights_by_class()  # no labels read (as at prediction): refused, not guessed
+    for params, message in (({"partner_rare_share": 0.01}, "pseudo=ensemble"),
+                            ({"pseudo": "ensemble", "partner_rare_share": 1.5}, r"\(0, 1\)"),
+                            ({"pseudo": "ensemble", "partner_rare_share": 0.01, "partner_weight_by_class": [0, 1]},
+                             "exclude each other")):
+        with pytest.raises(Exception, match=message):
+            _method(**params)
+
+
+def test_labelled_class_shares_leave_the_ignore_label_out():
+    from mnseg.engine.build import labelled_class_shares
+
+    labels = [np.array([0, 0, 1, 255]), np.array([[0, 2], [255, 255]])]
+    assert labelled_class_shares(labels, 3, 255) == pytest.approx((3 / 5, 1 / 5, 1 / 5))
+    assert labelled_class_shares([], 2, None) == (0.0, 0.0)
+
+
+def test_training_gives_the_method_the_labelled_class_shares(toy_dataset, tmp_path):
+    from mnseg.cli import main
+
+    rc = main(["train", str(toy_dataset), "--method", "mn", "--num-labeled", "2", "--epochs", "3",
+               "--iters-per-epoch", "1", "--batch-size", "2", "--patch-size", "16,16,16", "--run-dir",
+               str(tmp_path / "run"), "--no-progress", f"data.cache_dir={tmp_path / 'cache'}",
+               "models.net3d.name=unet3d", "models.net3d.kwargs={depth: 3, base_filters: 4}",
+               "models.net2d.name=unet2d", "models.net2d.kwargs={depth: 3, base_filters: 4}",
+               "models.net2d.finetune=null", "method.params.sup_epochs=2", "method.params.lrg=fixed",
+               "method.params.pseudo=ensemble", "method.params.partner_rare_share=0.01",
+               "method.params.by_class_mix=remainder"])
+    assert rc == 0  # co-training made pseudo-masks (b_u = 1), so the rare classes were worked out from the labels
+    history = (tmp_path / "run" / "history.csv").read_text()
+    assert "loss_u" in history.splitlines()[0]

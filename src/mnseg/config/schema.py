@@ -230,6 +230,11 @@ def read_yaml(path: Path) -> dict:
 
 
 def _deep_merge(into: dict, new: dict) -> None:
+    # a section that names another model or method starts its kwargs / params afresh: the base's were for the
+    # thing it named (EfficientNet's variant means nothing to a 2D UNet)
+    if "name" in new and into.get("name", new["name"]) != new["name"]:
+        for key in ("kwargs", "params"):
+            into.pop(key, None)
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(into.get(k), dict):
             _deep_merge(into[k], v)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -168,9 +169,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_method(cfg, plans: dict, device: torch.device, n_labeled: int = 0, n_unlabeled: int = 0):
+def build_method(cfg, plans: dict, device: torch.device, n_labeled: int = 0, n_unlabeled: int = 0,
+                 class_shares: tuple[float, ...] | None = None):
     """The configured method and its models, built on the CPU, neither placed nor attached: ``(method, models)``
-    with one model per role the method declares. The trainer and ``load_run`` both start here."""
+    with one model per role the method declares. The trainer and ``load_run`` both start here; ``class_shares``
+    (the labelled voxels' class shares, see ``labelled_class_shares``) only the trainer knows."""
     from mnseg.methods import method_class
     from mnseg.methods.base import MethodContext
     from mnseg.methods.domain_adaptation import adapted
@@ -193,6 +196,7 @@ def build_method(cfg, plans: dict, device: torch.device, n_labeled: int = 0, n_u
         n_labeled=n_labeled,
         n_unlabeled=n_unlabeled,
         device=device,
+        class_shares=class_shares,
     )
     method = cls(cfg, ctx)
     models: dict[str, nn.Module] = {}
@@ -203,3 +207,16 @@ def build_method(cfg, plans: dict, device: torch.device, n_labeled: int = 0, n_u
             mcfg = dataclasses.replace(mcfg, kwargs={**mcfg.kwargs, **derived})
         models[role] = build_model(mcfg, plans["in_channels"], plans["num_classes"])
     return method, models
+
+
+def labelled_class_shares(labels, num_classes: int, ignore_index: int | None) -> tuple[float, ...]:
+    """Each class's share of the voxels of ``labels`` (label arrays), the ignore label left out: how rare a class
+    is in what the run learns from (class values outside 0..num_classes-1 are the dataset check's to refuse)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for label in labels:
+        values = np.asarray(label).ravel()
+        if ignore_index is not None:
+            values = values[values != ignore_index]
+        counts += np.bincount(values.astype(np.int64), minlength=num_classes)[:num_classes]
+    total = counts.sum()
+    return tuple(float(c) / total if total else 0.0 for c in counts)

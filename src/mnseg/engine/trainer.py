@@ -30,6 +30,7 @@ from mnseg.engine.build import (
     build_augmenter,
     build_method,
     build_optimizer,
+    labelled_class_shares,
     place_model,
     resolve_device,
     resolve_input_ranges,
@@ -193,8 +194,11 @@ class Trainer:
     def _build_method(self) -> None:
         """The method, its models on the device (compiled if asked), one optimiser and schedule per trained role."""
         cfg = self.cfg
-        self.method, models = build_method(cfg, self.data.plans, self.device, len(self.data.labeled),
-                                           len(self.data.unlabeled))
+        plans = self.data.plans
+        shares = labelled_class_shares([c.label for c in self.data.labeled], plans["num_classes"],
+                                       plans["ignore_label"])
+        self.method, models = build_method(cfg, plans, self.device, len(self.data.labeled),
+                                           len(self.data.unlabeled), shares)
         self.ctx = self.method.ctx
         if not self.resume:  # a resumed run has its own weights in last.pt
             init_models(cfg, models, self.log)

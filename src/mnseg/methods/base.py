@@ -36,6 +36,9 @@ class MethodContext:
     n_labeled: int
     n_unlabeled: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # each class's share of the labelled training voxels (ignore label left out), set by the trainer; None where no
+    # labels were read (prediction, pretraining). M&N's partner_rare_share picks its rare classes from it
+    class_shares: tuple[float, ...] | None = None
 
 
 @dataclass

@@ -30,7 +30,11 @@ Switches beyond the paper, each off by default (``mn_paper`` keeps them off; doc
 - ``partner_weight_by_class: [w_0, ..., w_C-1]`` (with ``pseudo: ensemble``): the partner's share per class,
   P_c = w_c P_partner,c + (1 - w_c) P_self,c renormalised over c, so a class can be taken from the partner (a rare
   class it brings) while the others stay the trained model's own;
-- ``by_class_mix: remainder`` (with ``partner_weight_by_class``): no renormalisation; the classes S with w_c > 0
+- ``partner_rare_share: s`` (with ``pseudo: ensemble``): ``partner_weight_by_class`` worked out from the labels,
+  w_c = ``partner_weight`` for each foreground class under the share s of the labelled training voxels and 0 for the
+  others, so the partner brings the rare classes and the trained model keeps the common ones (no rare class: the
+  plain mix, w_c = ``partner_weight`` for all);
+- ``by_class_mix: remainder`` (with either of the two above): no renormalisation; the classes S with w_c > 0
   keep their mix M_c = w_c P_partner,c + (1 - w_c) P_self,c, the others share what is left in the trained model's
   own proportions, P_c = (1 - sum_S M) P_self,c / sum_{k not in S} P_self,k, so where the partner says lesion and
   the trained model white matter, the lesion keeps the plain mean's mass (renormalising shrinks it);
@@ -114,7 +118,8 @@ class MNParams(Params):
     pseudo_weight: str = "none"  # each voxel's L_u weighted by: none | confidence (max_c P) | agree (same argmax)
     partner_weight: float = 0.5  # pseudo: ensemble: P = w P_partner + (1 - w) P_self
     partner_weight_by_class: list[float] | None = None  # pseudo: ensemble: one w per class (renormalised)
-    by_class_mix: str = "renormalise"  # partner_weight_by_class: renormalise | remainder (the others share the rest)
+    partner_rare_share: float | None = None  # pseudo: ensemble: the partner's share only for classes rarer than this
+    by_class_mix: str = "renormalise"  # per-class weights: renormalise | remainder (the others share the rest)
     fg_refresh: str = "net3d"  # unlabelled crop centres from: net3d | agree (both models name the same class)
     pre2d_epochs: int = 0  # epochs before stage 1 in which the 2D model alone trains on labels
     generator: str = "live"  # P from: live (the models as they train) | ema (their exponential moving averages)
@@ -386,8 +391,9 @@ class MN(Method):
             weight = (probs[0].argmax(1) == probs[1].argmax(1)).float()
         if self.choice["pseudo"] == "partner":
             return probs[0], weight
-        if self.p.partner_weight_by_class is not None:
-            w = torch.tensor([float(x) for x in self.p.partner_weight_by_class], device=probs[0].device)
+        by_class = self.partner_weights_by_class()
+        if by_class is not None:
+            w = torch.tensor(by_class, device=probs[0].device)
             w = w.view(1, -1, *([1] * (probs[0].dim() - 2)))
             mixed = w * probs[0] + (1.0 - w) * probs[1]
             if self.choice["by_class_mix"] == "remainder":
@@ -397,6 +403,19 @@ class MN(Method):
         if w == 0.5:  # the plain mean (bit for bit as before the weight existed)
             return torch.stack(probs).mean(0), weight
         return w * probs[0] + (1.0 - w) * probs[1], weight
+
+    def partner_weights_by_class(self) -> list[float] | None:
+        """The partner's share in P per class: ``partner_weight_by_class`` as given, or from ``partner_rare_share``
+        and the labelled voxels' class shares (the trainer's; None when nothing was read)."""
+        if self.p.partner_weight_by_class is not None:
+            return [float(x) for x in self.p.partner_weight_by_class]
+        if self.p.partner_rare_share is None:
+            return None
+        shares = self.ctx.class_shares
+        if shares is None:
+            raise ConfigError("method.params.partner_rare_share needs the labelled voxels' class shares, which only "
+                              "training reads")
+        return rare_class_weights(shares, float(self.p.partner_rare_share), float(self.p.partner_weight))
 
     def _align(self, role: str, pseudo: Tensor, label: Tensor | None, reduce_sums, logs: dict) -> Tensor:
         """pseudo_align: labels: update the running class frequencies of the labelled crops (pi) and of P (pbar)
@@ -460,3 +479,12 @@ class MN(Method):
             self._unlabeled_fg = state["unlabeled_fg"]
             if getattr(self, "batcher", None) is not None:
                 self.batcher.set_unlabeled_foreground(self._unlabeled_fg)
+
+
+def rare_class_weights(shares, rare_share: float, weight: float) -> list[float]:
+    """``weight`` for each foreground class whose share of the labelled voxels is below ``rare_share``, 0 for the
+    others and for background; ``weight`` for every class when none is rare (the plain mix)."""
+    rare = [c > 0 and share < rare_share for c, share in enumerate(shares)]
+    if not any(rare):
+        return [weight] * len(shares)
+    return [weight if r else 0.0 for r in rare]

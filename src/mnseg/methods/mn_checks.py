@@ -45,14 +45,23 @@ def check_switches(p, choices: dict[str, tuple[str, ...]], num_classes: int) -> 
         raise ConfigError("method.params.oracle_pseudo=true and pseudo_weight=agree exclude each other: the oracle's "
                           "pseudo-masks are labels, there are no two models' predictions to agree")
     by_class = p.partner_weight_by_class
-    if by_class is not None:
+    if p.partner_rare_share is not None:
+        if by_class is not None:
+            raise ConfigError("method.params.partner_rare_share and partner_weight_by_class exclude each other: both "
+                              "set the partner's share per class (the first from the labels, the second by hand)")
+        if p.pseudo != "ensemble":
+            raise ConfigError("method.params.partner_rare_share needs pseudo=ensemble (it mixes both models)")
+        if not 0.0 < float(p.partner_rare_share) < 1.0:
+            raise ConfigError(f"method.params.partner_rare_share={p.partner_rare_share} must lie in (0, 1)")
+    elif by_class is not None:
         if p.pseudo != "ensemble":
             raise ConfigError("method.params.partner_weight_by_class needs pseudo=ensemble (it mixes both models)")
         if len(by_class) != num_classes or not all(0.0 <= float(w) <= 1.0 for w in by_class):
             raise ConfigError(f"method.params.partner_weight_by_class={list(by_class)} must hold one weight in "
                               f"[0, 1] per class ({num_classes} classes)")
     elif p.by_class_mix != "renormalise":
-        raise ConfigError("method.params.by_class_mix needs partner_weight_by_class (it says how to apply it)")
+        raise ConfigError("method.params.by_class_mix needs partner_weight_by_class or partner_rare_share (it says "
+                          "how to apply per-class weights)")
     if p.pseudo_align != "none":
         _check_alignment(p, num_classes)
 
