@@ -442,3 +442,17 @@ def test_sigterm_stops_the_benchmarks_worker_processes_too(tmp_path):
     for pid in workers:  # nothing left behind if the assertion above failed on another platform
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_verdict_quotes_supervised_on_the_method_s_own_seeds():
+    from mnseg.reporting.benchmark_stats import paired_comparisons, verdicts
+
+    # supervised on seeds 0 and 1, the method on seed 0 only: its sentence sets it against supervised's seed 0
+    def cases(a, b):
+        return {"c1": {"lesion": a}, "c2": {"lesion": b}}
+
+    runs = [_run("supervised", 2, 0, cases(0.50, 0.60)), _run("supervised", 2, 1, cases(0.90, 0.90)),
+            _run("mn", 2, 0, cases(0.55, 0.66))]
+    (comp,) = paired_comparisons(runs)
+    assert comp["baseline_mean"] == pytest.approx(0.55) and comp["method_mean"] == pytest.approx(0.605)
+    assert "(0.605 vs 0.550)" in verdicts([comp])[0]

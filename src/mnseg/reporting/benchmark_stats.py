@@ -179,21 +179,24 @@ def case_foreground_dice(summary: dict) -> dict[str, float]:
 def paired_comparisons(runs: list[RunResult], baseline: str = BASELINE) -> list[dict]:
     """Each method vs ``baseline`` at the same labelled count: pairs over all (seed, test case) in both.
 
-    Keys: method, num_labeled, n_pairs, mean_diff, median_diff, p_value (see the module docstring).
+    Keys: method, num_labeled, n_pairs, mean_diff, median_diff, p_value (see the module docstring), and
+    method_mean, baseline_mean: both sides' means over those pairs (what the verdict quotes: a method run on fewer
+    seeds than supervised is set against supervised on its own seeds).
     """
     base = {(r.num_labeled, r.seed): case_foreground_dice(r.summary) for r in runs if r.label == baseline}
     rows = []
     for (label, n), group in _groups(runs).items():
         if label == baseline or not any((n, r.seed) in base for r in group):
             continue
-        diffs = []
+        pairs = []
         for run in group:
             ref = base.get((n, run.seed))
             if ref is None:
                 continue
             mine = case_foreground_dice(run.summary)
-            diffs += [mine[case] - ref[case] for case in sorted(set(mine) & set(ref))]
-        arr = np.array(diffs, dtype=np.float64)
+            pairs += [(mine[case], ref[case]) for case in sorted(set(mine) & set(ref))]
+        both = np.array(pairs, dtype=np.float64).reshape(-1, 2)
+        arr = both[:, 0] - both[:, 1]
         rows.append({
             "method": label,
             "num_labeled": n,
@@ -201,6 +204,8 @@ def paired_comparisons(runs: list[RunResult], baseline: str = BASELINE) -> list[
             "mean_diff": float(np.nanmean(arr)) if arr.size else math.nan,
             "median_diff": float(np.nanmedian(arr)) if arr.size else math.nan,
             "p_value": wilcoxon_p(arr),
+            "method_mean": float(np.nanmean(both[:, 0])) if arr.size else math.nan,
+            "baseline_mean": float(np.nanmean(both[:, 1])) if arr.size else math.nan,
         })
     return rows
 
@@ -246,17 +251,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def _as_comparison(comp: dict, fg: dict[tuple[str, int], dict]) -> Comparison:
-    """A ``paired_comparisons`` row as a ``Comparison`` (means over seeds from the aggregate, for the sentence)."""
-    mine, theirs = fg.get((comp["method"], comp["num_labeled"]), {}), fg.get((BASELINE, comp["num_labeled"]), {})
+def _as_comparison(comp: dict) -> Comparison:
+    """A ``paired_comparisons`` row as a ``Comparison`` (both means over the pairs, for the sentence)."""
     return Comparison(comp["method"], BASELINE, comp["n_pairs"], comp["mean_diff"], comp["p_value"],
-                      mine.get("dice_mean", math.nan), theirs.get("dice_mean", math.nan))
+                      comp["method_mean"], comp["baseline_mean"])
 
 
-def verdicts(agg: list[dict], comparisons: list[dict]) -> list[str]:
+def verdicts(comparisons: list[dict]) -> list[str]:
     """One plain sentence per method and labelled count: beat / tied / trailed supervised, by how much, p."""
-    fg = {(r["method"], r["num_labeled"]): r for r in agg if r["class"] == FOREGROUND}
-    return [f"{c['num_labeled']} labelled: " + verdict_sentence(_as_comparison(c, fg), over="(seed, test case) pairs")
+    return [f"{c['num_labeled']} labelled: " + verdict_sentence(_as_comparison(c), over="(seed, test case) pairs")
             for c in comparisons]
 
 
@@ -266,7 +269,6 @@ def markdown_report(title: str, notes: list[str], agg: list[dict], comparisons: 
     ``class_deltas``' output, as a column), then failures."""
     deltas = deltas or {}
     paired = {(c["method"], c["num_labeled"]): c for c in comparisons}
-    fg = {(r["method"], r["num_labeled"]): r for r in agg if r["class"] == FOREGROUND}
     main_rows = []
     for row in (r for r in agg if r["class"] == FOREGROUND):
         comp = paired.get((row["method"], row["num_labeled"]))
@@ -275,7 +277,7 @@ def markdown_report(title: str, notes: list[str], agg: list[dict], comparisons: 
             row["method"], str(row["num_labeled"]), str(row["n_seeds"]),
             _pm(row["dice_mean"], row["dice_std"], 4), _pm(row["hd95_mean"], row["hd95_std"], 2),
             _pm(row["asd_mean"], row["asd_std"], 2),
-            "" if comp is None else _delta(_as_comparison(comp, fg)),
+            "" if comp is None else _delta(_as_comparison(comp)),
             "" if comp is None else str(comp["n_pairs"]),
             "" if comp is None else _p(comp["p_value"]),
             _pm(row["train_seconds_mean"], row["train_seconds_std"], 1),
@@ -289,7 +291,7 @@ def markdown_report(title: str, notes: list[str], agg: list[dict], comparisons: 
         for r in agg if r["class"] != FOREGROUND
     ]
     lines = [f"# {title}", "", *(f"- {n}" for n in notes), "", "## Verdict", ""]
-    lines += [f"- {v}" for v in verdicts(agg, comparisons)] or ["- No comparison: no supervised run at the same "
+    lines += [f"- {v}" for v in verdicts(comparisons)] or ["- No comparison: no supervised run at the same "
                                                                 "labelled count finished."]
     lines += ["", "## Foreground mean", ""]
     lines += _table(["Method", "Labelled", "Seeds", "Dice", f"HD95 ({units})", f"ASD ({units})",
