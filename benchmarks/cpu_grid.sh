@@ -3,7 +3,8 @@
 # seeds 0, 1, 2, on the strong demo data at 3 mm (10 test subjects, 2 labelled subjects held out per run for
 # validation), presets cpu_grid_<method> (the same 1,500 updates of the 3D network for every method).
 # Two runs at a time, one thread each (both cores of a 2-core machine). One core, uncontended, 2026-12-02: supervised
-# about 15 min, M&N about 30, mean teacher about 37, so the 18 runs take about 4 hours; finished cells are kept, so
+# about 15 min, M&N about 30, mean teacher about 37, so the 18 runs take about 4 hours (M&N's cells under today's
+# cpu_grid_mn, 2D UNet partner: about 45 min each, two at a time, 2026-12-08); finished cells are kept, so
 # a second call continues where the first stopped. (At 500 updates the grid fit 90 minutes, but there every label
 # together gained only +0.025 Dice and no run learned the lesion, so no method could show a gain.)
 #
