@@ -265,16 +265,20 @@ def test_oracle_refuses_unlabelled_cases_without_labels(toy_dataset):
         c.label for c in train]
 
 
+def _tiny_mn_train(dataset, tmp_path, *overrides):
+    """`mnseg train` arguments for a 3-epoch M&N run of tiny 2D and 3D UNets (2 supervised epochs) into tmp_path/run."""
+    return ["train", str(dataset), "--method", "mn", "--num-labeled", "2", "--epochs", "3", "--iters-per-epoch", "1",
+            "--batch-size", "2", "--patch-size", "16,16,16", "--run-dir", str(tmp_path / "run"), "--no-progress",
+            f"data.cache_dir={tmp_path / 'cache'}", "models.net3d.name=unet3d",
+            "models.net3d.kwargs={depth: 3, base_filters: 4}", "models.net2d.name=unet2d",
+            "models.net2d.kwargs={depth: 3, base_filters: 4}", "models.net2d.finetune=null",
+            "method.params.sup_epochs=2", *overrides]
+
+
 def test_keep_epochs_keeps_a_checkpoint_of_the_end_of_stage_one(toy_dataset, tmp_path):
     from mnseg.cli import main
 
-    rc = main(["train", str(toy_dataset), "--method", "mn", "--num-labeled", "2", "--epochs", "3",
-               "--iters-per-epoch", "1", "--batch-size", "2", "--patch-size", "16,16,16", "--run-dir",
-               str(tmp_path / "run"), "--no-progress", f"data.cache_dir={tmp_path / 'cache'}",
-               "models.net3d.name=unet3d", "models.net3d.kwargs={depth: 3, base_filters: 4}",
-               "models.net2d.name=unet2d", "models.net2d.kwargs={depth: 3, base_filters: 4}",
-               "models.net2d.finetune=null",
-               "method.params.sup_epochs=2", "train.keep_epochs=[2]"])
+    rc = main(_tiny_mn_train(toy_dataset, tmp_path, "train.keep_epochs=[2]"))
     assert rc == 0
     kept = torch.load(tmp_path / "run" / "checkpoints" / "epoch2.pt", weights_only=False)
     assert kept["epoch"] == 2  # the state after the second (last supervised) epoch, to branch ablations from
@@ -565,14 +569,8 @@ def test_labelled_class_shares_leave_the_ignore_label_out():
 def test_training_gives_the_method_the_labelled_class_shares(toy_dataset, tmp_path):
     from mnseg.cli import main
 
-    rc = main(["train", str(toy_dataset), "--method", "mn", "--num-labeled", "2", "--epochs", "3",
-               "--iters-per-epoch", "1", "--batch-size", "2", "--patch-size", "16,16,16", "--run-dir",
-               str(tmp_path / "run"), "--no-progress", f"data.cache_dir={tmp_path / 'cache'}",
-               "models.net3d.name=unet3d", "models.net3d.kwargs={depth: 3, base_filters: 4}",
-               "models.net2d.name=unet2d", "models.net2d.kwargs={depth: 3, base_filters: 4}",
-               "models.net2d.finetune=null", "method.params.sup_epochs=2", "method.params.lrg=fixed",
-               "method.params.pseudo=ensemble", "method.params.partner_rare_share=0.01",
-               "method.params.by_class_mix=remainder"])
+    rc = main(_tiny_mn_train(toy_dataset, tmp_path, "method.params.lrg=fixed", "method.params.pseudo=ensemble",
+                             "method.params.partner_rare_share=0.01", "method.params.by_class_mix=remainder"))
     assert rc == 0  # co-training made pseudo-masks (b_u = 1), so the rare classes were worked out from the labels
     history = (tmp_path / "run" / "history.csv").read_text()
     assert "loss_u" in history.splitlines()[0]
